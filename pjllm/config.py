@@ -1,0 +1,145 @@
+"""Configuration dataclasses: what the engine and the model are, validated at construction.
+
+Every switch lives here, in explicit fields; nothing is read from environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+_ATTENTION_BACKENDS = ("auto", "pallas", "reference")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder, in HF config terms.
+
+    One implementation serves Llama 2/3/3.1/3.2, Mistral and Qwen2/2.5: they differ only in the
+    fields below (q/k/v bias, tied embeddings, rope scaling, head counts).
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1; got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Builds a ModelConfig from the dict of an HF `config.json`."""
+        from pjllm.models.registry import resolve_architecture
+
+        architecture = resolve_architecture(hf.get("architectures") or [hf.get("model_type", "")])
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        rope_scaling = hf.get("rope_scaling")
+        rope_theta = hf.get("rope_theta")
+        # transformers 5 moved rope settings into `rope_parameters`.
+        rope_parameters = hf.get("rope_parameters")
+        if isinstance(rope_parameters, dict):
+            rope_theta = rope_parameters.get("rope_theta", rope_theta)
+            if rope_parameters.get("rope_type", "default") != "default":
+                rope_scaling = rope_parameters
+        if rope_scaling is not None and rope_scaling.get("rope_type",
+                                                          rope_scaling.get("type")) == "default":
+            rope_scaling = None
+        return cls(
+            architecture=architecture,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=rope_theta if rope_theta is not None else 10000.0,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v bias; Llama exposes it as `attention_bias`.
+            attention_bias=bool(hf.get("attention_bias", architecture == "Qwen2ForCausalLM")),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Everything the engine needs to know beyond the request stream.
+
+    `model` is an HF directory, a `.gguf` file, or a `config.json` path/dir with
+    `load_format="dummy"` (random weights, for benchmarks).
+    """
+
+    model: str
+    tokenizer: str | None = None
+    # No tokenizer: prompts must be token ids and outputs carry no text (as vLLM's option).
+    skip_tokenizer_init: bool = False
+    dtype: str = "auto"  # "auto": bfloat16 on accelerators, float32 on CPU
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    page_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_pages: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    seed: int = 0
+    attention_backend: str = "auto"
+    compilation_cache_dir: str | None = dataclasses.field(
+        default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "pjllm", "xla"))
+    # Compile every bucket at startup; None: on accelerators yes, on CPU compile lazily.
+    warmup: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a path to an HF directory, a .gguf file or a config.json")
+        _check_choice("dtype", self.dtype, _DTYPES)
+        _check_choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
+        _check_choice("load_format", self.load_format, _LOAD_FORMATS)
+        if self.page_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"page_size must be one of 8, 16, 32, 64, 128; got {self.page_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]; "
+                             f"got {self.gpu_memory_utilization}")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1; got {self.num_pages}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}")

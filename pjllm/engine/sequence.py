@@ -1,0 +1,89 @@
+"""Request and sequence state, as plain Python data (no JAX)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from pjllm.outputs import Logprob, PromptLogprobs, SampleLogprobs
+from pjllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One generated stream: a prompt plus the tokens sampled so far, and where its KV lives.
+
+    `num_computed_tokens` counts tokens whose KV is in `block_table`'s pages; the scheduler moves
+    it forward by each step's chunk and resets it to 0 on preemption (the KV is recomputed later).
+    """
+
+    seq_id: int
+    request: "Request"
+    sample_index: int
+    seed: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    logprobs: SampleLogprobs | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # Incremental detokenization state: tokens before `read_offset` are in `text`;
+    # decoding from `prefix_offset` gives the context that merges multi-token characters.
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def is_prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A user request: one prompt, `params.n` sequences, prompt logprobs if asked."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    seqs: list[Sequence] = dataclasses.field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    def record_prompt_logprobs(self, position: int, entry: dict[int, Logprob]) -> None:
+        """Stores the logprobs of prompt token `position` (predicted from position - 1)."""
+        assert self.prompt_logprobs is not None
+        self.prompt_logprobs[position] = entry

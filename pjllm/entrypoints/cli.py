@@ -1,0 +1,88 @@
+"""The `pjllm` command line: `pjllm generate ...` and `pjllm download`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_generate_parser(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate text for one or more prompts")
+    parser.add_argument("--model", default=None,
+                        help="HF directory or .gguf file (default: SmolLM2-135M-Instruct, downloaded "
+                             "and cached on first use)")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="a prompt; repeat for several")
+    parser.add_argument("--chat", action="store_true", help="render each prompt as a user message "
+                        "with the model's chat template")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--stop", action="append", default=None)
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--num-pages", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine progress")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pjllm.entrypoints.llm import LLM
+    from pjllm.models.default_model import resolve_default_model
+    from pjllm.sampling_params import SamplingParams
+
+    model = args.model or resolve_default_model()
+    llm = LLM(model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              page_size=args.page_size, num_pages=args.num_pages,
+              gpu_memory_utilization=args.gpu_memory_utilization,
+              attention_backend=args.attention_backend, load_format=args.load_format)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
+                            ignore_eos=args.ignore_eos)
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    for prompt, output in zip(args.prompt, outputs):
+        for completion in output.outputs:
+            if len(args.prompt) > 1 or args.n > 1:
+                print(f"--- {prompt!r} [{completion.index}] ({completion.finish_reason})")
+            print(completion.text)
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from pjllm.models.default_model import download_default_model
+
+    print(download_default_model(args.cache_dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pjllm", description="LLM inference in JAX")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(subparsers)
+    download = subparsers.add_parser("download", help="fetch, verify and cache the default model")
+    download.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return {"generate": _generate, "download": _download}[args.command](args)
+    except ValueError as error:
+        print(f"pjllm: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""What models call: KV cache allocation, KV writes and paged attention, dispatched by backend.
+
+KV page layout (per layer): kv_pages [2, num_kv_heads, num_pages, page_size, head_dim],
+index 0 = K, 1 = V; slot s = page * page_size + row. Nothing outside pjllm.kernels indexes pages.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pjllm.kernels import paged_attention as _pallas
+from pjllm.kernels import reference as _reference
+from pjllm.kernels.attention_metadata import AttentionMetadata
+
+BACKENDS = ("auto", "reference", "pallas")
+
+
+def allocate_kv_pages(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                      dtype: jnp.dtype) -> jax.Array:
+    """Zeroed KV pages of one layer: [2, num_kv_heads, num_pages, page_size, head_dim]."""
+    return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), dtype)
+
+
+def kv_cache_bytes_per_page(page_size: int, num_kv_heads: int, head_dim: int,
+                            dtype: jnp.dtype) -> int:
+    """Bytes one page takes in one layer, K and V together."""
+    return 2 * num_kv_heads * page_size * head_dim * np.dtype(dtype).itemsize
+
+
+def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Writes this step's K/V into their slots; slot -1 writes nothing.
+
+    kv_pages: [2, Hkv, P, page_size, D]; k, v: [T, Hkv, D]; slot_mapping: [T] int32.
+    Returns the updated kv_pages (donate it to update in place).
+    """
+    return _reference.write_kv_reference(kv_pages, k, v, slot_mapping)
+
+
+def resolve_backend(backend: str) -> str:
+    """"auto" -> "pallas" on GPU, "reference" elsewhere; other names pass through."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return backend
+
+
+def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
+                    sm_scale: float, backend: str = "auto") -> jax.Array:
+    """Causal attention of a ragged batch (prefill chunks and decodes) over its paged KV.
+
+    q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D] (this step's K/V already written);
+    metadata: AttentionMetadata. Returns [T, Hq, D] in q.dtype; padding tokens give zeros.
+    backend: "reference" (pure jnp), "pallas" (interpret mode automatically on CPU), or "auto".
+    """
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return _reference.paged_attention_reference(q, kv_pages, metadata,
+                                                    sm_scale=float(sm_scale))
+    return _pallas.paged_attention(q, kv_pages, metadata, sm_scale=float(sm_scale),
+                                   interpret=jax.default_backend() == "cpu")

@@ -1,0 +1,233 @@
+"""The Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5) as one Flax NNX model.
+
+The engine splits the module into (graphdef, state) once and runs `forward` as a pure function of
+the state inside `jax.jit`. Every parameter carries `logical_axes` metadata (`vocab`, `embed`,
+`heads`, `kv_heads`, `head_dim`, `mlp`); sharding rules map those to mesh axes.
+
+Weights follow the `x @ kernel` convention: kernels are [in, out], HF's [out, in] transposed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pjllm.config import ModelConfig
+from pjllm.kernels import ops
+from pjllm.kernels.attention_metadata import AttentionMetadata
+
+_SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+def _param(shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, rngs: nnx.Rngs,
+           scale: float) -> nnx.Param:
+    value = jax.random.normal(rngs.params(), shape, jnp.float32) * scale
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def _zeros(shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse rotary frequencies [head_dim // 2], with Llama-3 or linear scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported; "
+                         f"supported: {', '.join(_SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low_freq_factor = scaling.get("low_freq_factor", 1.0)
+        high_freq_factor = scaling.get("high_freq_factor", 4.0)
+        old_context_len = scaling.get("original_max_position_embeddings", 8192)
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates x [T, H, D] by positions [T] in HF's half-split layout."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: Any):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        embed, heads, kv_heads, head_dim = (config.hidden_size, config.num_heads,
+                                            config.num_kv_heads, config.head_dim)
+        scale = 1.0 / math.sqrt(embed)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = _param((embed, heads, head_dim), ("embed", "heads", "head_dim"), dtype, rngs, scale)
+        self.k_proj = _param((embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), dtype, rngs,
+                             scale)
+        self.v_proj = _param((embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), dtype, rngs,
+                             scale)
+        self.o_proj = _param((heads, head_dim, embed), ("heads", "head_dim", "embed"), dtype, rngs,
+                             1.0 / math.sqrt(heads * head_dim))
+        if config.attention_bias:
+            self.q_bias = _zeros((heads, head_dim), ("heads", "head_dim"), dtype)
+            self.k_bias = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), dtype)
+            self.v_bias = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), dtype)
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_pages: jax.Array,
+                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, jax.Array]:
+        q = jnp.einsum("te,ehd->thd", x, self.q_proj[...])
+        k = jnp.einsum("te,ehd->thd", x, self.k_proj[...])
+        v = jnp.einsum("te,ehd->thd", x, self.v_proj[...])
+        if self.q_bias is not None:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        kv_pages = ops.write_kv(kv_pages, k, v, metadata.slot_mapping)
+        out = ops.paged_attention(q, kv_pages, metadata, sm_scale=self.head_dim ** -0.5,
+                                  backend=backend)
+        return jnp.einsum("thd,hde->te", out, self.o_proj[...]), kv_pages
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        embed, mlp = config.hidden_size, config.intermediate_size
+        self.gate_proj = _param((embed, mlp), ("embed", "mlp"), dtype, rngs, 1.0 / math.sqrt(embed))
+        self.up_proj = _param((embed, mlp), ("embed", "mlp"), dtype, rngs, 1.0 / math.sqrt(embed))
+        self.down_proj = _param((mlp, embed), ("mlp", "embed"), dtype, rngs, 1.0 / math.sqrt(mlp))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = x @ self.gate_proj[...]
+        up = x @ self.up_proj[...]
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, x, positions, inv_freq, kv_pages, metadata, backend):
+        attn_out, kv_pages = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_pages,
+                                            metadata, backend)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_pages
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Decoder-only transformer; `forward` maps a ragged token batch to hidden states."""
+
+    def __init__(self, config: ModelConfig, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.embed_tokens = _param((config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype,
+                                   rngs, 1.0)
+        self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _param((config.hidden_size, config.vocab_size), ("embed", "vocab"), dtype,
+                                  rngs, 1.0 / math.sqrt(config.hidden_size))
+        self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config)))
+
+    def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
+                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+        """token_ids, positions: [T] -> (final hidden states [T, hidden], updated kv_caches)."""
+        x = self.embed_tokens[...][token_ids]
+        inv_freq = self.inv_freq[...]
+        new_caches = []
+        for layer, kv_pages in zip(self.layers, kv_caches):
+            x, kv_pages = layer(x, positions, inv_freq, kv_pages, metadata, backend)
+            new_caches.append(kv_pages)
+        return self.norm(x), new_caches
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [M, hidden] -> float32 logits [M, vocab]."""
+        if self.lm_head is None:
+            logits = jnp.einsum("me,ve->mv", hidden, self.embed_tokens[...])
+        else:
+            logits = hidden @ self.lm_head[...]
+        return logits.astype(jnp.float32)
+
+
+def hf_to_state_arrays(config: ModelConfig, hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Maps an HF Llama/Mistral/Qwen2 state dict to this module's parameter paths and layouts.
+
+    Keys of the result are '/'-joined NNX paths (e.g. 'layers/0/self_attn/q_proj'). A missing or
+    misshaped tensor raises ValueError naming it.
+    """
+    heads, kv_heads, head_dim, embed = (config.num_heads, config.num_kv_heads, config.head_dim,
+                                        config.hidden_size)
+
+    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in hf:
+            raise ValueError(f"weights are missing tensor {name!r} (expected shape {shape})")
+        value = hf[name]
+        if tuple(value.shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {shape}")
+        return value
+
+    out = {"embed_tokens": take("model.embed_tokens.weight", (config.vocab_size, embed)),
+           "norm/weight": take("model.norm.weight", (embed,))}
+    if not config.tie_word_embeddings:
+        out["lm_head"] = take("lm_head.weight", (config.vocab_size, embed)).T
+    for i in range(config.num_layers):
+        hf_prefix, prefix = f"model.layers.{i}.", f"layers/{i}/"
+        attn = hf_prefix + "self_attn."
+        out[prefix + "self_attn/q_proj"] = take(attn + "q_proj.weight", (heads * head_dim, embed)
+                                                ).T.reshape(embed, heads, head_dim)
+        out[prefix + "self_attn/k_proj"] = take(attn + "k_proj.weight", (kv_heads * head_dim, embed)
+                                                ).T.reshape(embed, kv_heads, head_dim)
+        out[prefix + "self_attn/v_proj"] = take(attn + "v_proj.weight", (kv_heads * head_dim, embed)
+                                                ).T.reshape(embed, kv_heads, head_dim)
+        out[prefix + "self_attn/o_proj"] = take(attn + "o_proj.weight", (embed, heads * head_dim)
+                                                ).T.reshape(heads, head_dim, embed)
+        if config.attention_bias:
+            out[prefix + "self_attn/q_bias"] = take(attn + "q_proj.bias", (heads * head_dim,)
+                                                    ).reshape(heads, head_dim)
+            out[prefix + "self_attn/k_bias"] = take(attn + "k_proj.bias", (kv_heads * head_dim,)
+                                                    ).reshape(kv_heads, head_dim)
+            out[prefix + "self_attn/v_bias"] = take(attn + "v_proj.bias", (kv_heads * head_dim,)
+                                                    ).reshape(kv_heads, head_dim)
+        mlp = hf_prefix + "mlp."
+        out[prefix + "mlp/gate_proj"] = take(mlp + "gate_proj.weight",
+                                             (config.intermediate_size, embed)).T
+        out[prefix + "mlp/up_proj"] = take(mlp + "up_proj.weight", (config.intermediate_size, embed)).T
+        out[prefix + "mlp/down_proj"] = take(mlp + "down_proj.weight",
+                                             (embed, config.intermediate_size)).T
+        out[prefix + "input_layernorm/weight"] = take(hf_prefix + "input_layernorm.weight", (embed,))
+        out[prefix + "post_attention_layernorm/weight"] = take(
+            hf_prefix + "post_attention_layernorm.weight", (embed,))
+    return out

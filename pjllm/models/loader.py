@@ -1,0 +1,62 @@
+"""Builds a model's (graphdef, state) from a checkpoint, or with random weights (`dummy`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pjllm.config import ModelConfig
+from pjllm.models.llama import LlamaForCausalLM, hf_to_state_arrays, rope_inv_freq
+
+logger = logging.getLogger(__name__)
+
+
+def _path_key(path: tuple) -> str:
+    return "/".join(str(part) for part in path)
+
+
+def build_model(model_config: ModelConfig, dtype: jnp.dtype, load_format: str, model_path: str,
+                seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """Returns the model split into (graphdef, state), weights on the default device.
+
+    `load_format="dummy"` draws random weights on the device from `seed` (no checkpoint needed);
+    otherwise weights come from `model_path` (HF directory or GGUF file) cast to `dtype`.
+    """
+    start = time.perf_counter()
+    if load_format == "dummy":
+        @jax.jit
+        def init() -> nnx.State:
+            return nnx.state(LlamaForCausalLM(model_config, dtype, nnx.Rngs(seed)))
+
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype,
+                                                                        nnx.Rngs(seed))))
+        state = init()
+    else:
+        from pjllm.models.weights import load_hf_state_dict
+
+        hf_tensors = load_hf_state_dict(model_path, np.float32 if dtype == jnp.float32 else dtype)
+        arrays = hf_to_state_arrays(model_config, hf_tensors)
+        del hf_tensors
+        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, nnx.Rngs(seed)))
+        graphdef, abstract_state = nnx.split(abstract)
+        flat = nnx.to_flat_state(abstract_state)
+        leaves = []
+        for path, variable in flat:
+            key = _path_key(path)
+            if key == "inv_freq":
+                leaves.append(variable.replace(jnp.asarray(rope_inv_freq(model_config))))
+                continue
+            array = arrays.pop(key)
+            expected = variable.get_value().shape
+            if tuple(array.shape) != tuple(expected):
+                raise ValueError(f"parameter {key!r} has shape {array.shape}, expected {expected}")
+            leaves.append(variable.replace(jnp.asarray(array, dtype=dtype)))
+        state = nnx.from_flat_state([(path, leaf) for (path, _), leaf in zip(flat, leaves)])
+    jax.block_until_ready(jax.tree.leaves(state))
+    logger.info("model weights ready in %.1f s (%s)", time.perf_counter() - start, load_format)
+    return graphdef, state

@@ -1,0 +1,207 @@
+"""Loading configs, weights and tokenizers from HF checkpoint directories and GGUF files.
+
+Whatever the source, the result is in HF-transformers terms, so the model code has one input
+format:
+- `load_hf_config(path)` -> the dict of an HF `config.json` (for `ModelConfig.from_hf_config`);
+- `load_hf_state_dict(path, dtype)` -> numpy arrays named and shaped like transformers'
+  Llama/Mistral/Qwen2 state dict (`model.layers.0.self_attn.q_proj.weight` is [out, in]),
+  checked against the config: exactly the tensors the config implies, each of the right shape;
+- `load_tokenizer(path)` -> a transformers fast tokenizer, with the chat template.
+
+`path` is an HF directory (config.json + *.safetensors, sharded or not), a `config.json` inside one,
+or a `.gguf` file (quantized tensors are dequantized at load; see `pjllm.models.gguf_file`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Literal
+
+import ml_dtypes
+import numpy as np
+
+from pjllm.config import ModelConfig
+from pjllm.models import gguf_file
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a checkpoint lives: an HF directory, or a single GGUF file."""
+
+    kind: Literal["hf", "gguf"]
+    path: str
+
+
+def resolve_model_source(path: str, field: str = "model") -> ModelSource:
+    """Classify `path` as an HF directory or a GGUF file.
+
+    `field` names the user-facing setting in error messages ("model" or "tokenizer").
+    Raises ValueError for a path that does not exist or holds no checkpoint.
+    """
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{field} must be a path to an HF directory, a .gguf file or a config.json; "
+                         f"got {path!r}")
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{field} path {path!r} does not exist")
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return ModelSource("gguf", path)
+        if path.endswith(".json"):
+            return ModelSource("hf", os.path.dirname(os.path.abspath(path)))
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return ModelSource("gguf", path)
+        raise ValueError(f"{field} path {path!r} is neither a .gguf file nor a config.json")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return ModelSource("hf", path)
+    ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+    if len(ggufs) == 1:
+        return ModelSource("gguf", ggufs[0])
+    if ggufs:
+        raise ValueError(f"{field} directory {path!r} holds several .gguf files; pass one of "
+                         f"{[os.path.basename(g) for g in ggufs]}")
+    raise ValueError(f"{field} directory {path!r} has no config.json and no .gguf file")
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """np.dtype for "bfloat16" (ml_dtypes), "float16", "float32", or anything np.dtype accepts."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def load_hf_config(model_path: str) -> dict[str, Any]:
+    """The HF `config.json` dict of an HF directory / config.json, or one built from GGUF metadata."""
+    source = resolve_model_source(model_path)
+    if source.kind == "gguf":
+        return gguf_file.gguf_to_hf_config(gguf_file.read_gguf(source.path))
+    with open(os.path.join(source.path, "config.json")) as f:
+        return json.load(f)
+
+
+def expected_state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a transformers Llama/Mistral/Qwen2 checkpoint for `cfg`, with its shape."""
+    h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    # Qwen2 has q/k/v biases only; Llama's attention_bias adds o_proj's too.
+    o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        for proj, rows in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
+            shapes[f"{p}self_attn.{proj}.weight"] = (rows, h)
+            if cfg.attention_bias:
+                shapes[f"{p}self_attn.{proj}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q_dim)
+        if o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        for proj, shape in (("gate_proj", (cfg.intermediate_size, h)),
+                            ("up_proj", (cfg.intermediate_size, h)),
+                            ("down_proj", (h, cfg.intermediate_size))):
+            shapes[f"{p}mlp.{proj}.weight"] = shape
+            if cfg.mlp_bias:
+                shapes[f"{p}mlp.{proj}.bias"] = (shape[0],)
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def _check_shapes(available: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                  where: str) -> None:
+    """Raise ValueError naming the first expected tensor that is missing or misshaped."""
+    for name, shape in expected.items():
+        if name not in available:
+            raise ValueError(f"checkpoint {where} is missing tensor {name!r} "
+                             f"(expected shape {shape} from the config)")
+        if tuple(available[name]) != shape:
+            raise ValueError(f"tensor {name!r} in {where} has shape {tuple(available[name])}; "
+                             f"expected {shape} from the config")
+
+
+def _safetensors_files(directory: str) -> list[str]:
+    index_path = os.path.join(directory, _SAFETENSORS_INDEX)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise ValueError(f"model directory {directory!r} has no *.safetensors files")
+    return files
+
+
+def _load_safetensors(directory: str, expected: dict[str, tuple[int, ...]],
+                      dtype: np.dtype) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    files = _safetensors_files(directory)
+    shapes: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, str] = {}
+    for path in files:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                if name in expected:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+                    owner[name] = path
+    _check_shapes(shapes, expected, directory)
+    out: dict[str, np.ndarray] = {}
+    for path in files:
+        names = [name for name in expected if owner[name] == path]
+        if not names:
+            continue
+        with safe_open(path, framework="numpy") as f:
+            for name in names:
+                out[name] = f.get_tensor(name).astype(dtype, copy=False)
+    return out
+
+
+def load_hf_state_dict(model_path: str, dtype: Any = "float32") -> dict[str, np.ndarray]:
+    """The checkpoint's weights as a transformers-style state dict of numpy arrays in `dtype`.
+
+    Returns exactly the tensors the config implies (see `expected_state_dict_shapes`); extra
+    tensors in the checkpoint (e.g. `lm_head.weight` of a tied model) are ignored.
+    Raises ValueError for a nonexistent path, or a missing or misshaped tensor.
+    """
+    source = resolve_model_source(model_path)
+    dt = numpy_dtype(dtype)
+    hf_config = load_hf_config(source.path)
+    cfg = ModelConfig.from_hf_config(hf_config)
+    expected = expected_state_dict_shapes(cfg)
+    if source.kind == "hf":
+        return _load_safetensors(source.path, expected, dt)
+    gguf = gguf_file.read_gguf(source.path)
+    shapes = {}
+    for info in gguf.tensors.values():
+        name = gguf_file.hf_tensor_name(info.name)
+        if name is not None:
+            shapes[name] = info.shape
+    _check_shapes(shapes, expected, source.path)
+    return gguf_file.gguf_state_dict(gguf, set(expected), hf_config, dt)
+
+
+def load_tokenizer(model_path: str, tokenizer_path: str | None = None) -> Any:
+    """A transformers fast tokenizer (with chat template) for the model.
+
+    From `tokenizer_path` when given, else from the model: an HF directory's tokenizer files, or a
+    GGUF file's tokenizer metadata. Raises ValueError when there is no tokenizer to be found.
+    """
+    field = "tokenizer" if tokenizer_path is not None else "model"
+    source = resolve_model_source(tokenizer_path if tokenizer_path is not None else model_path, field)
+    if source.kind == "gguf":
+        return gguf_file.gguf_tokenizer(gguf_file.read_gguf(source.path))
+    if not any(os.path.isfile(os.path.join(source.path, name)) for name in _TOKENIZER_FILES):
+        raise ValueError(f"{field} directory {source.path!r} has no tokenizer files "
+                         f"({', '.join(_TOKENIZER_FILES)}); pass tokenizer=<HF directory or .gguf>")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path)

@@ -1,0 +1,288 @@
+"""Batched on-device sampling: penalties, bans, temperature, min-p, top-k, top-p, logprobs.
+
+`sample` runs inside the jitted step on the logits of each sequence's last query token. Every
+array is fixed-shape (N = sequence bucket, V = vocab); which optional stages exist in the compiled
+program is decided by the static `SamplerFlags`, so a batch in which nobody uses top-p never sorts
+the vocabulary.
+
+Order of operations (vLLM semantics), all in float32:
+  1. penalties (repetition on prompt+output tokens, then frequency and presence on output tokens);
+  2. banned tokens -> -inf (used for `min_tokens`: EOS / stop ids while too short);
+  3. greedy rows (temperature < 1e-5) take the argmax of these logits;
+  4. other rows: divide by temperature, min-p, top-k, top-p, then Gumbel-max sampling with a
+     per-row key fold_in(fold_in(key(seed), sample_index), step). A row's token depends only on
+     (seed, sample_index, step, its own logits row): never on its position or on other rows.
+Returned logprobs are log-softmax of the RAW logits (vLLM's `raw_logprobs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Temperatures below this are treated as greedy (dividing by them would overflow).
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+_NEG_INF = float("-inf")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingMetadata:
+    """Per-sequence sampling parameters for one step, built on the host by the model runner.
+
+    N is the sequence bucket; padding rows may hold any value (e.g. temperature 0).
+
+    temperature:        f32[N]      0 (or < 1e-5) -> greedy.
+    top_k:              i32[N]      <= 0 or >= V -> off.
+    top_p:              f32[N]      >= 1.0 -> off; otherwise in (0, 1].
+    min_p:              f32[N]      0.0 -> off.
+    presence_penalty:   f32[N]      subtracted once from each token present in the output; 0 off.
+    frequency_penalty:  f32[N]      subtracted per occurrence of a token in the output; 0 off.
+    repetition_penalty: f32[N]      for tokens in prompt or output: positive logits divided by it,
+                                    non-positive logits multiplied by it; 1.0 off.
+    seeds:              u32|i32[N]  per-request seed (an i32 is reinterpreted as its u32 bits).
+    sample_index:       i32[N]      child index of an n > 1 request (0 otherwise).
+    step:               i32[N]      number of tokens this sequence has generated so far.
+    prompt_token_ids:   i32[N, Lp]  -1 padded; may be [N, 0] when penalties are off.
+    output_token_ids:   i32[N, Lo]  -1 padded; may be [N, 0] when penalties are off.
+    banned_token_ids:   i32[N, Kb]  -1 padded; set to -inf this step; may be [N, 0].
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    repetition_penalty: jax.Array
+    seeds: jax.Array
+    sample_index: jax.Array
+    step: jax.Array
+    prompt_token_ids: jax.Array
+    output_token_ids: jax.Array
+    banned_token_ids: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerFlags:
+    """Static (hashable) switches; each combination is one compiled variant of the step.
+
+    all_greedy:       every row is greedy: no randomness, temperature or filtering at all.
+    use_top_k_top_p:  some row has top_k or top_p on (the only stage that sorts [N, V]).
+    use_min_p:        some row has min_p > 0.
+    use_penalties:    some row has a presence/frequency/repetition penalty on.
+    use_banned_tokens: some row has banned tokens this step.
+    num_logprobs:     K, the number of top logprobs returned per row (0 -> none).
+    """
+
+    all_greedy: bool = False
+    use_top_k_top_p: bool = False
+    use_min_p: bool = False
+    use_penalties: bool = False
+    use_banned_tokens: bool = False
+    num_logprobs: int = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    """What one step sends back to the host.
+
+    token_ids:       i32[N]     sampled token of each row.
+    logprobs:        f32[N]     log-softmax of the raw logits at token_ids.
+    top_logprob_ids: i32[N, K]  K = flags.num_logprobs most likely tokens (raw logits), descending.
+    top_logprobs:    f32[N, K]  their log-probabilities.
+    """
+
+    token_ids: jax.Array
+    logprobs: jax.Array
+    top_logprob_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def compute_logprobs(
+    logits: jax.Array, target_ids: jax.Array, num_logprobs: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-softmax of `logits` at `target_ids`, plus the top-`num_logprobs` entries of each row.
+
+    Used for sampled tokens and for prompt logprobs alike.
+
+    Args:
+      logits:       f32/bf16[M, V] raw logits.
+      target_ids:   i32[M] token per row (out-of-range ids are clamped; mask such rows yourself).
+      num_logprobs: static K >= 0.
+    Returns:
+      target_logprob f32[M], top ids i32[M, K] (descending), top logprobs f32[M, K].
+    """
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target = jnp.take_along_axis(
+        logprobs, target_ids.astype(jnp.int32)[:, None], axis=-1, mode="clip"
+    )[:, 0]
+    m = logits.shape[0]
+    if num_logprobs > 0:
+        top_vals, top_ids = jax.lax.top_k(logprobs, num_logprobs)
+        top_ids = top_ids.astype(jnp.int32)
+    else:
+        top_vals = jnp.zeros((m, 0), jnp.float32)
+        top_ids = jnp.zeros((m, 0), jnp.int32)
+    return target, top_ids, top_vals
+
+
+def _row_index(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """Scatter indices (rows, cols) for a -1 padded id list i32[N, L]; padding -> column V."""
+    n = ids.shape[0]
+    ids = ids.astype(jnp.int32)
+    cols = jnp.where((ids >= 0) & (ids < vocab_size), ids, vocab_size)
+    rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], ids.shape)
+    return rows, cols
+
+
+def token_counts(ids: jax.Array, vocab_size: int) -> jax.Array:
+    """Occurrences of each token in each row of a -1 padded id list.
+
+    Args:
+      ids: i32[N, L], -1 padded (any id outside [0, V) is ignored).
+    Returns:
+      i32[N, V] counts.
+    """
+    n = ids.shape[0]
+    counts = jnp.zeros((n, vocab_size), jnp.int32)
+    if ids.shape[1] == 0:
+        return counts
+    rows, cols = _row_index(ids, vocab_size)
+    return counts.at[rows, cols].add(1, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, metadata: SamplingMetadata) -> jax.Array:
+    """Repetition (prompt+output), then frequency and presence (output) penalties.
+
+    Args:
+      logits: f32[N, V].
+    Returns:
+      f32[N, V] penalized logits.
+    """
+    _, v = logits.shape
+    out_counts = token_counts(metadata.output_token_ids, v)
+    seen = out_counts > 0
+    if metadata.prompt_token_ids.shape[1] > 0:
+        seen = seen | (token_counts(metadata.prompt_token_ids, v) > 0)
+    rep = metadata.repetition_penalty.astype(jnp.float32)[:, None]
+    penalized = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(seen, penalized, logits)
+    freq = metadata.frequency_penalty.astype(jnp.float32)[:, None]
+    pres = metadata.presence_penalty.astype(jnp.float32)[:, None]
+    logits = logits - freq * out_counts.astype(jnp.float32)
+    logits = logits - pres * (out_counts > 0).astype(jnp.float32)
+    return logits
+
+
+def apply_banned_tokens(logits: jax.Array, banned_token_ids: jax.Array) -> jax.Array:
+    """Set logits[i, banned_token_ids[i, j]] = -inf for every non-padding entry.
+
+    Args:
+      logits: f32[N, V]; banned_token_ids: i32[N, Kb], -1 padded.
+    """
+    if banned_token_ids.shape[1] == 0:
+        return logits
+    rows, cols = _row_index(banned_token_ids, logits.shape[1])
+    return logits.at[rows, cols].set(_NEG_INF, mode="drop")
+
+
+def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Drop tokens whose probability is below min_p * (max probability) of their row.
+
+    Done in log space: keep where logit >= max_logit + log(min_p); min_p = 0 keeps everything.
+    Args:
+      logits: f32[N, V] (already temperature-scaled); min_p: f32[N].
+    """
+    max_logit = jnp.max(logits, axis=-1, keepdims=True)
+    threshold = max_logit + jnp.log(min_p.astype(jnp.float32))[:, None]
+    return jnp.where(logits >= threshold, logits, _NEG_INF)
+
+
+def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k, then top-p (nucleus) over the renormalized top-k, with one descending sort of [N, V].
+
+    Top-p keeps the smallest prefix of the sorted tokens whose cumulative probability reaches
+    top_p (the most likely token is always kept). Both filters become a per-row logit threshold,
+    so tokens tied with the last kept one are kept as well.
+
+    Args:
+      logits: f32[N, V]; top_k: i32[N] (<= 0 or >= V off); top_p: f32[N] (>= 1 off).
+    Returns:
+      f32[N, V] with dropped tokens at -inf.
+    """
+    _, v = logits.shape
+    sorted_desc = jnp.sort(logits, axis=-1, descending=True)
+    k = top_k.astype(jnp.int32)
+    k = jnp.where((k <= 0) | (k >= v), v, k)
+    pos = jnp.arange(v, dtype=jnp.int32)[None, :]
+    in_k = pos < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, sorted_desc, _NEG_INF), axis=-1)
+    cum_before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each position
+    p = top_p.astype(jnp.float32)[:, None]
+    keep = in_k & ((cum_before < p) | (pos == 0) | (p >= 1.0))
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1, dtype=jnp.int32), 1)
+    threshold = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+    return jnp.where(logits >= threshold, logits, _NEG_INF)
+
+
+def row_keys(seeds: jax.Array, sample_index: jax.Array, step: jax.Array) -> jax.Array:
+    """Typed PRNG keys key[N]: fold_in(fold_in(key(seed), sample_index), step) per row."""
+
+    def one(seed, idx, st):
+        key = jax.random.key(seed)
+        return jax.random.fold_in(jax.random.fold_in(key, idx), st)
+
+    if seeds.dtype == jnp.int32:  # same bits -> same key, whichever dtype the runner used
+        seeds = jax.lax.bitcast_convert_type(seeds, jnp.uint32)
+    return jax.vmap(one)(
+        seeds.astype(jnp.uint32), sample_index.astype(jnp.int32), step.astype(jnp.int32)
+    )
+
+
+def gumbel_noise(keys: jax.Array, vocab_size: int) -> jax.Array:
+    """f32[N, V] standard Gumbel noise, row i drawn from keys[i] alone (batch-independent)."""
+    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
+
+
+def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags) -> SamplerOutput:
+    """Sample one token per row, on device, with no host synchronization.
+
+    Args:
+      logits:   f32/bf16[N, V] raw logits of each sequence's last query token.
+      metadata: per-row parameters (see SamplingMetadata).
+      flags:    static switches; jit with `static_argnames="flags"` (or close over it).
+    Returns:
+      SamplerOutput with token_ids i32[N], logprobs f32[N] (raw), top logprobs [N, K].
+    """
+    raw = logits.astype(jnp.float32)
+    _, v = raw.shape
+    x = raw
+    if flags.use_penalties:
+        x = apply_penalties(x, metadata)
+    if flags.use_banned_tokens:
+        x = apply_banned_tokens(x, metadata.banned_token_ids)
+
+    greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if flags.all_greedy:
+        token_ids = greedy_ids
+    else:
+        temperature = metadata.temperature.astype(jnp.float32)
+        is_greedy = temperature < GREEDY_TEMPERATURE_EPS
+        x = x / jnp.where(is_greedy, 1.0, temperature)[:, None]
+        if flags.use_min_p:
+            x = apply_min_p(x, metadata.min_p)
+        if flags.use_top_k_top_p:
+            x = apply_top_k_top_p(x, metadata.top_k, metadata.top_p)
+        keys = row_keys(metadata.seeds, metadata.sample_index, metadata.step)
+        random_ids = jnp.argmax(x + gumbel_noise(keys, v), axis=-1).astype(jnp.int32)
+        token_ids = jnp.where(is_greedy, greedy_ids, random_ids)
+
+    logprobs, top_ids, top_logprobs = compute_logprobs(raw, token_ids, flags.num_logprobs)
+    return SamplerOutput(
+        token_ids=token_ids, logprobs=logprobs, top_logprob_ids=top_ids, top_logprobs=top_logprobs
+    )

@@ -1,0 +1,255 @@
+"""Write the golden files under tests/golden/ from HF transformers (PyTorch, CPU, float32).
+
+Needs torch, transformers, accelerate, gguf and safetensors, which pjllm itself does not; run it
+with a separate environment, e.g.
+
+    python -m venv /tmp/goldens && /tmp/goldens/bin/pip install torch transformers accelerate gguf
+    /tmp/goldens/bin/python scripts/make_goldens.py [--gguf PATH]
+
+It writes:
+- tests/golden/<name>/{config.json, model.safetensors, expected.json} for five tiny random models
+  (llama2, llama3, mistral, qwen2, llama_tied_mqa): expected.json holds, per prompt, the prompt's
+  token logprobs, the top-5 next-token ids/logprobs at every position, and a 16-token greedy
+  continuation.
+- tests/golden/smollm2_gguf.npz: rows and sums of tensors transformers dequantizes from the SmolLM2
+  GGUF (the file `pjllm.models.default_model` downloads), to check our dequantizer against.
+- tests/golden/smollm2_chat.json: that model's chat template rendering, its token ids, sample
+  tokenizations, transformers' greedy continuation, and the file's quant types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+import transformers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
+                          MistralConfig, Qwen2Config)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(REPO, "tests", "golden")
+SEED = 1234
+PROMPT_LENGTHS = (5, 13, 37)
+GREEDY_TOKENS = 16
+TOP_K = 5
+
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0)
+
+TINY_MODELS = {
+    # Llama 2 style: MHA, untied, plain rope.
+    "llama2": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                          rope_theta=10000.0, tie_word_embeddings=False),
+    # Llama 3 style: GQA, head_dim 32 != hidden 64 / 4 heads, llama3 rope scaling whose
+    # ramp covers several frequencies of this small head_dim.
+    "llama3": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                          tie_word_embeddings=False,
+                          rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                           "factor": 4.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 64}),
+    "mistral": MistralConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False),
+    # Qwen2: q/k/v bias, tied embeddings.
+    "qwen2": Qwen2Config(**_COMMON, num_attention_heads=4, num_key_value_heads=2,
+                         rope_theta=10000.0, tie_word_embeddings=True, use_sliding_window=False),
+    # Llama with tied embeddings and MQA (one KV head).
+    "llama_tied_mqa": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=1,
+                                  head_dim=16, rope_theta=10000.0, tie_word_embeddings=True),
+}
+
+
+def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Weights with some spread (HF's 0.02 init gives near-uniform logits and tied argmaxes)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(".bias"):
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+            elif "embed_tokens" in name or "lm_head" in name:
+                # Also the output layer when tied: logits of std ~3 after the final norm.
+                param.copy_(3.0 * torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+
+
+def _prompt_record(model: torch.nn.Module, ids: list[int]) -> dict:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    prompt_logprobs = logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    top = torch.topk(logprobs, TOP_K, dim=-1)
+    gen_config = GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS,
+                                  eos_token_id=None, pad_token_id=0, bos_token_id=None,
+                                  output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), generation_config=gen_config,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    greedy = out.sequences[0, len(ids):].tolist()
+    assert len(greedy) == GREEDY_TOKENS, greedy
+    step_logprobs = [torch.log_softmax(s[0].float(), -1) for s in out.scores]
+    margins = [float(torch.topk(lp, 2).values[0] - torch.topk(lp, 2).values[1]) for lp in step_logprobs]
+    return {
+        "prompt_ids": ids,
+        "prompt_logprobs": prompt_logprobs.tolist(),
+        "top5_ids": top.indices.tolist(),
+        "top5_logprobs": top.values.tolist(),
+        "greedy_ids": greedy,
+        "greedy_logprobs": [float(lp[t]) for lp, t in zip(step_logprobs, greedy)],
+        "greedy_min_margin": min(margins),
+    }
+
+
+# Greedy steps whose top-2 logprobs are closer than this could flip under float32 rounding
+# differences between implementations; weight seeds are tried until every step clears it.
+MIN_GREEDY_MARGIN = 0.05
+
+
+def make_tiny(name: str, config) -> None:
+    torch.manual_seed(SEED)
+    config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                             "qwen2": "Qwen2ForCausalLM"}[config.model_type]]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # continue through EOS: always 16 tokens
+    rng = np.random.default_rng(SEED)
+    prompts = [[int(t) for t in rng.integers(3, config.vocab_size, n)] for n in PROMPT_LENGTHS]
+    for attempt in range(100):
+        weight_seed = SEED + sum(map(ord, name)) + attempt
+        _randomize(model, torch.Generator().manual_seed(weight_seed))
+        records = [_prompt_record(model, ids) for ids in prompts]
+        if min(r["greedy_min_margin"] for r in records) >= MIN_GREEDY_MARGIN:
+            break
+    else:
+        raise RuntimeError(f"{name}: no weight seed gave greedy margins >= {MIN_GREEDY_MARGIN}")
+    out_dir = os.path.join(GOLDEN, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for extra in ("generation_config.json",):
+        if os.path.exists(os.path.join(out_dir, extra)):
+            os.remove(os.path.join(out_dir, extra))
+    expected = {
+        "doc": ("prompt_logprobs[i] = log p(prompt[i+1] | prompt[:i+1]) for i < L-1; "
+                "top5_*[i] = top-5 of p(. | prompt[:i+1]) for i < L; greedy_ids = HF generate "
+                "do_sample=False, no EOS stop; greedy_min_margin = smallest top1-top2 logprob gap "
+                "over the greedy steps. float32, CPU."),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "weight_seed": weight_seed,
+        "prompts": records,
+    }
+    with open(os.path.join(out_dir, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+    size = sum(os.path.getsize(os.path.join(out_dir, p)) for p in os.listdir(out_dir))
+    print(f"{name}: {size / 1024:.0f} KiB, min greedy margin "
+          f"{min(p['greedy_min_margin'] for p in expected['prompts']):.3f}")
+
+
+# Rows chosen to span heads and half-heads, so a wrong q/k row permutation shows.
+_ROWS = (0, 1, 2, 31, 32, 33, 63, 64, 65, 100)
+_GGUF_TENSORS = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.k_proj.weight",
+    "model.layers.0.self_attn.v_proj.weight",
+    "model.layers.0.self_attn.o_proj.weight",
+    "model.layers.0.mlp.gate_proj.weight",
+    "model.layers.0.mlp.up_proj.weight",
+    "model.layers.0.mlp.down_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.0.post_attention_layernorm.weight",
+    "model.norm.weight",
+)
+
+
+def make_smollm2(gguf_path: str) -> None:
+    import gguf
+
+    directory, filename = os.path.split(os.path.abspath(gguf_path))
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename,
+                                                 dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    state = model.state_dict()
+    last = model.config.num_hidden_layers - 1
+    names = list(_GGUF_TENSORS) + [f"model.layers.{last}.{p}.weight" for p in
+                                   ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj",
+                                    "input_layernorm")]
+    arrays: dict[str, np.ndarray] = {}
+    for name in names:
+        tensor = state[name].float().numpy()
+        rows = [r for r in _ROWS if r < tensor.shape[0]] + [tensor.shape[0] - 1]
+        arrays[f"{name}:rows"] = np.array(rows, dtype=np.int64)
+        arrays[f"{name}:values"] = tensor[rows] if tensor.ndim == 2 else tensor
+        arrays[f"{name}:sum"] = np.array(tensor.astype(np.float64).sum())
+        arrays[f"{name}:abs_sum"] = np.array(np.abs(tensor.astype(np.float64)).sum())
+        arrays[f"{name}:shape"] = np.array(tensor.shape, dtype=np.int64)
+    np.savez_compressed(os.path.join(GOLDEN, "smollm2_gguf.npz"), **arrays)
+
+    reader = gguf.GGUFReader(gguf_path)
+    quant_types = collections.Counter(t.tensor_type.name for t in reader.tensors)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=24, output_scores=True,
+                             return_dict_in_generate=True)
+    generated = out.sequences[0, len(ids):].tolist()
+    top2 = [torch.topk(torch.log_softmax(s[0].float(), -1), 2).values for s in out.scores]
+    samples = ["Hello world!", "  leading spaces and 1234567 digits", "café naïve — ünïcödé 日本語",
+               "<|im_start|>user\nhi<|im_end|>", "def f(x):\n\treturn x ** 2\n"]
+    chat = {
+        "gguf_file": filename,
+        "quant_types": dict(sorted(quant_types.items())),
+        "transformers_version": transformers.__version__,
+        "config": {k: v for k, v in model.config.to_dict().items()
+                   if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                            "num_attention_heads", "num_key_value_heads", "head_dim",
+                            "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+                            "bos_token_id", "eos_token_id")},
+        "messages": messages,
+        "chat_text": text,
+        "chat_ids": ids,
+        "greedy_ids": generated,
+        "greedy_text": tokenizer.decode(generated, skip_special_tokens=True),
+        "greedy_text_raw": tokenizer.decode(generated),
+        "greedy_min_margin": min(float(v[0] - v[1]) for v in top2),
+        "tokenize_samples": [{"text": s, "ids": tokenizer(s, add_special_tokens=False)["input_ids"]}
+                             for s in samples],
+    }
+    with open(os.path.join(GOLDEN, "smollm2_chat.json"), "w") as f:
+        json.dump(chat, f, indent=1, ensure_ascii=False)
+    print(f"smollm2: {dict(quant_types)}; greedy: {chat['greedy_text']!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gguf", help="path of SmolLM2-135M-Instruct.Q4_1.gguf "
+                        "(default: pjllm's cached download)")
+    parser.add_argument("--skip-gguf", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(GOLDEN, exist_ok=True)
+    torch.set_num_threads(4)
+    for name, config in TINY_MODELS.items():
+        make_tiny(name, config)
+    if not args.skip_gguf:
+        gguf_path = args.gguf
+        if gguf_path is None:
+            sys.path.insert(0, REPO)
+            try:
+                from pjllm.models.default_model import download_default_model
+            except ImportError as e:
+                raise SystemExit(f"cannot import pjllm here ({e}); pass --gguf PATH") from e
+            gguf_path = download_default_model()
+        make_smollm2(gguf_path)
+
+
+if __name__ == "__main__":
+    main()

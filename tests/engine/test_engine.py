@@ -1,0 +1,173 @@
+"""The engine end to end on a tiny random-weight Llama: batching, preemption, stops, bad input."""
+
+import numpy as np
+import pytest
+
+import pjllm
+from pjllm import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def _prompts(count, seed=0, low=3, high=30):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 256, rng.integers(low, high)).tolist() for _ in range(count)]
+
+
+def _solo(llm, prompts, params):
+    return [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0].outputs[0].token_ids
+            for p in prompts]
+
+
+def _run_staggered(engine, prompts, params, arrival_steps):
+    """Adds prompt i at step arrival_steps[i]; returns each request's final token ids."""
+    results, step = {}, 0
+    pending = sorted(zip(arrival_steps, range(len(prompts))))
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            index = pending.pop(0)[1]
+            engine.add_request(f"r{index}", {"prompt_token_ids": prompts[index]}, params)
+        for output in engine.step():
+            if output.finished:
+                results[int(output.request_id[1:])] = output.outputs[0].token_ids
+        step += 1
+    return [results[i] for i in range(len(prompts))]
+
+
+def test_requests_arriving_at_different_steps_match_solo_runs(make_llm):
+    llm = make_llm()
+    prompts = _prompts(6)
+    solo = _solo(llm, prompts, GREEDY)
+    staggered = _run_staggered(llm.engine, prompts, GREEDY, [0, 0, 1, 3, 4, 9])
+    assert staggered == solo
+    assert all(len(tokens) == 12 for tokens in solo)
+
+
+def test_preemption_under_tiny_page_budget_loses_nothing(make_llm):
+    prompts = _prompts(6, seed=1, low=20, high=40)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    roomy = make_llm()
+    expected = _solo(roomy, prompts, params)
+    tight = make_llm(num_pages=16)  # 128 tokens of KV for six ~60-token sequences
+    outputs = tight.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert all(o.outputs[0].finish_reason == "length" for o in outputs)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(make_llm):
+    llm = make_llm()
+    prompts = _prompts(5, seed=2)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
+    alone = llm.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)[0]
+    others = SamplingParams(temperature=0.7, max_tokens=7, ignore_eos=True)
+    batch = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                         [params] + [others] * 4, use_tqdm=False)
+    assert batch[0].outputs[0].token_ids == alone.outputs[0].token_ids
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=99, ignore_eos=True)
+    different = llm.generate({"prompt_token_ids": prompts[0]}, other_seed, use_tqdm=False)[0]
+    assert different.outputs[0].token_ids != alone.outputs[0].token_ids
+
+
+def test_n_samples_and_logprobs(make_llm):
+    llm = make_llm()
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=5, logprobs=3, ignore_eos=True)
+    (output,) = llm.generate({"prompt_token_ids": [5, 6, 7, 8]}, params, use_tqdm=False)
+    assert [c.index for c in output.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in output.outputs}) > 1
+    for completion in output.outputs:
+        assert len(completion.logprobs) == 6
+        for token, entry in zip(completion.token_ids, completion.logprobs):
+            assert token in entry and 3 <= len(entry) <= 4
+            ranks = sorted(lp.rank for lp in entry.values() if lp.rank is not None)
+            assert ranks[:3] == [1, 2, 3]
+        total = sum(entry[t].logprob for t, entry in zip(completion.token_ids, completion.logprobs))
+        assert completion.cumulative_logprob == pytest.approx(total, rel=1e-5)
+
+
+def test_stop_token_ids_min_tokens_and_length(make_llm):
+    llm = make_llm()
+    prompt = {"prompt_token_ids": [9, 10, 11]}
+    free = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0]
+    stop_at = free.token_ids[4]
+    first = free.token_ids.index(stop_at)
+    stopped = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                  stop_token_ids=[stop_at]), use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == free.token_ids[:first + 1]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_at)
+    assert free.finish_reason == "length"
+    # min_tokens bans the stop token until enough tokens exist.
+    held = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                               stop_token_ids=[stop_at], min_tokens=first + 2),
+                        use_tqdm=False)[0].outputs[0]
+    assert stop_at not in held.token_ids[:first + 2]
+
+
+def test_eos_stops_unless_ignored(make_llm):
+    llm = make_llm()
+    eos = llm.engine.model_config.eos_token_ids[0]
+    for prompt in _prompts(20, seed=3):
+        tokens = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        if eos in tokens:
+            out = llm.generate({"prompt_token_ids": prompt},
+                               SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
+            assert out.outputs[0].token_ids == tokens[:tokens.index(eos) + 1]
+            assert out.outputs[0].finish_reason == "stop"
+            return
+    pytest.skip("no greedy continuation hit EOS")
+
+
+def test_prompt_logprobs_cover_every_prompt_token(make_llm):
+    llm = make_llm(max_num_batched_tokens=16)  # the 40-token prompt is prefilled in chunks
+    prompt = _prompts(1, seed=4, low=40, high=41)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2, ignore_eos=True)
+    (output,) = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    assert output.prompt_logprobs[0] is None
+    for position in range(1, len(prompt)):
+        entry = output.prompt_logprobs[position]
+        assert prompt[position] in entry and entry[prompt[position]].logprob <= 0
+    whole = make_llm()  # the same logprobs without chunking
+    (unchunked,) = whole.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    for a, b in zip(output.prompt_logprobs[1:], unchunked.prompt_logprobs[1:]):
+        assert {t: lp.logprob for t, lp in a.items()} == pytest.approx({t: lp.logprob for t, lp in b.items()},
+                                                                        abs=1e-4)
+
+
+def test_pallas_backend_matches_reference_greedy(make_llm):
+    prompts = _prompts(3, seed=5)
+    reference = _solo(make_llm(attention_backend="reference"), prompts, GREEDY)
+    llm = make_llm(attention_backend="pallas")
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+
+
+@pytest.mark.parametrize("params, field", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(logprobs=50), "logprobs"),
+])
+def test_bad_sampling_params_name_the_field(params, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**params)
+
+
+def test_bad_requests_name_the_field(make_llm, tmp_path):
+    llm = make_llm()
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate({"prompt_token_ids": []}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": [5] * 200}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate({"prompt_token_ids": [5, 100000]}, GREEDY, use_tqdm=False)
+    # A bad prompt among good ones leaves nothing queued.
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate([{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": []}], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="model"):
+        pjllm.LLM(str(tmp_path / "no-such-model"))
+    with pytest.raises(ValueError, match="dtype"):
+        make_llm(dtype="int3")
+    with pytest.raises(ValueError, match="attention_backend"):
+        make_llm(attention_backend="cuda")

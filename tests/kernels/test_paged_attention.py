@@ -1,0 +1,245 @@
+"""Paged attention on ragged batches: Pallas (interpret mode) == jnp reference == float64 numpy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pjllm.kernels import ops, reference
+from pjllm.kernels import paged_attention as pallas_attention
+from pjllm.kernels.attention_metadata import AttentionMetadata
+
+# Fixed buckets, so that each (page_size, head_dim, heads, dtype) compiles once across examples.
+NUM_TOKENS = 48
+NUM_SEQS = 5
+MAX_CONTEXT = 80
+MAX_PAGES = 10            # W: pages per sequence, enough for MAX_CONTEXT at page size 8
+
+
+@dataclasses.dataclass
+class Batch:
+    q: np.ndarray                 # [T, Hq, D] float32
+    kv_pages: np.ndarray          # [2, Hkv, P, ps, D] float32
+    metadata: AttentionMetadata   # numpy-backed
+    q_lens: list[int]
+    ctx_lens: list[int]
+
+
+@st.composite
+def ragged_batches(draw, *, page_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                   num_tokens: int = NUM_TOKENS, num_seqs: int = NUM_SEQS,
+                   decode_only: bool = False) -> Batch:
+    """A batch of decodes and prefill chunks (some at a cached offset), padded to the buckets."""
+    n = draw(st.integers(1, num_seqs))
+    q_lens, ctx_lens = [], []
+    budget = num_tokens
+    for _ in range(n):
+        if budget == 0:
+            break
+        if decode_only or draw(st.booleans()):
+            q_len = 1
+            ctx = draw(st.integers(1, MAX_CONTEXT))
+        else:
+            q_len = draw(st.integers(1, min(budget, 24)))
+            cached = draw(st.one_of(st.just(0), st.integers(1, MAX_CONTEXT - q_len)))
+            ctx = cached + q_len
+        budget -= q_len
+        q_lens.append(q_len)
+        ctx_lens.append(ctx)
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    num_pages = num_seqs * MAX_PAGES + 3
+    perm = rng.permutation(num_pages)             # non-contiguous, shuffled page ids
+    tables = np.zeros((num_seqs, MAX_PAGES), np.int32)
+    qsl = np.zeros(num_seqs + 1, np.int32)
+    seq_lens = np.zeros(num_seqs, np.int32)
+    slots = np.full(num_tokens, -1, np.int32)
+    used = 0
+    for i, (q_len, ctx) in enumerate(zip(q_lens, ctx_lens)):
+        pages = -(-ctx // page_size)
+        tables[i, :pages] = perm[used:used + pages]
+        used += pages
+        qsl[i + 1] = qsl[i] + q_len
+        seq_lens[i] = ctx
+        for k in range(q_len):
+            p = ctx - q_len + k
+            slots[qsl[i] + k] = tables[i, p // page_size] * page_size + p % page_size
+    qsl[len(q_lens) + 1:] = qsl[len(q_lens)]
+    q = rng.standard_normal((num_tokens, num_q_heads, head_dim)).astype(np.float32)
+    kv = rng.standard_normal((2, num_kv_heads, num_pages, page_size, head_dim)).astype(np.float32)
+    md = AttentionMetadata(slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens,
+                           block_tables=tables)
+    return Batch(q, kv, md, q_lens, ctx_lens)
+
+
+def to_device(md: AttentionMetadata) -> AttentionMetadata:
+    return jax.tree.map(jnp.asarray, md)
+
+
+def naive_attention(batch: Batch, sm_scale: float) -> np.ndarray:
+    """Per-token loops in float64, reading keys through the block table; zeros for padding."""
+    q = batch.q.astype(np.float64)
+    kv = batch.kv_pages.astype(np.float64)
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, _, page_size, _ = kv.shape
+    group = num_q_heads // num_kv_heads
+    md = batch.metadata
+    out = np.zeros_like(q)
+    for i, (q_len, ctx) in enumerate(zip(batch.q_lens, batch.ctx_lens)):
+        for k in range(q_len):
+            t = md.query_start_loc[i] + k
+            pos = ctx - q_len + k
+            keys = np.arange(pos + 1)
+            pages = md.block_tables[i, keys // page_size]
+            rows = keys % page_size
+            for h in range(num_q_heads):
+                kk = kv[0, h // group, pages, rows]            # [pos+1, D]
+                vv = kv[1, h // group, pages, rows]
+                s = kk @ q[t, h] * sm_scale
+                w = np.exp(s - s.max())
+                out[t, h] = (w / w.sum()) @ vv
+    return out
+
+
+def run_pallas(batch: Batch, dtype, sm_scale: float, config=None) -> np.ndarray:
+    out = pallas_attention.paged_attention(
+        jnp.asarray(batch.q, dtype), jnp.asarray(batch.kv_pages, dtype), to_device(batch.metadata),
+        sm_scale=sm_scale, interpret=True, config=config)
+    return np.asarray(out.astype(jnp.float32))
+
+
+def run_reference(batch: Batch, dtype, sm_scale: float) -> np.ndarray:
+    out = jax.jit(reference.paged_attention_reference, static_argnames="sm_scale")(
+        jnp.asarray(batch.q, dtype), jnp.asarray(batch.kv_pages, dtype), to_device(batch.metadata),
+        sm_scale=sm_scale)
+    return np.asarray(out.astype(jnp.float32))
+
+
+# (page_size, Hq, Hkv, head_dim, dtype): covers GQA ratios 1/4/7, page sizes 8/16/32, D 64/128.
+SHAPES = [
+    (8, 4, 4, 64, jnp.float32),
+    (16, 8, 2, 128, jnp.float32),
+    (32, 7, 1, 64, jnp.float32),
+    (16, 14, 2, 64, jnp.bfloat16),
+    (8, 4, 1, 128, jnp.bfloat16),
+    (32, 2, 2, 128, jnp.float32),
+]
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("page_size,num_q_heads,num_kv_heads,head_dim,dtype", SHAPES)
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_pallas_matches_reference(data, page_size, num_q_heads, num_kv_heads, head_dim, dtype):
+    batch = data.draw(ragged_batches(page_size=page_size, num_q_heads=num_q_heads,
+                                     num_kv_heads=num_kv_heads, head_dim=head_dim))
+    sm_scale = head_dim ** -0.5
+    got = run_pallas(batch, dtype, sm_scale)
+    want = run_reference(batch, dtype, sm_scale)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("page_size,num_q_heads,num_kv_heads,head_dim", [(16, 8, 2, 128),
+                                                                         (8, 7, 1, 64)])
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_pallas_decode_bucket(data, page_size, num_q_heads, num_kv_heads, head_dim):
+    """Token bucket == sequence bucket selects the decode tiles."""
+    batch = data.draw(ragged_batches(page_size=page_size, num_q_heads=num_q_heads,
+                                     num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                     num_tokens=8, num_seqs=8, decode_only=True))
+    sm_scale = head_dim ** -0.5
+    np.testing.assert_allclose(run_pallas(batch, jnp.float32, sm_scale),
+                               naive_attention(batch, sm_scale), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("config", [
+    pallas_attention.BlockConfig(block_rows=16, block_kv=16, num_warps=4, num_stages=2),
+    pallas_attention.BlockConfig(block_rows=32, block_kv=128, num_warps=4, num_stages=2),
+    pallas_attention.BlockConfig(block_rows=16, block_kv=16, num_warps=4, num_stages=2,
+                                 kv_splits=4),
+    pallas_attention.BlockConfig(block_rows=64, block_kv=32, num_warps=4, num_stages=2,
+                                 kv_splits=3),
+])
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_pallas_other_tiles(data, config):
+    """Keys per step smaller and larger than a page; several query blocks per prefill chunk;
+    split-KV (flash-decoding) partitions, some of them empty."""
+    batch = data.draw(ragged_batches(page_size=32, num_q_heads=4, num_kv_heads=1, head_dim=64))
+    sm_scale = 0.125
+    np.testing.assert_allclose(run_pallas(batch, jnp.float32, sm_scale, config),
+                               run_reference(batch, jnp.float32, sm_scale), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("page_size,num_q_heads,num_kv_heads,head_dim", [(8, 4, 4, 64),
+                                                                         (16, 7, 1, 128),
+                                                                         (32, 8, 2, 64)])
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_reference_matches_naive(data, page_size, num_q_heads, num_kv_heads, head_dim):
+    batch = data.draw(ragged_batches(page_size=page_size, num_q_heads=num_q_heads,
+                                     num_kv_heads=num_kv_heads, head_dim=head_dim))
+    sm_scale = head_dim ** -0.5
+    want = naive_attention(batch, sm_scale)
+    np.testing.assert_allclose(run_reference(batch, jnp.float32, sm_scale), want,
+                               atol=2e-5, rtol=2e-5)
+    dense = reference.paged_attention_dense(
+        jnp.asarray(batch.q), jnp.asarray(batch.kv_pages), to_device(batch.metadata),
+        sm_scale=sm_scale)
+    np.testing.assert_allclose(np.asarray(dense), want, atol=2e-5, rtol=2e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_write_kv(data):
+    batch = data.draw(ragged_batches(page_size=8, num_q_heads=2, num_kv_heads=2, head_dim=64))
+    rng = np.random.default_rng(0)
+    num_tokens = batch.q.shape[0]
+    k = rng.standard_normal((num_tokens, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((num_tokens, 2, 64)).astype(np.float32)
+    slots = batch.metadata.slot_mapping
+    before = batch.kv_pages
+    after = np.asarray(jax.jit(ops.write_kv)(jnp.asarray(before), jnp.asarray(k), jnp.asarray(v),
+                                             jnp.asarray(slots)))
+    want = before.copy()
+    for t, s in enumerate(slots):
+        if s >= 0:
+            want[0, :, s // 8, s % 8] = k[t]
+            want[1, :, s // 8, s % 8] = v[t]
+    np.testing.assert_array_equal(after, want)
+
+
+def test_write_kv_padding_writes_nothing():
+    kv = ops.allocate_kv_pages(num_pages=3, page_size=4, num_kv_heads=2, head_dim=8,
+                               dtype=jnp.float32) + 5.0
+    k = jnp.ones((6, 2, 8))
+    out = ops.write_kv(kv, k, k, jnp.full((6,), -1, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(kv))
+
+
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_padded_tokens_are_finite_zeros(data):
+    batch = data.draw(ragged_batches(page_size=16, num_q_heads=4, num_kv_heads=2, head_dim=64))
+    num_real = int(batch.metadata.query_start_loc[-1])
+    for backend in ("reference", "pallas"):
+        out = np.asarray(ops.paged_attention(
+            jnp.asarray(batch.q), jnp.asarray(batch.kv_pages), to_device(batch.metadata),
+            sm_scale=0.125, backend=backend))
+        assert np.isfinite(out).all(), backend
+        np.testing.assert_array_equal(out[num_real:], 0.0)
+
+
+def test_kv_cache_sizes():
+    kv = ops.allocate_kv_pages(num_pages=5, page_size=16, num_kv_heads=8, head_dim=128,
+                               dtype=jnp.bfloat16)
+    assert kv.shape == (2, 8, 5, 16, 128) and kv.dtype == jnp.bfloat16
+    assert ops.kv_cache_bytes_per_page(16, 8, 128, jnp.bfloat16) * 5 == kv.nbytes

@@ -1,0 +1,53 @@
+"""Parity with HF transformers through the public API, on tiny random checkpoints (tests/golden/).
+
+The goldens are made by scripts/make_goldens.py (Python 3.11, torch CPU, transformers) in float32.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import pjllm
+
+GOLDEN = pathlib.Path(__file__).parent.parent / "golden"
+MODELS = ["llama2", "llama3", "mistral", "qwen2", "llama_tied_mqa"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def golden(request):
+    path = GOLDEN / request.param
+    expected = json.loads((path / "expected.json").read_text())
+    llm = pjllm.LLM(str(path), dtype="float32", max_model_len=128, page_size=8, max_num_seqs=4,
+                    max_num_batched_tokens=32, compilation_cache_dir=None,
+                    skip_tokenizer_init=True)
+    return llm, expected["prompts"]
+
+
+def test_prompt_logprobs_match_transformers(golden):
+    llm, prompts = golden
+    params = pjllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in prompts], params,
+                           use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        ids = prompt["prompt_ids"]
+        ours = [output.prompt_logprobs[i + 1][ids[i + 1]].logprob for i in range(len(ids) - 1)]
+        np.testing.assert_allclose(ours, prompt["prompt_logprobs"], atol=2e-4, rtol=1e-4)
+        for i in range(len(ids) - 1):
+            entry = output.prompt_logprobs[i + 1]
+            top = sorted((lp.rank, t) for t, lp in entry.items() if lp.rank is not None and lp.rank <= 5)
+            assert [t for _, t in top] == prompt["top5_ids"][i]
+            np.testing.assert_allclose([entry[t].logprob for _, t in top], prompt["top5_logprobs"][i],
+                                       atol=2e-4, rtol=1e-4)
+
+
+def test_greedy_continuations_match_transformers(golden):
+    llm, prompts = golden
+    params = pjllm.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in prompts], params,
+                           use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == prompt["greedy_ids"]
+    kv = llm.engine.kv_cache_manager
+    assert kv.num_free_pages == kv.num_pages

@@ -1,0 +1,378 @@
+"""Tests for pjllm.runner.sampler (CPU, seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pjllm.runner.sampler import (
+    SamplerFlags,
+    SamplerOutput,
+    SamplingMetadata,
+    apply_penalties,
+    compute_logprobs,
+    sample,
+)
+
+_sample = jax.jit(sample, static_argnames="flags")
+
+RANDOM = SamplerFlags()  # non-greedy, no filters
+ALL_ON = SamplerFlags(
+    use_top_k_top_p=True, use_min_p=True, use_penalties=True, use_banned_tokens=True, num_logprobs=3
+)
+
+
+def make_metadata(n: int, **overrides) -> SamplingMetadata:
+    """Metadata for n rows: temperature 1, every filter off, seed = row index."""
+    fields = dict(
+        temperature=np.ones(n, np.float32),
+        top_k=np.zeros(n, np.int32),
+        top_p=np.ones(n, np.float32),
+        min_p=np.zeros(n, np.float32),
+        presence_penalty=np.zeros(n, np.float32),
+        frequency_penalty=np.zeros(n, np.float32),
+        repetition_penalty=np.ones(n, np.float32),
+        seeds=np.arange(n, dtype=np.uint32),
+        sample_index=np.zeros(n, np.int32),
+        step=np.zeros(n, np.int32),
+        prompt_token_ids=np.zeros((n, 0), np.int32),
+        output_token_ids=np.zeros((n, 0), np.int32),
+        banned_token_ids=np.zeros((n, 0), np.int32),
+    )
+    for name, value in overrides.items():
+        assert name in fields, name
+        value = np.asarray(value, dtype=fields[name].dtype)
+        # Per-row fields broadcast to [n]; id lists to [n, L] (a 1-D list is shared by all rows).
+        shape = (n,) if fields[name].ndim == 1 else (n, value.shape[-1])
+        fields[name] = np.broadcast_to(value, shape).copy()
+    return SamplingMetadata(**{k: jnp.asarray(v) for k, v in fields.items()})
+
+
+def draws(logits_row: np.ndarray, n: int, flags: SamplerFlags = RANDOM, **overrides) -> np.ndarray:
+    """Sample the same logits row n times with seeds 0..n-1; returns i32[n] tokens."""
+    logits = np.broadcast_to(np.asarray(logits_row, np.float32), (n, len(logits_row)))
+    out = _sample(jnp.asarray(logits), make_metadata(n, **overrides), flags)
+    return np.asarray(out.token_ids)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_greedy_is_argmax():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(7, 50)).astype(np.float32)
+    want = logits.argmax(-1)
+    md = make_metadata(7, temperature=0.0)
+    out = _sample(jnp.asarray(logits), md, SamplerFlags(all_greedy=True))
+    np.testing.assert_array_equal(out.token_ids, want)
+    # Mixed path: temperature 0 and tiny temperatures are greedy rows, filters compiled in or not.
+    temps = np.array([0, 1e-7, 0, 1e-6, 0, 0, 0], np.float32)
+    out = _sample(jnp.asarray(logits), make_metadata(7, temperature=temps, top_p=0.9), ALL_ON)
+    np.testing.assert_array_equal(out.token_ids, want)
+    assert out.token_ids.dtype == jnp.int32
+
+
+def test_row_sample_independent_of_position_and_batch():
+    rng = np.random.default_rng(1)
+    v = 1000
+    target = rng.normal(size=v).astype(np.float32) * 0.1  # nearly flat: the sample is all noise
+    seed, idx, step = 1234, 2, 17
+    results = []
+    for flags in (RANDOM, ALL_ON):
+        per_flags = []
+        for n, pos in [(1, 0), (4, 3), (16, 5), (16, 0), (64, 40)]:
+            logits = rng.normal(size=(n, v)).astype(np.float32)
+            logits[pos] = target
+            seeds = rng.integers(0, 2**31, size=n).astype(np.uint32)
+            idxs = rng.integers(0, 4, size=n)
+            steps = rng.integers(0, 100, size=n)
+            temps = rng.uniform(0.0, 2.0, size=n)
+            seeds[pos], idxs[pos], steps[pos], temps[pos] = seed, idx, step, 1.0
+            md = make_metadata(n, seeds=seeds, sample_index=idxs, step=steps, temperature=temps)
+            per_flags.append(int(_sample(jnp.asarray(logits), md, flags).token_ids[pos]))
+        assert len(set(per_flags)) == 1, per_flags
+        results.append(per_flags[0])
+    # The unused filters (top_k=0, top_p=1, min_p=0, no penalties) do not change the draw.
+    assert results[0] == results[1]
+
+
+def test_seed_sample_index_and_step_all_matter():
+    v = 1000
+    flat = np.zeros(v, np.float32)
+    n = 256
+    by_seed = draws(flat, n)
+    assert len(set(by_seed.tolist())) > 200
+    by_index = draws(flat, n, seeds=7, sample_index=np.arange(n))
+    assert len(set(by_index.tolist())) > 200
+    by_step = draws(flat, n, seeds=7, step=np.arange(n))
+    assert len(set(by_step.tolist())) > 200
+    # Deterministic: the same call twice gives the same tokens.
+    np.testing.assert_array_equal(by_seed, draws(flat, n))
+
+
+def test_int32_and_uint32_seeds_agree():
+    flat = np.zeros(500, np.float32)
+    seeds = np.array([0, 1, 2**31 - 1, 2**32 - 1, 2**31], np.uint64)
+    a = draws(flat, 5, seeds=seeds.astype(np.uint32))
+    md = dataclasses.replace(
+        make_metadata(5), seeds=jnp.asarray(seeds.astype(np.uint32).view(np.int32))
+    )
+    b = _sample(jnp.broadcast_to(jnp.asarray(flat), (5, 500)), md, RANDOM).token_ids
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sampling_follows_softmax():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    n = 20000
+    freq = np.bincount(draws(logits, n), minlength=4) / n
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.02)
+    # Temperature 2 flattens the distribution as softmax(logits / 2).
+    freq = np.bincount(draws(logits, n, temperature=2.0), minlength=4) / n
+    np.testing.assert_allclose(freq, softmax(logits / 2), atol=0.02)
+
+
+def test_top_k_one_is_greedy():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(64, 300)).astype(np.float32)
+    flags = SamplerFlags(use_top_k_top_p=True)
+    md = make_metadata(64, top_k=1, temperature=1.5)
+    out = _sample(jnp.asarray(logits), md, flags)
+    np.testing.assert_array_equal(out.token_ids, logits.argmax(-1))
+
+
+def test_top_k_never_samples_outside_top_k():
+    rng = np.random.default_rng(3)
+    v, k = 200, 5
+    row = rng.normal(size=v).astype(np.float32) * 0.3  # nearly flat: without top-k, anything goes
+    top = set(np.argsort(-row)[:k].tolist())
+    got = draws(row, 4000, SamplerFlags(use_top_k_top_p=True), top_k=k)
+    assert set(got.tolist()) == top
+    # Off values: 0, -1 and >= V keep the full vocabulary.
+    for off in (0, -1, v, v + 7):
+        got = draws(row, 2000, SamplerFlags(use_top_k_top_p=True), top_k=off)
+        assert len(set(got.tolist())) > 150
+
+
+def test_top_p_small_is_greedy():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(64, 300)).astype(np.float32)
+    md = make_metadata(64, top_p=1e-6)
+    out = _sample(jnp.asarray(logits), md, SamplerFlags(use_top_k_top_p=True))
+    np.testing.assert_array_equal(out.token_ids, logits.argmax(-1))
+
+
+def test_top_p_keeps_nucleus_with_renormalized_frequencies():
+    probs = np.array([0.06, 0.25, 0.04, 0.4, 0.1, 0.15], np.float32)  # shuffled on purpose
+    logits = np.log(probs)
+    # Descending: 0.4, 0.25, 0.15 | 0.1, ... ; mass before 0.15 is 0.65 < 0.7, before 0.1 is 0.8.
+    n = 20000
+    got = draws(logits, n, SamplerFlags(use_top_k_top_p=True), top_p=0.7)
+    nucleus = [3, 1, 5]
+    assert set(got.tolist()) == set(nucleus)
+    freq = np.bincount(got, minlength=6) / n
+    want = np.zeros(6)
+    want[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    np.testing.assert_allclose(freq, want, atol=0.02)
+
+
+def test_top_k_then_top_p_renormalizes_over_top_k():
+    probs = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
+    # top_k=2 renormalizes to [4/7, 3/7]; top_p=0.5 then keeps only token 0 (4/7 >= 0.5).
+    got = draws(np.log(probs), 500, SamplerFlags(use_top_k_top_p=True), top_k=2, top_p=0.5)
+    assert set(got.tolist()) == {0}
+    # With top_p=0.6 the pair is kept (4/7 < 0.6).
+    got = draws(np.log(probs), 2000, SamplerFlags(use_top_k_top_p=True), top_k=2, top_p=0.6)
+    assert set(got.tolist()) == {0, 1}
+
+
+def test_min_p_filters():
+    probs = np.array([0.3, 0.05, 0.2, 0.12, 0.08, 0.25], np.float32)
+    # min_p=0.35 -> threshold 0.105: keep 0.3, 0.2, 0.12, 0.25; drop 0.05, 0.08.
+    n = 20000
+    got = draws(np.log(probs), n, SamplerFlags(use_min_p=True), min_p=0.35)
+    kept = [0, 2, 3, 5]
+    assert set(got.tolist()) == set(kept)
+    freq = np.bincount(got, minlength=6) / n
+    want = np.zeros(6)
+    want[kept] = probs[kept] / probs[kept].sum()
+    np.testing.assert_allclose(freq, want, atol=0.02)
+    # min_p = 0 is off.
+    got = draws(np.log(probs), 4000, SamplerFlags(use_min_p=True), min_p=0.0)
+    assert set(got.tolist()) == set(range(6))
+
+
+def numpy_penalties(logits, prompt, output, rep, freq, pres):
+    """vLLM reference: repetition on prompt+output, then frequency and presence on output."""
+    out = logits.astype(np.float64).copy()
+    n, v = logits.shape
+    for i in range(n):
+        counts = np.zeros(v)
+        for t in output[i]:
+            if t >= 0:
+                counts[t] += 1
+        seen = counts > 0
+        for t in prompt[i]:
+            if t >= 0:
+                seen[t] = True
+        row = out[i]
+        row[seen] = np.where(row[seen] > 0, row[seen] / rep[i], row[seen] * rep[i])
+        row -= freq[i] * counts
+        row -= pres[i] * (counts > 0)
+    return out
+
+
+def test_penalties_match_numpy_reference():
+    rng = np.random.default_rng(5)
+    n, v = 6, 40
+    logits = rng.normal(size=(n, v)).astype(np.float32) * 3
+    prompt = rng.integers(0, v, size=(n, 12))
+    prompt[:, 9:] = -1
+    output = rng.integers(0, 10, size=(n, 15))  # duplicates on purpose
+    output[:, 11:] = -1
+    output[4] = -1  # nothing generated yet
+    rep = np.array([1.0, 1.3, 0.8, 2.0, 1.5, 1.0], np.float32)
+    freq = np.array([0.0, 0.5, -0.3, 0.2, 0.7, 0.0], np.float32)
+    pres = np.array([0.0, 0.4, 0.1, -0.5, 1.0, 0.0], np.float32)
+    md = make_metadata(
+        n,
+        prompt_token_ids=prompt,
+        output_token_ids=output,
+        repetition_penalty=rep,
+        frequency_penalty=freq,
+        presence_penalty=pres,
+    )
+    got = np.asarray(jax.jit(apply_penalties)(jnp.asarray(logits), md))
+    want = numpy_penalties(logits, prompt, output, rep, freq, pres)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[[0, 5]], logits[[0, 5]])  # all-off rows untouched
+
+    # Through sample(): greedy picks the argmax of the penalized logits.
+    out = _sample(
+        jnp.asarray(logits),
+        dataclasses.replace(md, temperature=jnp.zeros(n)),
+        SamplerFlags(use_penalties=True),
+    )
+    np.testing.assert_array_equal(out.token_ids, want.argmax(-1))
+
+
+def test_penalties_change_greedy_choice():
+    logits = np.array([[5.0, 4.0, 1.0, -1.0]], np.float32)
+    flags = SamplerFlags(all_greedy=True, use_penalties=True)
+
+    def pick(**kw):
+        md = make_metadata(1, temperature=0.0, **kw)
+        return int(_sample(jnp.asarray(logits), md, flags).token_ids[0])
+
+    assert pick(output_token_ids=[[0, -1]], presence_penalty=2.0) == 1
+    assert pick(output_token_ids=[[0, 0]], frequency_penalty=0.6) == 1  # 5 - 1.2 < 4
+    assert pick(output_token_ids=[[0]], frequency_penalty=0.4) == 0  # 5 - 0.4 > 4
+    assert pick(prompt_token_ids=[[0, -1, -1]], repetition_penalty=1.5) == 1  # 5 / 1.5 < 4
+    assert pick(prompt_token_ids=[[-1]], repetition_penalty=1.5) == 0  # padding is ignored
+
+
+def test_banned_tokens_never_sampled():
+    rng = np.random.default_rng(6)
+    v = 30
+    row = rng.normal(size=v).astype(np.float32)
+    order = np.argsort(-row)
+    banned = np.array([order[0], order[1], -1, order[2], -1], np.int32)
+    flags = SamplerFlags(use_banned_tokens=True)
+    got = draws(row, 3000, flags, banned_token_ids=banned)
+    assert not set(got.tolist()) & set(order[:3].tolist())
+    assert len(set(got.tolist())) > 15
+    # Greedy rows skip to the best allowed token.
+    greedy = draws(row, 4, SamplerFlags(all_greedy=True, use_banned_tokens=True),
+                   banned_token_ids=banned, temperature=0.0)
+    assert set(greedy.tolist()) == {int(order[3])}
+    # Padding-only ban lists change nothing.
+    same = draws(row, 4, SamplerFlags(all_greedy=True, use_banned_tokens=True),
+                 banned_token_ids=[-1, -1], temperature=0.0)
+    assert set(same.tolist()) == {int(order[0])}
+
+
+def test_logprobs_are_raw_log_softmax_at_sampled_ids():
+    rng = np.random.default_rng(7)
+    n, v = 32, 64
+    logits = rng.normal(size=(n, v)).astype(np.float32) * 2
+    md = make_metadata(
+        n,
+        temperature=rng.uniform(0, 2, size=n),
+        top_k=10,
+        top_p=0.8,
+        min_p=0.05,
+        repetition_penalty=1.3,
+        presence_penalty=0.5,
+        output_token_ids=rng.integers(0, v, size=(n, 4)),
+        prompt_token_ids=rng.integers(0, v, size=(n, 3)),
+        banned_token_ids=rng.integers(0, v, size=(n, 2)),
+    )
+    out = _sample(jnp.asarray(logits), md, ALL_ON)
+    assert isinstance(out, SamplerOutput)
+    raw = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+    ids = np.asarray(out.token_ids)
+    np.testing.assert_allclose(out.logprobs, raw[np.arange(n), ids], rtol=1e-6, atol=1e-6)
+    # Top logprobs: sorted descending, equal to the true top-3 of the raw distribution.
+    assert out.top_logprob_ids.shape == (n, 3) and out.top_logprobs.shape == (n, 3)
+    top = np.asarray(out.top_logprobs)
+    assert np.all(np.diff(top, axis=-1) <= 0)
+    np.testing.assert_array_equal(out.top_logprob_ids, np.argsort(-raw, axis=-1)[:, :3])
+    np.testing.assert_allclose(top, -np.sort(-raw, axis=-1)[:, :3], rtol=1e-6, atol=1e-6)
+
+
+def test_compute_logprobs_shapes_and_bf16():
+    rng = np.random.default_rng(8)
+    logits = jnp.asarray(rng.normal(size=(5, 20)), jnp.bfloat16)
+    targets = jnp.array([0, 3, 19, 7, 7], jnp.int32)
+    lp, ids, top = jax.jit(compute_logprobs, static_argnums=2)(logits, targets, 0)
+    assert ids.shape == (5, 0) and top.shape == (5, 0) and lp.dtype == jnp.float32
+    want = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[jnp.arange(5), targets]
+    np.testing.assert_allclose(lp, want, rtol=1e-6)
+    _, ids, top = compute_logprobs(logits, targets, 20)
+    assert ids.shape == (5, 20) and np.all(np.diff(np.asarray(top), axis=-1) <= 0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_padding_rows_have_no_nan(temperature):
+    n, v = 4, 16
+    logits = jnp.zeros((n, v), jnp.float32)
+    md = make_metadata(
+        n,
+        temperature=temperature,
+        top_p=np.array([1.0, 0.5, 0.0, 1.0]),
+        top_k=np.array([0, 3, 0, 1]),
+        output_token_ids=np.full((n, 3), -1),
+        prompt_token_ids=np.full((n, 2), -1),
+        banned_token_ids=np.full((n, 2), -1),
+    )
+    for flags in (RANDOM, ALL_ON, SamplerFlags(all_greedy=True, num_logprobs=2)):
+        out = _sample(logits, md, flags)
+        for leaf in jax.tree_util.tree_leaves(out):
+            assert np.all(np.isfinite(np.asarray(leaf))), flags
+        ids = np.asarray(out.token_ids)
+        assert np.all((ids >= 0) & (ids < v))
+        np.testing.assert_allclose(out.logprobs, -np.log(v), rtol=1e-6)
+
+
+def test_sort_only_compiled_when_top_k_top_p_requested():
+    logits = jnp.zeros((4, 32), jnp.float32)
+    md = make_metadata(4)
+
+    def jaxpr(flags):
+        return str(jax.make_jaxpr(sample, static_argnums=2)(logits, md, flags))
+
+    def has_sort(flags):
+        return re.search(r"\bsort\[", jaxpr(flags)) is not None
+
+    assert not has_sort(dataclasses.replace(ALL_ON, use_top_k_top_p=False, num_logprobs=0))
+    assert has_sort(SamplerFlags(use_top_k_top_p=True))
+    # all_greedy draws no random numbers at all.
+    assert "random_bits" in jaxpr(RANDOM)
+    greedy = jaxpr(SamplerFlags(all_greedy=True))
+    assert "random_bits" not in greedy and "threefry" not in greedy
