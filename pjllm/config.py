@@ -50,6 +50,8 @@ class ModelConfig:
                      "num_kv_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1; got {getattr(self, name)}")
+        if self.mlp_bias:
+            raise ValueError("ModelConfig.mlp_bias=True is not supported; supported: False")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")

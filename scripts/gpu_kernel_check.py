@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from pjllm.kernels import paged_attention as pallas_attention  # noqa: E402
 from pjllm.kernels import reference  # noqa: E402
 from pjllm.kernels.attention_metadata import AttentionMetadata  # noqa: E402
+from pjllm.kernels.testing import random_ragged_layout  # noqa: E402
 
 BlockConfig = pallas_attention.BlockConfig
 
@@ -38,26 +39,15 @@ def make_batch(seed: int, q_lens: list[int], ctx_lens: list[int], *, num_tokens:
     rng = np.random.default_rng(seed)
     max_pages = max(-(-c // page_size) for c in ctx_lens)
     total_pages = sum(-(-c // page_size) for c in ctx_lens) + 8
-    perm = rng.permutation(total_pages)
-    tables = np.zeros((num_seqs, max_pages), np.int32)
-    qsl = np.zeros(num_seqs + 1, np.int32)
-    seq_lens = np.zeros(num_seqs, np.int32)
-    used = 0
-    for i, (q_len, ctx) in enumerate(zip(q_lens, ctx_lens)):
-        pages = -(-ctx // page_size)
-        tables[i, :pages] = perm[used:used + pages]
-        used += pages
-        qsl[i + 1] = qsl[i] + q_len
-        seq_lens[i] = ctx
-    qsl[len(q_lens) + 1:] = qsl[len(q_lens)]
+    md = random_ragged_layout(rng, q_lens, ctx_lens, page_size=page_size, num_tokens=num_tokens,
+                              num_seqs=num_seqs, num_pages=total_pages, width=max_pages)
+    # Timing reads only: no KV is written.
+    md = jax.tree.map(jnp.asarray, dataclasses.replace(md, slot_mapping=np.full(num_tokens, -1, np.int32)))
     key = jax.random.key(seed)
     kq, kk = jax.random.split(key)
     q = jax.random.normal(kq, (num_tokens, num_q_heads, head_dim), jnp.float32).astype(dtype)
     kv = jax.random.normal(kk, (2, num_kv_heads, total_pages, page_size, head_dim),
                            jnp.float32).astype(dtype)
-    md = AttentionMetadata(slot_mapping=jnp.full((num_tokens,), -1, jnp.int32),
-                           query_start_loc=jnp.asarray(qsl), seq_lens=jnp.asarray(seq_lens),
-                           block_tables=jnp.asarray(tables))
     return q, kv, md, int(sum(ctx_lens))
 
 

@@ -24,6 +24,10 @@ from pjllm.kernels.attention_metadata import AttentionMetadata
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
+def has_o_bias(config: ModelConfig) -> bool:
+    return config.attention_bias and config.architecture != "Qwen2ForCausalLM"
+
+
 def _param(shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, rngs: nnx.Rngs,
            scale: float) -> nnx.Param:
     value = jax.random.normal(rngs.params(), shape, jnp.float32) * scale
@@ -101,6 +105,8 @@ class Attention(nnx.Module):
             self.v_bias = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), dtype)
         else:
             self.q_bias = self.k_bias = self.v_bias = None
+        # Llama's attention_bias also biases o_proj; Qwen2 biases only q/k/v.
+        self.o_bias = _zeros((embed,), ("embed",), dtype) if has_o_bias(config) else None
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_pages: jax.Array,
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, jax.Array]:
@@ -114,7 +120,10 @@ class Attention(nnx.Module):
         kv_pages = ops.write_kv(kv_pages, k, v, metadata.slot_mapping)
         out = ops.paged_attention(q, kv_pages, metadata, sm_scale=self.head_dim ** -0.5,
                                   backend=backend)
-        return jnp.einsum("thd,hde->te", out, self.o_proj[...]), kv_pages
+        out = jnp.einsum("thd,hde->te", out, self.o_proj[...])
+        if self.o_bias is not None:
+            out = out + self.o_bias[...]
+        return out, kv_pages
 
 
 class MLP(nnx.Module):
@@ -221,6 +230,8 @@ def hf_to_state_arrays(config: ModelConfig, hf: dict[str, np.ndarray]) -> dict[s
                                                     ).reshape(kv_heads, head_dim)
             out[prefix + "self_attn/v_bias"] = take(attn + "v_proj.bias", (kv_heads * head_dim,)
                                                     ).reshape(kv_heads, head_dim)
+        if has_o_bias(config):
+            out[prefix + "self_attn/o_bias"] = take(attn + "o_proj.bias", (embed,))
         mlp = hf_prefix + "mlp."
         out[prefix + "mlp/gate_proj"] = take(mlp + "gate_proj.weight",
                                              (config.intermediate_size, embed)).T

@@ -29,13 +29,9 @@ def build_model(model_config: ModelConfig, dtype: jnp.dtype, load_format: str, m
     """
     start = time.perf_counter()
     if load_format == "dummy":
-        @jax.jit
-        def init() -> nnx.State:
-            return nnx.state(LlamaForCausalLM(model_config, dtype, nnx.Rngs(seed)))
-
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype,
-                                                                        nnx.Rngs(seed))))
-        state = init()
+        # Eager construction: each parameter's random draw is its own small program. One jit over
+        # the whole init makes XLA compile for minutes at 8B scale.
+        graphdef, state = nnx.split(LlamaForCausalLM(model_config, dtype, nnx.Rngs(seed)))
     else:
         from pjllm.models.weights import load_hf_state_dict
 

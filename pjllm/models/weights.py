@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from pjllm.config import ModelConfig
+from pjllm.models.llama import has_o_bias
 from pjllm.models import gguf_file
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -82,7 +83,8 @@ def load_hf_config(model_path: str) -> dict[str, Any]:
     source = resolve_model_source(model_path)
     if source.kind == "gguf":
         return gguf_file.gguf_to_hf_config(gguf_file.read_gguf(source.path))
-    with open(os.path.join(source.path, "config.json")) as f:
+    config_file = model_path if os.path.isfile(model_path) else os.path.join(source.path, "config.json")
+    with open(config_file) as f:
         return json.load(f)
 
 
@@ -90,8 +92,7 @@ def expected_state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a transformers Llama/Mistral/Qwen2 checkpoint for `cfg`, with its shape."""
     h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    # Qwen2 has q/k/v biases only; Llama's attention_bias adds o_proj's too.
-    o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
+    o_bias = has_o_bias(cfg)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (h,)

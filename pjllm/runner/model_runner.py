@@ -106,6 +106,7 @@ class ModelRunner:
             ops.allocate_kv_pages(num_pages, page_size, model_config.num_kv_heads,
                                   model_config.head_dim, dtype)
             for _ in range(model_config.num_layers)]
+        self._programs_seen: set[tuple[int, int, StepVariant]] = set()
         self._step = jax.jit(self._step_impl, static_argnames=("variant",), donate_argnames=("kv_caches",))
 
     # ---------------------------------------------------------------- device side
@@ -225,8 +226,15 @@ class ModelRunner:
 
     def execute(self, batch: StepInput, variant: StepVariant) -> StepResult:
         """Runs one step; blocks only on the small output arrays."""
+        program = (batch.token_ids.shape[0], batch.logits_indices.shape[0], variant)
+        first_call = program not in self._programs_seen
+        start = time.perf_counter()
         sampled, prompt, self.kv_caches = self._step(self.state, self.kv_caches, batch, variant=variant)
         sampled, prompt = jax.device_get((sampled, prompt))
+        if first_call:
+            self._programs_seen.add(program)
+            logger.info("first step with T=%d N=%d %s took %.1f s (compile + run)", program[0],
+                        program[1], variant, time.perf_counter() - start)
         return StepResult(sampled, prompt)
 
     def warmup(self) -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pjllm.kernels import ops, reference
 from pjllm.kernels import paged_attention as pallas_attention
 from pjllm.kernels.attention_metadata import AttentionMetadata
+from pjllm.kernels.testing import random_ragged_layout
 
 # Fixed buckets, so that each (page_size, head_dim, heads, dtype) compiles once across examples.
 NUM_TOKENS = 48
@@ -55,26 +56,10 @@ def ragged_batches(draw, *, page_size: int, num_q_heads: int, num_kv_heads: int,
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     num_pages = num_seqs * MAX_PAGES + 3
-    perm = rng.permutation(num_pages)             # non-contiguous, shuffled page ids
-    tables = np.zeros((num_seqs, MAX_PAGES), np.int32)
-    qsl = np.zeros(num_seqs + 1, np.int32)
-    seq_lens = np.zeros(num_seqs, np.int32)
-    slots = np.full(num_tokens, -1, np.int32)
-    used = 0
-    for i, (q_len, ctx) in enumerate(zip(q_lens, ctx_lens)):
-        pages = -(-ctx // page_size)
-        tables[i, :pages] = perm[used:used + pages]
-        used += pages
-        qsl[i + 1] = qsl[i] + q_len
-        seq_lens[i] = ctx
-        for k in range(q_len):
-            p = ctx - q_len + k
-            slots[qsl[i] + k] = tables[i, p // page_size] * page_size + p % page_size
-    qsl[len(q_lens) + 1:] = qsl[len(q_lens)]
+    md = random_ragged_layout(rng, q_lens, ctx_lens, page_size=page_size, num_tokens=num_tokens,
+                              num_seqs=num_seqs, num_pages=num_pages, width=MAX_PAGES)
     q = rng.standard_normal((num_tokens, num_q_heads, head_dim)).astype(np.float32)
     kv = rng.standard_normal((2, num_kv_heads, num_pages, page_size, head_dim)).astype(np.float32)
-    md = AttentionMetadata(slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens,
-                           block_tables=tables)
     return Batch(q, kv, md, q_lens, ctx_lens)
 
 
