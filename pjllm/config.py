@@ -120,6 +120,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     seed: int = 0
+    # Prepare step N+1 on the host while the device runs step N (off: one step at a time).
+    async_scheduling: bool = True
     attention_backend: str = "auto"
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "pjllm", "xla"))

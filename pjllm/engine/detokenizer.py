@@ -20,14 +20,15 @@ def decode_new_text(tokenizer, seq: Sequence) -> str:
     Text is held back while the tokens decode to an incomplete character (U+FFFD).
     """
     skip = seq.params.skip_special_tokens
+    resolved = seq.num_resolved_tokens
     prefix_text = tokenizer.decode(seq.token_ids[seq.prefix_offset:seq.read_offset],
                                    skip_special_tokens=skip)
-    full_text = tokenizer.decode(seq.token_ids[seq.prefix_offset:], skip_special_tokens=skip)
+    full_text = tokenizer.decode(seq.token_ids[seq.prefix_offset:resolved], skip_special_tokens=skip)
     if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
         return ""
     new_text = full_text[len(prefix_text):]
     seq.prefix_offset = seq.read_offset
-    seq.read_offset = seq.num_tokens
+    seq.read_offset = resolved
     seq.text += new_text
     return new_text
 

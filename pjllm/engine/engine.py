@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Iterable
@@ -18,7 +19,7 @@ from pjllm.engine.sequence import Request, Sequence
 from pjllm.kernels import ops
 from pjllm.models.loader import build_model
 from pjllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pjllm.runner.model_runner import ModelRunner, StepResult
+from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
 from pjllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pjllm")
@@ -27,6 +28,16 @@ PromptType = str | dict[str, Any] | list[int]
 _DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 # Without device memory statistics (CPU), the KV cache gets at most this many bytes.
 _HOST_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclasses.dataclass
+class _InFlightStep:
+    """A dispatched step whose sampled tokens the host has not processed yet."""
+
+    scheduled: list[ScheduledSeq]
+    chunk_starts: list[int]  # each chunk's first position
+    samples: list[bool]  # whether each chunk's last token was sampled
+    handle: StepHandle
 
 
 def _resolve_dtype(dtype: str) -> Any:
@@ -89,6 +100,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seed_rng = np.random.default_rng(config.seed)
         self._next_seq_id = 0
+        self._in_flight: _InFlightStep | None = None
+        self._num_penalty_requests = 0
         if config.warmup or (config.warmup is None and jax.default_backend() != "cpu"):
             self.model_runner.warmup()
 
@@ -134,8 +147,10 @@ class LLMEngine:
             request.prompt_logprobs = [None] * len(token_ids)
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
         for index in range(params.n):
+            max_num_tokens = min(len(token_ids) + (params.max_tokens or self.max_model_len),
+                                 self.max_model_len)
             seq = Sequence(self._next_seq_id, request, index, base_seed & 0xFFFFFFFF, list(token_ids),
-                           len(token_ids))
+                           len(token_ids), max_num_tokens)
             self._next_seq_id += 1
             if params.logprobs is not None:
                 seq.logprobs = []
@@ -143,6 +158,8 @@ class LLMEngine:
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
+        if self._uses_penalties(request):
+            self._num_penalty_requests += 1
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -163,50 +180,84 @@ class LLMEngine:
         return prompt, self.tokenizer.encode(prompt)
 
     def abort_request(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is not None:
             for seq in request.seqs:
                 self.scheduler.finish(seq, "abort")
+            self._forget(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns the state of every request it touched (finished ones removed)."""
-        scheduler_output = self.scheduler.schedule()
-        scheduled = scheduler_output.scheduled
-        if not scheduled:
-            return []
-        samples = [item.samples for item in scheduled]
-        batch, variant = self.model_runner.prepare(scheduled)
-        result = self.model_runner.execute(batch, variant)
+        """Dispatches the next batch, then processes the previous one while the device works.
 
+        Returns the state of every request whose tokens were processed in this call (with async
+        scheduling those are the previous step's). Finished requests are forgotten.
+        """
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and (not self.config.async_scheduling
+                                            or self._num_penalty_requests):
+            # Penalties read every output token on the host: no step may run ahead.
+            outputs += self._process(self._in_flight)
+            self._in_flight = None
+        scheduled = self.scheduler.schedule().scheduled
+        dispatched = self._dispatch(scheduled) if scheduled else None
+        if self._in_flight is not None:
+            outputs += self._process(self._in_flight)
+        self._in_flight = dispatched
+        return outputs
+
+    def _dispatch(self, scheduled: list[ScheduledSeq]) -> "_InFlightStep":
+        batch, variant = self.model_runner.prepare(scheduled)
+        handle = self.model_runner.dispatch(batch, variant)
+        chunk_starts, samples = [], []
+        for row, item in enumerate(scheduled):
+            seq = item.seq
+            chunk_starts.append(seq.num_computed_tokens)
+            samples.append(item.samples)
+            seq.num_computed_tokens += item.num_new_tokens
+            if samples[-1]:
+                seq.add_pending_token(row)
+        return _InFlightStep(scheduled, chunk_starts, samples, handle)
+
+    def _process(self, step: "_InFlightStep") -> list[RequestOutput]:
+        result = self.model_runner.fetch(step.handle)
         touched: dict[str, Request] = {}
         cursor = 0
-        for row, (item, does_sample) in enumerate(zip(scheduled, samples)):
+        for row, (item, start, samples) in enumerate(zip(step.scheduled, step.chunk_starts,
+                                                         step.samples)):
             seq = item.seq
             touched[seq.request.request_id] = seq.request
             if result.prompt_logprobs is not None:
-                self._record_prompt_logprobs(item, cursor, result)
-            seq.num_computed_tokens += item.num_new_tokens
+                self._record_prompt_logprobs(seq, start, item.num_new_tokens, cursor, result)
             cursor += item.num_new_tokens
-            if does_sample and not seq.is_finished:
+            if samples and not seq.is_finished:
                 self._append_token(seq, row, result)
         outputs = [self._request_output(request) for request in touched.values()]
         for request in touched.values():
             if request.is_finished:
-                del self.requests[request.request_id]
+                self._forget(request)
         return outputs
 
-    def _record_prompt_logprobs(self, item: ScheduledSeq, cursor: int, result: StepResult) -> None:
-        seq = item.seq
+    def _forget(self, request: Request) -> None:
+        if self.requests.pop(request.request_id, None) is not None and self._uses_penalties(request):
+            self._num_penalty_requests -= 1
+
+    @staticmethod
+    def _uses_penalties(request: Request) -> bool:
+        params = request.params
+        return bool(params.presence_penalty or params.frequency_penalty
+                    or params.repetition_penalty != 1.0)
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, num_tokens: int, cursor: int,
+                                result: StepResult) -> None:
         request = seq.request
         if request.prompt_logprobs is None or seq.sample_index != 0:
             return
         target_logprobs, top_ids, top_logprobs = result.prompt_logprobs
-        start = seq.num_computed_tokens
-        stop = min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)
+        stop = min(start + num_tokens, seq.num_prompt_tokens - 1)
         for position in range(start, stop):
             row = cursor + position - start
             target = seq.token_ids[position + 1]
@@ -230,7 +281,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, row: int, result: StepResult) -> None:
         sampled = result.sampled
         token = int(sampled.token_ids[row])
-        seq.token_ids.append(token)
+        seq.resolve_pending_token(token)
         logprob = float(sampled.logprobs[row])
         seq.cumulative_logprob += logprob
         params = seq.params
@@ -239,15 +290,14 @@ class LLMEngine:
                                                     sampled.top_logprobs[row], params.logprobs))
         new_text_len = len(decode_new_text(self.tokenizer, seq)) if self.tokenizer is not None else 0
 
-        past_min = seq.num_output_tokens >= params.min_tokens
+        past_min = seq.num_resolved_tokens - seq.num_prompt_tokens >= params.min_tokens
         if past_min and token in seq.request.eos_token_ids:
             self.scheduler.finish(seq, "stop")
         elif past_min and token in params.stop_token_ids:
             self.scheduler.finish(seq, "stop", token)
         elif past_min and params.stop and (stop := find_stop_string(seq, new_text_len)) is not None:
             self.scheduler.finish(seq, "stop", stop)
-        elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or \
-                seq.num_tokens >= self.max_model_len:
+        elif seq.num_resolved_tokens >= seq.max_num_tokens:
             self.scheduler.finish(seq, "length")
 
     def _request_output(self, request: Request) -> RequestOutput:

@@ -60,6 +60,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.is_complete:  # its last token is pending; the engine finishes it next
+                index += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv_cache_manager.allocate_slots(seq, num_new):
                 victim = self.running.pop()
@@ -101,6 +104,7 @@ class Scheduler:
         seq.finish_reason = finish_reason
         seq.stop_reason = stop_reason
         self.kv_cache_manager.free(seq)
+        seq.drop_pending_tokens()
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -9,6 +9,9 @@ from pjllm.outputs import Logprob, PromptLogprobs, SampleLogprobs
 from pjllm.sampling_params import SamplingParams
 
 
+PENDING_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -29,6 +32,8 @@ class Sequence:
     seed: int
     token_ids: list[int]
     num_prompt_tokens: int
+    # The sequence is complete at this many tokens (prompt + max_tokens, or max_model_len).
+    max_num_tokens: int
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = dataclasses.field(default_factory=list)
@@ -37,6 +42,10 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # Async scheduling: the last `num_pending` entries of token_ids are placeholders for tokens
+    # still being sampled on device; the newest is row `pending_row` of the step in flight.
+    num_pending: int = 0
+    pending_row: int = -1
     # Incremental detokenization state: tokens before `read_offset` are in `text`;
     # decoding from `prefix_offset` gives the context that merges multi-token characters.
     prefix_offset: int = 0
@@ -51,12 +60,40 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_resolved_tokens(self) -> int:
+        """Tokens whose ids the host knows (all but the pending placeholders)."""
+        return len(self.token_ids) - self.num_pending
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Generated token ids known to the host."""
+        return self.token_ids[self.num_prompt_tokens:self.num_resolved_tokens]
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens, counting those still pending on device."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_complete(self) -> bool:
+        """All tokens exist or are pending: nothing more to compute, only to confirm."""
+        return self.num_tokens >= self.max_num_tokens and self.num_computed_tokens >= self.num_tokens - 1
+
+    def add_pending_token(self, row: int) -> None:
+        self.token_ids.append(PENDING_TOKEN)
+        self.num_pending += 1
+        self.pending_row = row
+
+    def resolve_pending_token(self, token: int) -> None:
+        """Replaces the oldest placeholder with the token the device sampled."""
+        self.token_ids[len(self.token_ids) - self.num_pending] = token
+        self.num_pending -= 1
+
+    def drop_pending_tokens(self) -> None:
+        """Forgets placeholders sampled after the sequence finished."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
 
     @property
     def is_finished(self) -> bool:

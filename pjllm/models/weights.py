@@ -24,6 +24,10 @@ import ml_dtypes
 import numpy as np
 
 from pjllm.config import ModelConfig
+
+# pjllm uses transformers for tokenizers only; its import-time advice that torch is missing
+# would greet every user of the CLI.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from pjllm.models.llama import has_o_bias
 from pjllm.models import gguf_file
 

@@ -3,13 +3,17 @@
 One jitted `step` does everything numeric (embedding, layers, paged attention, sampling); only
 sampled token ids and requested logprobs come back to the host. Shapes are fixed per bucket
 (token count T, sequence count N); real counts are array data, so a new batch never recompiles.
-The KV pages are donated: the cache is updated in place.
+The KV pages are donated: the cache is updated in place. `dispatch` returns before the device
+finishes, and a step may read the previous step's sampled tokens on device, so the host can
+prepare step N+1 while step N runs.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -56,6 +60,8 @@ class StepInput:
     """One step's device inputs (T = token bucket, N = sequence bucket).
 
     token_ids, positions:   i32[T]
+    last_token_rows:        i32[T] row of the previous step's sampled tokens that replaces the
+                            token id (its value was not on the host yet); -1: use token_ids
     attention:              the ragged batch layout (AttentionMetadata)
     logits_indices:         i32[N] index into T of each sequence's last query token
     sampling:               SamplingMetadata, per sequence
@@ -64,6 +70,7 @@ class StepInput:
     """
 
     token_ids: jax.Array
+    last_token_rows: jax.Array
     positions: jax.Array
     attention: AttentionMetadata
     logits_indices: jax.Array
@@ -77,6 +84,14 @@ class StepVariant:
 
     sampler: SamplerFlags
     num_prompt_logprobs: int | None  # None: no prompt logprobs computed
+
+
+@dataclasses.dataclass
+class StepHandle:
+    """Device outputs of a dispatched step, not yet waited for."""
+
+    sampled: SamplerOutput
+    prompt_logprobs: tuple[jax.Array, jax.Array, jax.Array] | None
 
 
 @dataclasses.dataclass
@@ -100,20 +115,25 @@ class ModelRunner:
         self.num_pages = num_pages
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.attention_backend = attention_backend
+        self.max_num_seqs = max_num_seqs
         self.token_buckets = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
-        self.seq_buckets = _powers_of_two(min(8, max_num_seqs), max_num_seqs)
+        # The last sampled token of every row, kept on device so the next step can read tokens
+        # the host has not seen yet (async scheduling). Fixed size, so it adds no compiled shapes.
+        self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)
         self.kv_caches = [
             ops.allocate_kv_pages(num_pages, page_size, model_config.num_kv_heads,
                                   model_config.head_dim, dtype)
             for _ in range(model_config.num_layers)]
-        self._programs_seen: set[tuple[int, int, StepVariant]] = set()
+        self._programs_seen: set[tuple[int, StepVariant]] = set()
         self._step = jax.jit(self._step_impl, static_argnames=("variant",), donate_argnames=("kv_caches",))
 
     # ---------------------------------------------------------------- device side
-    def _step_impl(self, state: nnx.State, kv_caches: list[jax.Array], batch: StepInput,
-                   variant: StepVariant):
+    def _step_impl(self, state: nnx.State, kv_caches: list[jax.Array], last_tokens: jax.Array,
+                   batch: StepInput, variant: StepVariant):
         model: LlamaForCausalLM = nnx.merge(self.graphdef, state)
-        hidden, kv_caches = model(batch.token_ids, batch.positions, kv_caches, batch.attention,
+        token_ids = jnp.where(batch.last_token_rows >= 0,
+                              last_tokens[jnp.maximum(batch.last_token_rows, 0)], batch.token_ids)
+        hidden, kv_caches = model(token_ids, batch.positions, kv_caches, batch.attention,
                                   self.attention_backend)
         logits = model.compute_logits(hidden[batch.logits_indices])
         sampled = sample(logits, batch.sampling, variant.sampler)
@@ -121,22 +141,27 @@ class ModelRunner:
         if variant.num_prompt_logprobs is not None:
             prompt = compute_logprobs(model.compute_logits(hidden), batch.prompt_logprob_targets,
                                       variant.num_prompt_logprobs)
-        return sampled, prompt, kv_caches
+        last_tokens = jnp.zeros_like(last_tokens).at[:sampled.token_ids.shape[0]].set(sampled.token_ids)
+        return sampled, prompt, kv_caches, last_tokens
 
     # ---------------------------------------------------------------- host side
     def buckets(self) -> list[tuple[int, int]]:
-        """Every (token bucket, sequence bucket) pair a step can be padded to."""
-        return [(t, n) for t in self.token_buckets for n in self.seq_buckets
-                if n <= t or n == self.seq_buckets[0]]
+        """Every (token bucket T, sequence bucket N) a step can be padded to.
+
+        N is tied to T (a batch of T tokens holds at most T sequences), so there is one program
+        per token bucket: a few seconds of compile each for an 8B model, not tens of programs.
+        """
+        return [(tokens, min(tokens, self.max_num_seqs)) for tokens in self.token_buckets]
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[StepInput, StepVariant]:
         """Flattens the scheduled chunks into one padded ragged batch (host numpy arrays)."""
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         num_seqs = len(scheduled)
         padded_tokens = _bucket(num_tokens, self.token_buckets)
-        padded_seqs = _bucket(num_seqs, self.seq_buckets)
+        padded_seqs = min(padded_tokens, self.max_num_seqs)
 
         token_ids = np.zeros(padded_tokens, np.int32)
+        last_token_rows = np.full(padded_tokens, -1, np.int32)
         positions = np.zeros(padded_tokens, np.int32)
         slot_mapping = np.full(padded_tokens, -1, np.int32)
         prompt_targets = np.full(padded_tokens, -1, np.int32)
@@ -152,6 +177,10 @@ class ModelRunner:
             start = seq.num_computed_tokens
             stop = start + count
             token_ids[cursor:cursor + count] = seq.token_ids[start:stop]
+            if seq.num_pending and stop == seq.num_tokens:
+                # The last token was sampled by the step still in flight: read it on device.
+                token_ids[cursor + count - 1] = 0
+                last_token_rows[cursor + count - 1] = seq.pending_row
             positions[cursor:cursor + count] = np.arange(start, stop)
             table = np.asarray(seq.block_table, np.int32)
             pos = np.arange(start, stop)
@@ -174,7 +203,7 @@ class ModelRunner:
                         and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1]
         variant = StepVariant(sampler_flags, max(wants_prompt) if wants_prompt else None)
         batch = StepInput(
-            token_ids=token_ids, positions=positions,
+            token_ids=token_ids, last_token_rows=last_token_rows, positions=positions,
             attention=AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc,
                                         seq_lens=seq_lens, block_tables=block_tables),
             logits_indices=logits_indices, sampling=sampling, prompt_logprob_targets=prompt_targets)
@@ -224,17 +253,22 @@ class ModelRunner:
             prompt_token_ids=prompt_ids, output_token_ids=output_ids, banned_token_ids=banned_ids)
         return metadata, flags
 
-    def execute(self, batch: StepInput, variant: StepVariant) -> StepResult:
-        """Runs one step; blocks only on the small output arrays."""
-        program = (batch.token_ids.shape[0], batch.logits_indices.shape[0], variant)
-        first_call = program not in self._programs_seen
+    def dispatch(self, batch: StepInput, variant: StepVariant) -> "StepHandle":
+        """Launches one step on device and returns at once (JAX dispatch is asynchronous)."""
+        program = (batch.token_ids.shape[0], variant)
         start = time.perf_counter()
-        sampled, prompt, self.kv_caches = self._step(self.state, self.kv_caches, batch, variant=variant)
-        sampled, prompt = jax.device_get((sampled, prompt))
-        if first_call:
+        sampled, prompt, self.kv_caches, self.last_tokens = self._step(
+            self.state, self.kv_caches, self.last_tokens, batch, variant=variant)
+        if program not in self._programs_seen:
             self._programs_seen.add(program)
-            logger.info("first step with T=%d N=%d %s took %.1f s (compile + run)", program[0],
-                        program[1], variant, time.perf_counter() - start)
+            logger.info("compiled the step for T=%d %s in %.1f s", program[0], variant,
+                        time.perf_counter() - start)
+        return StepHandle(sampled, prompt)
+
+    @staticmethod
+    def fetch(handle: "StepHandle") -> StepResult:
+        """Waits for a dispatched step and copies its (small) outputs to the host."""
+        sampled, prompt = jax.device_get((handle.sampled, handle.prompt_logprobs))
         return StepResult(sampled, prompt)
 
     def warmup(self) -> None:
@@ -243,9 +277,16 @@ class ModelRunner:
         variant = StepVariant(SamplerFlags(all_greedy=False, use_top_k_top_p=False, use_min_p=False,
                                            use_penalties=False, use_banned_tokens=False,
                                            num_logprobs=0), None)
-        for tokens, seqs in self.buckets():
-            batch = self.dummy_batch(tokens, seqs)
-            self._step.lower(self.state, self.kv_caches, batch, variant=variant).compile()
+
+        def compile_bucket(bucket: tuple[int, int]) -> None:
+            batch = self.dummy_batch(*bucket)
+            self._step.lower(self.state, self.kv_caches, self.last_tokens, batch,
+                             variant=variant).compile()
+            self._programs_seen.add((bucket[0], variant))
+
+        # XLA compiles outside the GIL: the buckets compile in parallel on the host's cores.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(compile_bucket, self.buckets()))
         logger.info("compiled %d buckets in %.1f s", len(self.buckets()), time.perf_counter() - start)
 
     def dummy_batch(self, tokens: int, seqs: int) -> StepInput:
@@ -259,7 +300,7 @@ class ModelRunner:
             seeds=rows.astype(np.uint32), sample_index=rows.astype(np.int32), step=rows.astype(np.int32),
             prompt_token_ids=empty, output_token_ids=empty, banned_token_ids=empty)
         return StepInput(
-            token_ids=zeros_t, positions=zeros_t,
+            token_ids=zeros_t, last_token_rows=zeros_t - 1, positions=zeros_t,
             attention=AttentionMetadata(slot_mapping=zeros_t - 1,
                                         query_start_loc=np.zeros(seqs + 1, np.int32),
                                         seq_lens=np.zeros(seqs, np.int32),

@@ -171,3 +171,38 @@ def test_bad_requests_name_the_field(make_llm, tmp_path):
         make_llm(dtype="int3")
     with pytest.raises(ValueError, match="attention_backend"):
         make_llm(attention_backend="cuda")
+
+
+def test_async_scheduling_gives_the_same_outputs_as_one_step_at_a_time(make_llm):
+    prompts = [{"prompt_token_ids": p} for p in _prompts(6, seed=6)]
+    stop_token = 17
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=20),  # may stop at EOS
+        SamplingParams(temperature=0.9, max_tokens=12, seed=3, stop_token_ids=[stop_token]),
+        SamplingParams(n=2, temperature=1.0, max_tokens=7, seed=4, logprobs=2, ignore_eos=True),
+        SamplingParams(temperature=0.8, max_tokens=10, seed=5, repetition_penalty=1.3,
+                       frequency_penalty=0.5, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=5, min_tokens=3, ignore_eos=True),
+    ]
+
+    def run(**options):
+        llm = make_llm(**options)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outputs]
+
+    overlapped = run(async_scheduling=True)
+    assert overlapped == run(async_scheduling=False)
+    assert overlapped == run(async_scheduling=True, num_pages=20)  # with preemptions too
+
+
+def test_async_scheduling_dispatches_before_processing(make_llm):
+    llm = make_llm()
+    engine = llm.engine
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, GREEDY)
+    assert engine.step() == []  # the prefill is dispatched; nothing processed yet
+    first = engine.step()  # the first decode is dispatched, then the prefill's token processed
+    assert [len(o.outputs[0].token_ids) for o in first] == [1]
+    seq = engine.requests["a"].seqs[0]
+    assert seq.num_pending == 1  # the decode's token is still on device
+    llm.engine.run_to_completion()

@@ -12,7 +12,7 @@ from pjllm.sampling_params import SamplingParams
 def _make_seq(seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
     params = SamplingParams(max_tokens=max_tokens)
     request = Request(str(seq_id), None, list(range(prompt_len)), params, ())
-    seq = Sequence(seq_id, request, 0, 0, list(range(prompt_len)), prompt_len)
+    seq = Sequence(seq_id, request, 0, 0, list(range(prompt_len)), prompt_len, prompt_len + max_tokens)
     request.seqs.append(seq)
     return seq
 
