@@ -2,7 +2,9 @@
 
 The engine splits the module into (graphdef, state) once and runs `forward` as a pure function of
 the state inside `jax.jit`. Every parameter carries `logical_axes` metadata (`vocab`, `embed`,
-`heads`, `kv_heads`, `head_dim`, `mlp`); sharding rules map those to mesh axes.
+`heads`, `kv_heads`, `qkv`, `head_dim`, `mlp`); sharding rules map those to mesh axes.
+Q/K/V and gate/up projections are stored fused (one matmul each); `hf_to_state_arrays` fuses
+HF's separate tensors at load.
 
 Weights follow the `x @ kernel` convention: kernels are [in, out], HF's [out, in] transposed.
 """
@@ -87,34 +89,36 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
+    """GQA attention over the paged KV cache.
+
+    Q, K and V come from one fused projection laid out per KV head: for each of the Hkv heads,
+    its G = Hq / Hkv query heads, then its key, then its value ([embed, Hkv, G + 2, head_dim]).
+    One matmul instead of three, and sharding the `kv_heads` axis splits it cleanly.
+    """
+
     def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs):
         embed, heads, kv_heads, head_dim = (config.hidden_size, config.num_heads,
                                             config.num_kv_heads, config.head_dim)
-        scale = 1.0 / math.sqrt(embed)
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = _param((embed, heads, head_dim), ("embed", "heads", "head_dim"), dtype, rngs, scale)
-        self.k_proj = _param((embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), dtype, rngs,
-                             scale)
-        self.v_proj = _param((embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), dtype, rngs,
-                             scale)
+        self.group = heads // kv_heads
+        self.qkv_proj = _param((embed, kv_heads, self.group + 2, head_dim),
+                               ("embed", "kv_heads", "qkv", "head_dim"), dtype, rngs,
+                               1.0 / math.sqrt(embed))
         self.o_proj = _param((heads, head_dim, embed), ("heads", "head_dim", "embed"), dtype, rngs,
                              1.0 / math.sqrt(heads * head_dim))
-        if config.attention_bias:
-            self.q_bias = _zeros((heads, head_dim), ("heads", "head_dim"), dtype)
-            self.k_bias = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), dtype)
-            self.v_bias = _zeros((kv_heads, head_dim), ("kv_heads", "head_dim"), dtype)
-        else:
-            self.q_bias = self.k_bias = self.v_bias = None
+        self.qkv_bias = _zeros((kv_heads, self.group + 2, head_dim), ("kv_heads", "qkv", "head_dim"),
+                               dtype) if config.attention_bias else None
         # Llama's attention_bias also biases o_proj; Qwen2 biases only q/k/v.
         self.o_bias = _zeros((embed,), ("embed",), dtype) if has_o_bias(config) else None
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_pages: jax.Array,
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, jax.Array]:
-        q = jnp.einsum("te,ehd->thd", x, self.q_proj[...])
-        k = jnp.einsum("te,ehd->thd", x, self.k_proj[...])
-        v = jnp.einsum("te,ehd->thd", x, self.v_proj[...])
-        if self.q_bias is not None:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        qkv = jnp.einsum("te,ekgd->tkgd", x, self.qkv_proj[...])
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...]
+        num_tokens = x.shape[0]
+        q = qkv[:, :, :self.group].reshape(num_tokens, self.num_heads, self.head_dim)
+        k, v = qkv[:, :, self.group], qkv[:, :, self.group + 1]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         kv_pages = ops.write_kv(kv_pages, k, v, metadata.slot_mapping)
@@ -127,16 +131,17 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """SwiGLU; gate and up projections fused into one [embed, 2, mlp] matmul."""
+
     def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs):
         embed, mlp = config.hidden_size, config.intermediate_size
-        self.gate_proj = _param((embed, mlp), ("embed", "mlp"), dtype, rngs, 1.0 / math.sqrt(embed))
-        self.up_proj = _param((embed, mlp), ("embed", "mlp"), dtype, rngs, 1.0 / math.sqrt(embed))
+        self.gate_up_proj = _param((embed, 2, mlp), ("embed", None, "mlp"), dtype, rngs,
+                                   1.0 / math.sqrt(embed))
         self.down_proj = _param((mlp, embed), ("mlp", "embed"), dtype, rngs, 1.0 / math.sqrt(mlp))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[...]
-        up = x @ self.up_proj[...]
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...]
+        gate_up = jnp.einsum("te,esm->tsm", x, self.gate_up_proj[...])
+        return (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ self.down_proj[...]
 
 
 class DecoderLayer(nnx.Module):
@@ -215,27 +220,28 @@ def hf_to_state_arrays(config: ModelConfig, hf: dict[str, np.ndarray]) -> dict[s
     for i in range(config.num_layers):
         hf_prefix, prefix = f"model.layers.{i}.", f"layers/{i}/"
         attn = hf_prefix + "self_attn."
-        out[prefix + "self_attn/q_proj"] = take(attn + "q_proj.weight", (heads * head_dim, embed)
-                                                ).T.reshape(embed, heads, head_dim)
-        out[prefix + "self_attn/k_proj"] = take(attn + "k_proj.weight", (kv_heads * head_dim, embed)
-                                                ).T.reshape(embed, kv_heads, head_dim)
-        out[prefix + "self_attn/v_proj"] = take(attn + "v_proj.weight", (kv_heads * head_dim, embed)
-                                                ).T.reshape(embed, kv_heads, head_dim)
+        group = heads // kv_heads
+        q = take(attn + "q_proj.weight", (heads * head_dim, embed)).T.reshape(embed, kv_heads, group,
+                                                                               head_dim)
+        k = take(attn + "k_proj.weight", (kv_heads * head_dim, embed)).T.reshape(embed, kv_heads, 1,
+                                                                                  head_dim)
+        v = take(attn + "v_proj.weight", (kv_heads * head_dim, embed)).T.reshape(embed, kv_heads, 1,
+                                                                                  head_dim)
+        out[prefix + "self_attn/qkv_proj"] = np.concatenate([q, k, v], axis=2)
         out[prefix + "self_attn/o_proj"] = take(attn + "o_proj.weight", (embed, heads * head_dim)
                                                 ).T.reshape(heads, head_dim, embed)
         if config.attention_bias:
-            out[prefix + "self_attn/q_bias"] = take(attn + "q_proj.bias", (heads * head_dim,)
-                                                    ).reshape(heads, head_dim)
-            out[prefix + "self_attn/k_bias"] = take(attn + "k_proj.bias", (kv_heads * head_dim,)
-                                                    ).reshape(kv_heads, head_dim)
-            out[prefix + "self_attn/v_bias"] = take(attn + "v_proj.bias", (kv_heads * head_dim,)
-                                                    ).reshape(kv_heads, head_dim)
+            q_bias = take(attn + "q_proj.bias", (heads * head_dim,)).reshape(kv_heads, group, head_dim)
+            k_bias = take(attn + "k_proj.bias", (kv_heads * head_dim,)).reshape(kv_heads, 1, head_dim)
+            v_bias = take(attn + "v_proj.bias", (kv_heads * head_dim,)).reshape(kv_heads, 1, head_dim)
+            out[prefix + "self_attn/qkv_bias"] = np.concatenate([q_bias, k_bias, v_bias], axis=1)
         if has_o_bias(config):
             out[prefix + "self_attn/o_bias"] = take(attn + "o_proj.bias", (embed,))
         mlp = hf_prefix + "mlp."
-        out[prefix + "mlp/gate_proj"] = take(mlp + "gate_proj.weight",
-                                             (config.intermediate_size, embed)).T
-        out[prefix + "mlp/up_proj"] = take(mlp + "up_proj.weight", (config.intermediate_size, embed)).T
+        mlp_shape = (config.intermediate_size, embed)
+        out[prefix + "mlp/gate_up_proj"] = np.stack(
+            [take(mlp + "gate_proj.weight", mlp_shape).T, take(mlp + "up_proj.weight", mlp_shape).T],
+            axis=1)
         out[prefix + "mlp/down_proj"] = take(mlp + "down_proj.weight",
                                              (embed, config.intermediate_size)).T
         out[prefix + "input_layernorm/weight"] = take(hf_prefix + "input_layernorm.weight", (embed,))
