@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Iterable
 
 import jax
@@ -79,8 +80,12 @@ class LLMEngine:
         load_format = config.load_format
         if load_format == "auto":
             load_format = "gguf" if config.model.endswith(".gguf") else "safetensors"
+        # Seconds spent in each startup phase, for `pjllm bench startup` and logs.
+        self.startup_timings: dict[str, float] = {}
+        start = time.perf_counter()
         graphdef, state = build_model(self.model_config, self.dtype, load_format, config.model,
                                       config.seed)
+        self.startup_timings["load_weights_s"] = time.perf_counter() - start
         num_pages = config.num_pages or self._num_pages_from_memory()
         if num_pages * config.page_size < self.max_model_len:
             raise ValueError(
@@ -103,7 +108,9 @@ class LLMEngine:
         self._in_flight: _InFlightStep | None = None
         self._num_penalty_requests = 0
         if config.warmup or (config.warmup is None and jax.default_backend() != "cpu"):
+            start = time.perf_counter()
             self.model_runner.warmup()
+            self.startup_timings["compile_s"] = time.perf_counter() - start
 
     def _num_pages_from_memory(self) -> int:
         cfg = self.model_config
