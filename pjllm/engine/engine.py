@@ -53,7 +53,8 @@ def enable_compilation_cache(directory: str | None) -> None:
         return
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Cache every program, small ones too: at startup many sub-second compiles add up.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 class LLMEngine:
