@@ -14,7 +14,7 @@ import numpy as np
 
 from pjllm.config import EngineConfig, ModelConfig
 from pjllm.engine.detokenizer import decode_new_text, find_stop_string, start_detokenizer
-from pjllm.engine.kv_cache_manager import KVCacheManager
+from pjllm.engine.kv_cache_manager import KVCacheManager, pages_needed
 from pjllm.engine.scheduler import ScheduledSeq, Scheduler
 from pjllm.engine.sequence import Request, Sequence
 from pjllm.kernels import ops
@@ -127,7 +127,7 @@ class LLMEngine:
             budget = (stats["bytes_limit"] * self.config.gpu_memory_utilization
                       - stats.get("bytes_in_use", 0) - activations)
         else:
-            wanted = self.config.max_num_seqs * self.max_model_len // self.config.page_size + 1
+            wanted = self.config.max_num_seqs * pages_needed(self.max_model_len, self.config.page_size)
             budget = min(wanted * page_bytes, _HOST_KV_CACHE_BYTES * self.config.gpu_memory_utilization)
         num_pages = int(budget // page_bytes)
         if num_pages < 1:

@@ -1,4 +1,4 @@
-"""The `pjllm` command line: `pjllm generate ...` and `pjllm download`."""
+"""The `pjllm` command line: `pjllm generate ...`, `pjllm download` and `pjllm bench ...`."""
 
 from __future__ import annotations
 
@@ -68,17 +68,33 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _bench(args: argparse.Namespace) -> int:
+    from pjllm.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `pjllm` argument parser with every subcommand."""
+    from pjllm.bench import add_bench_parser
+
     parser = argparse.ArgumentParser(prog="pjllm", description="LLM inference in JAX")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
     download = subparsers.add_parser("download", help="fetch, verify and cache the default model")
     download.add_argument("--cache-dir", default=None)
-    args = parser.parse_args(argv)
+    add_bench_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.cli_argv = argv  # `pjllm bench ... --backend both` re-runs this command line per backend
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return {"generate": _generate, "download": _download}[args.command](args)
+        return {"generate": _generate, "download": _download, "bench": _bench}[args.command](args)
     except ValueError as error:
         print(f"pjllm: error: {error}", file=sys.stderr)
         return 2

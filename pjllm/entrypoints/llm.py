@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pjllm.config import EngineConfig
 from pjllm.engine.engine import LLMEngine, PromptType

@@ -272,22 +272,21 @@ class ModelRunner:
         return StepResult(sampled, prompt)
 
     def warmup(self) -> None:
-        """Compiles the default step program for every bucket, so serving never compiles."""
+        """Compiles the default step programs (greedy, and plain sampling) for every bucket."""
         start = time.perf_counter()
-        variant = StepVariant(SamplerFlags(all_greedy=False, use_top_k_top_p=False, use_min_p=False,
-                                           use_penalties=False, use_banned_tokens=False,
-                                           num_logprobs=0), None)
+        variants = [StepVariant(SamplerFlags(all_greedy=greedy), None) for greedy in (True, False)]
+        programs = [(bucket, variant) for bucket in self.buckets() for variant in variants]
 
-        def compile_bucket(bucket: tuple[int, int]) -> None:
-            batch = self.dummy_batch(*bucket)
-            self._step.lower(self.state, self.kv_caches, self.last_tokens, batch,
+        def compile_program(program: tuple[tuple[int, int], StepVariant]) -> None:
+            bucket, variant = program
+            self._step.lower(self.state, self.kv_caches, self.last_tokens, self.dummy_batch(*bucket),
                              variant=variant).compile()
             self._programs_seen.add((bucket[0], variant))
 
-        # XLA compiles outside the GIL: the buckets compile in parallel on the host's cores.
+        # XLA compiles outside the GIL: the programs compile in parallel on the host's cores.
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(compile_bucket, self.buckets()))
-        logger.info("compiled %d buckets in %.1f s", len(self.buckets()), time.perf_counter() - start)
+            list(pool.map(compile_program, programs))
+        logger.info("compiled %d step programs in %.1f s", len(programs), time.perf_counter() - start)
 
     def dummy_batch(self, tokens: int, seqs: int) -> StepInput:
         """An all-padding batch of the given bucket: writes no KV, samples nothing real."""

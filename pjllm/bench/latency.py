@@ -1,0 +1,125 @@
+"""`pjllm bench latency`: time to first token and time per output token at small batch sizes.
+
+For each batch size B, each iteration submits B fresh random prompts of --input-len tokens twice:
+once with max_tokens=1 (its wall time is the time to first token, TTFT: prefill and one sample)
+and once with max_tokens=--output-len L (end-to-end time E). Time per output token is
+TPOT = (E - TTFT) / (L - 1), the decode step time at batch B. Medians over --num-iters
+iterations, after --num-iters-warmup untimed ones. Prompts differ between every submission, so a
+prefix cache could not shorten a prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from pjllm.bench.backends import open_backend, ratios, run_backends_in_children
+from pjllm.bench.datasets import BenchRequest, allowed_token_ids, random_requests, special_token_ids
+from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_args, add_output_args,
+                                 load_hf_config, resolve_model)
+from pjllm.bench.report import environment, print_table, write_json
+
+COLUMNS = [("backend", "backend", ""), ("batch_size", "batch", ""), ("ttft_ms", "TTFT ms", ".2f"),
+           ("tpot_ms", "TPOT ms", ".3f"), ("e2e_ms", "end-to-end ms", ".1f"),
+           ("decode_tokens_per_s", "decode tok/s", ".1f")]
+RATIO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    sizes = [int(part) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--batch-sizes must be positive integers, e.g. 1,4,16; got {text!r}")
+    return sizes
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "latency", help="time to first token and time per output token per batch size",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_engine_args(parser)
+    parser.set_defaults(max_num_seqs=None)  # default: the largest batch size
+    add_backend_args(parser)
+    parser.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 4, 16])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-iters", type=int, default=5)
+    parser.add_argument("--num-iters-warmup", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    add_output_args(parser)
+
+
+def _timed(backend, requests: list[BenchRequest]) -> float:
+    start = time.perf_counter()
+    backend.generate(requests)
+    return time.perf_counter() - start
+
+
+def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
+    """One backend's record: a row of medians per batch size."""
+    if args.output_len < 2:
+        raise ValueError(f"--output-len must be >= 2 to time decode steps; got {args.output_len}")
+    model = resolve_model(args)
+    hf_config = load_hf_config(model)
+    pool = allowed_token_ids(int(hf_config["vocab_size"]), special_token_ids(hf_config))
+    rng = np.random.default_rng(args.seed)
+    largest = max(args.batch_sizes)
+    if args.max_num_seqs is None:
+        args.max_num_seqs = largest
+    backend = open_backend(backend_name, args, model, hf_config, args.input_len, args.output_len,
+                           args.input_len + args.output_len, largest, args.temperature)
+    rows = []
+    try:
+        for batch_size in args.batch_sizes:
+            ttfts, e2es = [], []
+            for iteration in range(args.num_iters_warmup + args.num_iters):
+                first = random_requests(rng, [args.input_len] * batch_size, [1] * batch_size, pool)
+                full = random_requests(rng, [args.input_len] * batch_size, [args.output_len] * batch_size,
+                                       pool)
+                ttft, e2e = _timed(backend, first), _timed(backend, full)
+                if iteration >= args.num_iters_warmup:
+                    ttfts.append(ttft)
+                    e2es.append(e2e)
+            ttft, e2e = statistics.median(ttfts), statistics.median(e2es)
+            tpot = max(e2e - ttft, 0.0) / (args.output_len - 1)
+            rows.append({"batch_size": batch_size, "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
+                         "e2e_ms": e2e * 1e3,
+                         "decode_tokens_per_s": batch_size / tpot if tpot > 0 else None,
+                         "ttft_ms_all": [t * 1e3 for t in ttfts], "e2e_ms_all": [t * 1e3 for t in e2es]})
+        record = {"backend": backend_name, "model": model, "load_format": args.load_format,
+                  "input_len": args.input_len, "output_len": args.output_len,
+                  "num_iters": args.num_iters, "num_iters_warmup": args.num_iters_warmup,
+                  "seed": args.seed, "load_s": backend.load_s, "warmup_s": getattr(backend, "warmup_s", None),
+                  "rows": rows, "settings": backend.settings_record(),
+                  "env": environment(getattr(args, "cli_argv", None), backend.device_info)}
+    finally:
+        backend.close()
+    return record
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.backend == "both":
+        results = [payload["results"][0] for payload in run_backends_in_children(args)]
+    else:
+        results = [measure(args, args.backend)]
+    payload: dict[str, Any] = {"benchmark": "latency", "results": results}
+    by_backend = {r["backend"]: r for r in results}
+    if "pjllm" in by_backend and "hf" in by_backend:
+        hf_rows = {row["batch_size"]: row for row in by_backend["hf"]["rows"]}
+        payload["ratios"] = {"pjllm_over_hf": [
+            {"batch_size": row["batch_size"], **ratios(row, hf_rows[row["batch_size"]], RATIO_KEYS)}
+            for row in by_backend["pjllm"]["rows"] if row["batch_size"] in hf_rows]}
+    table = [{"backend": r["backend"], **row} for r in results for row in r["rows"]]
+    first = results[0]
+    title = f"latency: {first['input_len']} in, {first['output_len']} out, {first['model']}"
+    print_table(title, table, COLUMNS)
+    for ratio in payload.get("ratios", {}).get("pjllm_over_hf", []):
+        print(f"pjllm / hf at batch {ratio['batch_size']}: "
+              + ", ".join(f"{key} x{value:.2f}" for key, value in ratio.items() if key != "batch_size"))
+    write_json(args.output_json, payload)
+    return 0

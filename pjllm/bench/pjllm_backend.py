@@ -1,0 +1,55 @@
+"""The pjllm side of a benchmark: an `LLM` behind the same small interface as the HF backend."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+from pjllm.bench.datasets import BenchRequest
+from pjllm.bench.options import build_llm, engine_settings
+from pjllm.bench.report import jax_device_info
+from pjllm.bench.timings import split_startup
+
+
+class PjllmBackend:
+    """`generate(requests)` runs requests to completion and returns each one's output length.
+
+    Sampling is at `temperature` (1.0 by default, as `vllm bench`), plain: no top-k/top-p, so the
+    step program is the default variant that the engine's warmup compiles; EOS is ignored.
+    """
+
+    name = "pjllm"
+
+    def __init__(self, args: argparse.Namespace, model: str, max_model_len: int, temperature: float = 1.0):
+        self.llm, construct_s = build_llm(args, model, max_model_len)
+        self.timings = split_startup(self.llm.engine, construct_s)
+        # Without the engine's split, everything counts as loading.
+        self.load_s = construct_s - (self.timings.compile_s or 0.0)
+        self.warmup_s = self.timings.compile_s
+        self.temperature = temperature
+        self.seed = args.seed
+        self._requests_seen = 0
+
+    def generate(self, requests: Sequence[BenchRequest]) -> list[int]:
+        from pjllm.sampling_params import SamplingParams
+
+        params = []
+        for request in requests:
+            params.append(SamplingParams(temperature=self.temperature, max_tokens=request.output_len,
+                                         ignore_eos=True, seed=self.seed + self._requests_seen))
+            self._requests_seen += 1
+        prompts = [{"prompt_token_ids": request.prompt_token_ids} for request in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [len(output.outputs[0].token_ids) for output in outputs]
+
+    def preemptions(self) -> int | None:
+        return getattr(self.llm.engine.scheduler, "num_preemptions", None)
+
+    def settings_record(self) -> dict[str, Any]:
+        return {**engine_settings(self.llm), "temperature": self.temperature}
+
+    def device_info(self) -> dict[str, Any]:
+        return jax_device_info()
+
+    def close(self) -> None:
+        del self.llm

@@ -1,0 +1,125 @@
+"""`pjllm bench startup`: time from process start to first token, cold and warm.
+
+A fresh Python process is started twice with the same engine options: first with an empty
+compilation cache folder (a new temporary one), then again with that folder, now filled. Each
+child reports, from its launch (wall clock, measured by the parent):
+
+    interpreter  python itself up                  import       `import pjllm` (and jax)
+    weights      weights built or read onto device compile      warmup: every step program compiled
+    rest         the rest of `LLM(...)` (config,   first token  `generate(one prompt, max_tokens=1)`
+                 tokenizer, KV cache allocation)
+
+The weights/compile split is the engine's own `startup_timings` (see pjllm.bench.timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from pjllm.bench.options import (add_engine_args, add_model_args, add_output_args, engine_kwargs,
+                                 load_hf_config, resolve_model)
+from pjllm.bench.report import environment, print_table, write_json
+
+PHASES = ("interpreter_s", "import_s", "weights_s", "compile_s", "rest_s", "first_token_s")
+COLUMNS = [("cache", "compilation cache", ""), ("interpreter_s", "interpreter s", ".2f"),
+           ("import_s", "import s", ".2f"), ("weights_s", "weights s", ".2f"),
+           ("compile_s", "compile s", ".2f"), ("rest_s", "rest s", ".2f"),
+           ("first_token_s", "first token s", ".3f"), ("total_s", "total s", ".2f")]
+# Run with `python -c`: notes when the interpreter is up, before anything of pjllm is imported.
+_CHILD_BOOTSTRAP = ("import time; up = time.time(); import sys; "
+                    "from pjllm.bench.startup import child_main; child_main(up, sys.argv[1], sys.argv[2])")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "startup", help="process start to first token, split into import, weights, compile, first step",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_engine_args(parser)
+    parser.add_argument("--input-len", type=int, default=128, help="tokens of the one prompt")
+    add_output_args(parser)
+
+
+def child_main(up: float, spec_path: str, result_path: str) -> None:
+    """In the child process: build the engine, generate one token, write the phase timings."""
+    import numpy as np
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    import pjllm
+    from pjllm.bench.report import jax_device_info
+    from pjllm.bench.timings import split_startup
+
+    imported = time.time()
+    kwargs = spec["engine_kwargs"]
+    start = time.perf_counter()
+    llm = pjllm.LLM(kwargs.pop("model"), **kwargs)
+    timings = split_startup(llm.engine, time.perf_counter() - start)
+    vocab = llm.engine.model_config.vocab_size
+    prompt = np.random.default_rng(0).integers(0, vocab, spec["input_len"]).tolist()
+    start = time.perf_counter()
+    llm.generate({"prompt_token_ids": prompt}, pjllm.SamplingParams(max_tokens=1, ignore_eos=True, seed=0),
+                 use_tqdm=False)
+    first_token_s = time.perf_counter() - start
+    done = time.time()
+    result = {"up": up, "imported": imported, "done": done, "construct_s": timings.total_s,
+              "weights_s": timings.weights_s, "compile_s": timings.compile_s, "rest_s": timings.rest_s,
+              "first_token_s": first_token_s, "num_buckets": len(llm.engine.model_runner.buckets()),
+              "device_info": jax_device_info()}
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+def _run_child(spec: dict[str, Any], folder: str, label: str) -> dict[str, Any]:
+    spec_path = os.path.join(folder, f"{label}-spec.json")
+    result_path = os.path.join(folder, f"{label}-result.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    launched = time.time()
+    completed = subprocess.run([sys.executable, "-c", _CHILD_BOOTSTRAP, spec_path, result_path])
+    if completed.returncode != 0:
+        raise RuntimeError(f"the {label} startup process exited with {completed.returncode}")
+    with open(result_path) as f:
+        child = json.load(f)
+    row = {"cache": label, "interpreter_s": child["up"] - launched,
+           "import_s": child["imported"] - child["up"],
+           "weights_s": child["weights_s"], "compile_s": child["compile_s"], "rest_s": child["rest_s"],
+           "construct_s": child["construct_s"], "first_token_s": child["first_token_s"],
+           "total_s": child["done"] - launched, "num_buckets": child["num_buckets"],
+           "device_info": child["device_info"]}
+    return row
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compilation_cache_dir is not None:
+        raise ValueError("pjllm bench startup uses a fresh temporary compilation cache folder; "
+                         "leave --compilation-cache-dir out")
+    model = resolve_model(args)
+    load_hf_config(model)  # fail here, not in the child, on a bad path
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pjllm-startup-") as folder:
+        cache_dir = os.path.join(folder, "xla-cache")
+        kwargs = engine_kwargs(args, model, args.input_len + 1)
+        kwargs["compilation_cache_dir"] = cache_dir
+        spec = {"engine_kwargs": kwargs, "input_len": args.input_len}
+        for label in ("cold", "warm"):
+            print(f"startup: {label} compilation cache ...", flush=True)
+            rows.append(_run_child(spec, folder, label))
+    # The parent never touches the device (jax would take GPU memory from the children).
+    device_info = [row.pop("device_info") for row in rows][-1]
+    payload = {"benchmark": "startup", "results": [{
+        "backend": "pjllm", "model": model, "load_format": args.load_format, "input_len": args.input_len,
+        "runs": rows,
+        "settings": {k: v for k, v in kwargs.items() if k not in ("model", "compilation_cache_dir")},
+        "env": environment(getattr(args, "cli_argv", None), lambda: device_info),
+    }]}
+    print_table(f"startup to first token: {model}", rows, COLUMNS)
+    write_json(args.output_json, payload)
+    return 0

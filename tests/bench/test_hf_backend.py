@@ -1,0 +1,53 @@
+"""The torch peer backend (HF transformers continuous batching) on a tiny random model, CPU.
+
+torch is optional: with torch importable here the `pjllm bench` commands run with `--backend hf`;
+otherwise, if PJLLM_BENCH_TORCH_PYTHON names a Python that has torch and transformers (it needs no
+jax), `pjllm/bench/hf_backend.py` runs there standalone. Without either the tests are skipped.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+
+import pytest
+
+from pjllm.bench.datasets import make_workload, special_token_ids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "tests", "golden", "llama3", "config.json")
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+TORCH_PYTHON = os.environ.get("PJLLM_BENCH_TORCH_PYTHON")
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_throughput_and_latency_with_hf_backend(tmp_path):
+    from pjllm.entrypoints.cli import main
+
+    model = ["--model", CONFIG, "--load-format", "dummy", "--backend", "hf", "--max-num-seqs", "4"]
+    out = tmp_path / "t.json"
+    assert main(["bench", "throughput", *model, "--dataset", "random", "--num-prompts", "5",
+                 "--input-len", "12", "--output-len", "6", "--output-json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["results"]
+    assert record["backend"] == "hf" and record["total_output_tokens"] == 30
+    assert {"torch", "transformers", "device"} <= set(record["env"])
+    out = tmp_path / "l.json"
+    assert main(["bench", "latency", *model, "--batch-sizes", "1,2", "--input-len", "8",
+                 "--output-len", "3", "--num-iters", "1", "--output-json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["results"]
+    assert [row["batch_size"] for row in record["rows"]] == [1, 2]
+
+
+@pytest.mark.skipif(not TORCH_PYTHON, reason="PJLLM_BENCH_TORCH_PYTHON is not set")
+def test_standalone_hf_backend_runs_the_same_workload():
+    command = [TORCH_PYTHON, os.path.join(ROOT, "pjllm", "bench", "hf_backend.py"), "--config", CONFIG,
+               "--dataset", "chat", "--num-prompts", "6", "--max-num-seqs", "4", "--seed", "3"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    with open(CONFIG) as f:
+        hf_config = json.load(f)
+    workload = make_workload("chat", hf_config["vocab_size"], seed=3, num_prompts=6,
+                             exclude_ids=special_token_ids(hf_config))
+    assert result["workload_digest"] == workload.digest()  # same token ids as pjllm would run
+    assert result["output_tokens"] == result["expected_output_tokens"] == workload.num_output_tokens
