@@ -1,17 +1,25 @@
-"""GPU check of the Pallas ragged paged attention kernel against the jnp reference.
+"""GPU check of the Pallas paged attention kernels: correctness on ragged batches, and A/B timing.
 
-For each case: max |pallas - reference| and median device time (block_until_ready per call) of
-both, plus effective KV bandwidth of the kernel. With --sweep, also times alternative tiles.
+1. Correctness: random ragged batches (decodes, prefill chunks at cached offsets, padding tokens
+   and padding sequences, GQA 4 / 7 / 1, bf16 / fp16 / f32, page 8 / 16 / 32) through both kernels
+   and several tile configs (KV splits, persistent grid), against the jnp reference: relative
+   error ||out - ref|| / ||ref||, every output finite, padding rows exactly zero. The output buffer
+   is poisoned first (a run on NaN queries of the same shape, so the allocator hands the same NaN
+   memory to the checked run).
+2. A/B timing on the Llama-3-8B shapes of `pjllm bench kernels` (same timing method): the kernel
+   versions named by --versions, e.g. the previous kernel file given by --baseline, each with
+   its default tiles, plus any --configs.
 
-    JAX_PLATFORMS=cuda python scripts/gpu_kernel_check.py [--sweep] [--reps 50]
+    PYTHONPATH=$PWD python scripts/gpu_kernel_check.py [--baseline old_paged_attention.py]
+        [--configs 'decode:16,64,4,3,2;...'] [--only decode]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -24,138 +32,187 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pjllm.bench import kernels as bench  # noqa: E402
 from pjllm.kernels import paged_attention as pallas_attention  # noqa: E402
 from pjllm.kernels import reference  # noqa: E402
-from pjllm.kernels.attention_metadata import AttentionMetadata  # noqa: E402
 from pjllm.kernels.testing import random_ragged_layout  # noqa: E402
 
 BlockConfig = pallas_attention.BlockConfig
+INTERPRET = jax.default_backend() == "cpu"      # smoke-testing this script off GPU
 
-
-def make_batch(seed: int, q_lens: list[int], ctx_lens: list[int], *, num_tokens: int,
-               num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-               dtype) -> tuple[jax.Array, jax.Array, AttentionMetadata, int]:
-    """Random q, KV pages and shuffled block tables; returns (q, kv_pages, metadata, ctx tokens)."""
-    rng = np.random.default_rng(seed)
-    max_pages = max(-(-c // page_size) for c in ctx_lens)
-    total_pages = sum(-(-c // page_size) for c in ctx_lens) + 8
-    md = random_ragged_layout(rng, q_lens, ctx_lens, page_size=page_size, num_tokens=num_tokens,
-                              num_seqs=num_seqs, num_pages=total_pages, width=max_pages)
-    # Timing reads only: no KV is written.
-    md = jax.tree.map(jnp.asarray, dataclasses.replace(md, slot_mapping=np.full(num_tokens, -1, np.int32)))
-    key = jax.random.key(seed)
-    kq, kk = jax.random.split(key)
-    q = jax.random.normal(kq, (num_tokens, num_q_heads, head_dim), jnp.float32).astype(dtype)
-    kv = jax.random.normal(kk, (2, num_kv_heads, total_pages, page_size, head_dim),
-                           jnp.float32).astype(dtype)
-    return q, kv, md, int(sum(ctx_lens))
-
-
-def median_time(fn, *args, reps: int, per_batch: int = 10) -> float:
-    """Median per-call device time in ms: batches of back-to-back async calls, synchronized once
-    per batch (so Python dispatch overlaps the device), median over reps // per_batch batches."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready([fn(*args) for _ in range(per_batch)])      # warm clocks and caches
-    times = []
-    for _ in range(max(3, reps // per_batch)):
-        t0 = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(per_batch)])
-        times.append((time.perf_counter() - t0) / per_batch)
-    return 1e3 * statistics.median(times)
-
-
-CASES = {
-    # name: (q_lens, ctx_lens, T bucket, N bucket, Hq, Hkv, D, page, dtype)
-    "llama3-8b decode B64 ctx2048": ([1] * 64, [2048] * 64, 64, 64, 32, 8, 128, 16, jnp.bfloat16),
-    "llama3-8b decode B64 ctx~U(1,2048)": (
+# name: (q_lens, ctx_lens, T bucket, N bucket, Hq, Hkv, D, page, dtype)
+CHECKS = {
+    "decode B64 ctx U(1,2048) bf16": (
         [1] * 64, list(np.random.default_rng(1).integers(1, 2049, 64)), 64, 64, 32, 8, 128, 16,
         jnp.bfloat16),
-    "llama3-8b decode B8 ctx4096": ([1] * 8, [4096] * 8, 8, 8, 32, 8, 128, 16, jnp.bfloat16),
-    "llama3-8b decode B1 ctx4096": ([1], [4096], 1, 1, 32, 8, 128, 16, jnp.bfloat16),
-    "llama3-8b prefill 512 @0": ([512], [512], 512, 8, 32, 8, 128, 16, jnp.bfloat16),
-    "llama3-8b prefill 512 @1536": ([512], [2048], 512, 8, 32, 8, 128, 16, jnp.bfloat16),
-    "llama3-8b mixed 256@512 + 63 decodes": (
-        [256] + [1] * 63, [768] + [1024] * 63, 320, 64, 32, 8, 128, 16, jnp.bfloat16),
-    "gqa7 f32 D64 page32 mixed": ([40, 1, 1, 17], [300, 90, 33, 17], 64, 8, 28, 4, 64, 32,
-                                  jnp.float32),
-    "mha D64 page8 fp16 decode": ([1] * 16, [500] * 16, 16, 16, 16, 16, 64, 8, jnp.float16),
+    "decode 5 of 8 + 11 pad tokens": ([1] * 5, [700, 1, 33, 16, 17], 16, 8, 32, 8, 128, 16,
+                                      jnp.bfloat16),
+    "small bucket mixed 9+1+1": ([9, 1, 1], [300, 90, 33], 16, 8, 32, 8, 128, 16, jnp.bfloat16),
+    "prefill 512 @1536 + pad seqs": ([512], [2048], 512, 8, 32, 8, 128, 16, jnp.bfloat16),
+    "mixed 256@512 + 63 decodes": ([256] + [1] * 63, [768] + [1024] * 63, 320, 64, 32, 8, 128,
+                                   16, jnp.bfloat16),
+    "gqa7 f32 D64 page32 mixed + pad": ([40, 1, 1, 17], [300, 90, 33, 17], 64, 8, 28, 4, 64, 32,
+                                        jnp.float32),
+    "mha fp16 D64 page8 decode": ([1] * 16, [500] * 16, 16, 16, 16, 16, 64, 8, jnp.float16),
 }
+CHECK_CONFIGS = [None, BlockConfig(16, 128, 8, 3, kv_splits=4, programs_per_sm=2),
+                 BlockConfig(128, 32, 8, 2, kv_splits=2)]
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 1e-4}   # f32 dots are tf32
 
-# Alternative tiles timed with --sweep, per case name.
-_DECODE_TILES = [BlockConfig(16, bk, w, st, kv_splits=None)
-                 for bk, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3),
-                                   (32, 4, 2))] + [BlockConfig(16, 64, 4, 2, kv_splits=2)]
-_SPLITS = [BlockConfig(16, 64, 4, 2, kv_splits=s) for s in (1, 2, 4, 8, 16)]
-_PREFILL_TILES = [BlockConfig(br, bk, w, st) for br, bk, w, st in (
-    (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3),
-    (128, 64, 8, 2), (64, 64, 8, 3))]
-SWEEP = {
-    "llama3-8b decode B64 ctx2048": _DECODE_TILES,
-    "llama3-8b decode B8 ctx4096": _SPLITS,
-    "llama3-8b decode B1 ctx4096": _SPLITS,
-    "llama3-8b prefill 512 @0": _PREFILL_TILES,
-    "llama3-8b prefill 512 @1536": _PREFILL_TILES,
-    "llama3-8b mixed 256@512 + 63 decodes": _PREFILL_TILES + [BlockConfig(16, 64, 4, 2)],
-}
+
+def make_batch(seed, q_lens, ctx_lens, *, num_tokens, num_seqs, hq, hkv, d, ps, dtype):
+    rng = np.random.default_rng(seed)
+    width = max(-(-c // ps) for c in ctx_lens)
+    total_pages = sum(-(-c // ps) for c in ctx_lens) + 8
+    md = random_ragged_layout(rng, q_lens, [int(c) for c in ctx_lens], page_size=ps,
+                              num_tokens=num_tokens, num_seqs=num_seqs, num_pages=total_pages,
+                              width=width)
+    md = jax.tree.map(jnp.asarray, md)
+    kq, kk = jax.random.split(jax.random.key(seed))
+    q = jax.random.normal(kq, (num_tokens, hq, d), jnp.float32).astype(dtype)
+    kv = jax.random.normal(kk, (2, hkv, total_pages, ps, d), jnp.float32).astype(dtype)
+    return q, kv, md
+
+
+def check_correctness(only: str) -> bool:
+    ok_all = True
+    print("== correctness vs reference (rel err = ||out-ref||/||ref||) ==", flush=True)
+    for name, (q_lens, ctx_lens, t, n, hq, hkv, d, ps, dtype) in CHECKS.items():
+        if only and only not in name:
+            continue
+        q, kv, md = make_batch(7, q_lens, ctx_lens, num_tokens=t, num_seqs=n, hq=hq, hkv=hkv,
+                               d=d, ps=ps, dtype=dtype)
+        scale = d ** -0.5
+        want = np.asarray(jax.jit(lambda q, kv: reference.paged_attention_reference(
+            q, kv, md, sm_scale=scale))(q, kv).astype(jnp.float32))
+        real = int(sum(q_lens))
+        for cfg in CHECK_CONFIGS:
+            fn = jax.jit(lambda q, kv, cfg=cfg: pallas_attention.paged_attention(
+                q, kv, md, sm_scale=scale, config=cfg, interpret=INTERPRET))
+            try:
+                poison = fn(jnp.full_like(q, jnp.nan), kv)
+                del poison
+                got = np.asarray(fn(q, kv).astype(jnp.float32))
+                finite = bool(np.isfinite(got).all())
+                rel = float(np.linalg.norm(got[:real] - want[:real]) / np.linalg.norm(want[:real]))
+                pad_zero = bool((got[real:] == 0).all())
+                ok = finite and pad_zero and rel <= TOL[dtype]
+                print(f"  {'ok ' if ok else 'BAD'} {name:34s} {pallas_attention.kernel_mode(t, n):7s}"
+                      f" rel {rel:.1e} finite {finite} pad0 {pad_zero} cfg {_short(cfg)}",
+                      flush=True)
+            except Exception as exc:  # noqa: BLE001
+                ok = False
+                print(f"  BAD {name:34s} {_short(cfg)} {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:300]}", flush=True)
+            ok_all &= ok
+    return ok_all
+
+
+def _short(cfg) -> str:
+    if cfg is None:
+        return "table"
+    return (f"r{cfg.block_rows}/kv{cfg.block_kv}/w{cfg.num_warps}/s{cfg.num_stages}"
+            f"/x{cfg.kv_splits}" + (f"/p{cfg.programs_per_sm}" if cfg.programs_per_sm else ""))
+
+
+def load_version(path: str):
+    spec = importlib.util.spec_from_file_location("kernel_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_configs(text: str) -> list[tuple[str, BlockConfig]]:
+    """'decode:16,64,4,3,2[,1];prefill:64,64,4,2,1' -> [(kind, BlockConfig)]; split 0 = auto."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        kind, nums = part.split(":")
+        v = [int(x) for x in nums.split(",")]
+        out.append((kind, BlockConfig(v[0], v[1], v[2], v[3], kv_splits=v[4] or None,
+                                      programs_per_sm=v[5] if len(v) > 5 else 0)))
+    return out
+
+
+def ab_timing(versions: dict, configs, only: str, budget: float, profile: bool,
+              same_config: bool = False) -> list[dict]:
+    rows = []
+    start = time.perf_counter()
+    wanted = [w for w in only.split(",") if w]
+    for case in bench.FULL_CASES:
+        if wanted and not any(w in case.name for w in wanted):
+            continue
+        inputs = bench.make_inputs(case, seed=0, on_gpu=True)
+        want = np.asarray(jax.jit(lambda q, kv: reference.paged_attention_reference(
+            q, kv, inputs.metadata, sm_scale=inputs.sm_scale))(inputs.qs[0], inputs.kvs[0])
+            .astype(jnp.float32))
+        same = None
+        if same_config:       # every version on the current table's tiles for this shape
+            same = pallas_attention.select_config(
+                case.num_tokens, case.num_seqs, case.head_dim, num_q_heads=case.num_q_heads,
+                num_kv_heads=case.num_kv_heads, page_size=case.page_size,
+                max_context=case.max_pages * case.page_size)
+        variants = [(vname, mod, same) for vname, mod in versions.items()]
+        variants += [("current", pallas_attention, cfg) for kind, cfg in configs
+                     if kind == case.kind]
+        for vname, mod, cfg in variants:
+            if time.perf_counter() - start > budget:
+                print("  (A/B budget spent)")
+                return rows
+            md, scale = inputs.metadata, inputs.sm_scale
+            kw = {"config": cfg} if cfg is not None else {}
+            fn = (lambda q, kv, mod=mod, kw=kw:
+                  mod.paged_attention(q, kv, md, sm_scale=scale, **kw))
+            try:
+                timing = bench.time_calls(fn, inputs.qs[0], inputs.kvs, reps=20, min_reps=5,
+                                          seconds=0.4, profile=profile)
+                out = np.asarray(timing.pop("first_out").astype(jnp.float32))
+                rel = float(np.linalg.norm(out - want) / np.linalg.norm(want))
+                row = {"case": case.name, "version": vname, "cfg": _short(cfg),
+                       **timing, **bench._metrics(case, timing["time_ms"]), "rel_err": rel}
+            except Exception as exc:  # noqa: BLE001
+                row = {"case": case.name, "version": vname, "cfg": _short(cfg),
+                       "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            rows.append(row)
+            print("  " + (f"{row['case']:22s} {vname:9s} {row['cfg']:22s} {row['time_ms']:.4f} ms "
+                          f"(iqr {row['spread_ms'] or 0:.4f}) {row['kv_gbps']:7.0f} GB/s "
+                          f"{row['tflops']:6.1f} TFLOP/s rel {row['rel_err']:.1e}"
+                          + (f" dev {row['device_ms']:.4f} ms span {row['span_ms']:.4f}"
+                             if "device_ms" in row else "")
+                          if "error" not in row else f"{row['case']:22s} {vname} FAILED "
+                          f"{row['error']}"), flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=100)
-    parser.add_argument("--sweep", action="store_true", help="time alternative tiles too")
-    parser.add_argument("--skip-reference-time", action="store_true")
-    parser.add_argument("--budget", type=float, default=230.0, help="seconds before sweeps stop")
-    parser.add_argument("--only", default="", help="run only cases whose name contains this")
+    parser.add_argument("--baseline", default=None, help="an older paged_attention.py to time too")
+    parser.add_argument("--configs", default="", help="extra tiles for the current kernel")
+    parser.add_argument("--only", default="", help="correctness cases whose name contains this")
+    parser.add_argument("--ab-cases", default="",
+                        help="comma-separated substrings of the bench case names to time")
+    parser.add_argument("--profile", action="store_true", help="device times from the profiler")
+    parser.add_argument("--same-config", action="store_true",
+                        help="run every version with the current table's tiles for the shape")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds for the A/B part")
+    parser.add_argument("--skip-correctness", action="store_true")
     args = parser.parse_args()
-    t_start = time.perf_counter()
-    interpret = jax.default_backend() == "cpu"   # smoke-testing the script off GPU
     print("device:", jax.devices()[0].device_kind, "| jax", jax.__version__, flush=True)
-
-    for name, (q_lens, ctx_lens, num_tokens, num_seqs, hq, hkv, d, ps, dtype) in CASES.items():
-        if args.only not in name:
-            continue
+    ok = True
+    if not args.skip_correctness:
         try:
-            q, kv, md, ctx_tokens = make_batch(
-                0, q_lens, [int(c) for c in ctx_lens], num_tokens=num_tokens, num_seqs=num_seqs,
-                num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=ps, dtype=dtype)
-            scale = d ** -0.5
-            ref_fn = jax.jit(lambda q, kv, md: reference.paged_attention_reference(
-                q, kv, md, sm_scale=scale))
-            pal_fn = jax.jit(lambda q, kv, md, cfg=None: pallas_attention.paged_attention(
-                q, kv, md, sm_scale=scale, config=cfg, interpret=interpret), static_argnums=3)
-            want = np.asarray(ref_fn(q, kv, md).astype(jnp.float32))
-            got = np.asarray(pal_fn(q, kv, md).astype(jnp.float32))
-            err = float(np.max(np.abs(got - want)))
-            finite = bool(np.isfinite(got).all())
-            t_pal = median_time(pal_fn, q, kv, md, reps=args.reps)
-            t_ref = (float("nan") if args.skip_reference_time
-                     else median_time(ref_fn, q, kv, md, reps=30, per_batch=3))
-            kv_bytes = 2 * ctx_tokens * hkv * d * jnp.dtype(dtype).itemsize
-            cfg = pallas_attention.select_config(num_tokens, num_seqs, d)
-            if cfg.kv_splits is None:
-                bq = max(cfg.block_rows, 16) // pallas_attention._next_pow2(hq // hkv)
-                cfg = dataclasses.replace(cfg, kv_splits=pallas_attention.num_kv_splits(
-                    cfg, (num_tokens + num_seqs * (bq - 1)) // bq, hkv,
-                    md.block_tables.shape[1] * ps))
-            print(f"{name:40s} max_err={err:.2e} finite={finite} pallas={t_pal:.3f}ms "
-                  f"ref={t_ref:.3f}ms kv_bytes/t={kv_bytes / t_pal / 1e6:.0f}GB/s cfg={cfg}",
-                  flush=True)
-            if args.sweep:
-                for c in SWEEP.get(name, []):
-                    if time.perf_counter() - t_start > args.budget:
-                        print("    sweep stopped: time budget spent")
-                        break
-                    try:
-                        out = np.asarray(pal_fn(q, kv, md, c).astype(jnp.float32))
-                        e = float(np.max(np.abs(out - want)))
-                        t = median_time(pal_fn, q, kv, md, c, reps=args.reps)
-                        print(f"    sweep {c} err={e:.1e} {t:.3f}ms", flush=True)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"    sweep {c} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+            ok = check_correctness(args.only)
         except Exception:  # noqa: BLE001
-            print(f"{name:40s} FAILED")
             traceback.print_exc(limit=3)
-            sys.stdout.flush()
+            ok = False
+    versions = {}
+    if args.baseline:
+        versions["baseline"] = load_version(args.baseline)
+    versions["current"] = pallas_attention
+    print("== A/B timing (median of reps; chained calls, ~4 ms per rep) ==", flush=True)
+    ab_timing(versions, parse_configs(args.configs), args.ab_cases, args.budget, args.profile,
+              args.same_config)
+    print("correctness:", "all ok" if ok else "FAILURES")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,40 @@
-"""Ragged paged attention as a Pallas kernel (Triton lowering on GPU, interpret mode on CPU).
+"""Ragged paged attention as Pallas kernels (Triton lowering on GPU, interpret mode on CPU).
 
-One kernel serves a flattened batch that mixes prefill chunks (many query tokens per sequence,
-possibly starting at a cached offset) and decodes (one query token per sequence).
+One entry point, `paged_attention`, serves a flattened batch that mixes prefill chunks (many
+query tokens per sequence, possibly starting at a cached offset) and decodes (one query token per
+sequence). It picks one of two kernels by the shape of the batch:
 
-Work decomposition. Each sequence's query tokens are cut into blocks of `block_q` consecutive
-tokens; a "work item" is one such block (it never straddles two sequences). The grid is
-(work items, kv heads). A program loads the query rows of its block for all G query heads that
-share its kv head -- rows are (token, head-in-group) pairs, `block_q * G_pad` of them -- and walks
-the sequence's pages `block_kv` keys at a time with an online softmax, so each K/V tile is loaded
-once for the whole GQA group. The number of work items depends on the data, so the grid is sized
-by its static upper bound and surplus items do nothing.
+- **decode kernel** (token bucket <= sequence bucket, or <= DECODE_MAX_TOKENS tokens): one program
+  per (sequence, kv head, kv split). It reads its sequence's query span straight from
+  `query_start_loc` / `seq_lens` (no work list is built in XLA) and walks the span in blocks of
+  `block_rows // G_pad` tokens, so a rare multi-token sequence in a decode bucket is still right.
+- **ragged kernel** (everything else): one program per (work item, kv head, kv split), where a
+  work item is a block of `block_q` consecutive query tokens of one sequence; the work list is
+  built in XLA from the metadata (a few tiny ops, shared by all layers of a step).
 
-Layout (see reference.py): kv_pages [2, Hkv, P, page_size, D]. The kernel views it as
-[2, Hkv, P * page_size, D] (a free reshape) and gathers key rows `page * page_size + offset`
+Both load the query rows of one kv head's GQA group -- rows are (token, head-in-group) pairs --
+straight from q [T, Hq, D] (a row gather, no transposes in XLA), walk the sequence's keys
+`block_kv` at a time with an online softmax, so each K/V tile is loaded once for the whole GQA
+group, and scatter their rows straight into the [T, Hq, D] output. Query tokens past
+query_start_loc[N] (padding) are written as zeros by the kernels themselves, so no XLA op runs
+before or after the pallas_call when kv_splits == 1. With kv_splits > 1 (flash-decoding) each
+split writes an unnormalised partial (acc, max, sum) and one small XLA fusion combines them.
+
+Layout (see reference.py): kv_pages [2, Hkv, P, page_size, D]. The kernels view it as
+[2, Hkv, P * page_size, D] (a free reshape) and gather key rows `page * page_size + offset`
 through the block table, so block_kv does not have to match page_size.
+
+Tile sizes come from a table beside this file (paged_attention_tuning.json, written by
+`pjllm bench kernels --tune`), keyed by shape; see `select_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +52,11 @@ class BlockConfig:
 
     block_rows: query rows per program (tokens * padded group size), a power of 2 >= 16.
     block_kv:   keys per inner-loop step, a power of 2 >= 16.
-    kv_splits:  programs sharing one work item's keys (flash-decoding), combined afterwards in
-                jnp; None = chosen from the grid size so that small decode batches fill the GPU.
+    kv_splits:  programs sharing one sequence's (or work item's) keys (flash-decoding), combined
+                afterwards in XLA; None = chosen from the grid size (see num_kv_splits).
+    programs_per_sm: decode kernel only. 0 = one program per (sequence, kv head, split); k > 0 =
+                a persistent grid of k * (multiprocessor count) programs that stride over those
+                units, so that no partial last wave leaves multiprocessors idle.
     """
 
     block_rows: int
@@ -46,88 +64,153 @@ class BlockConfig:
     num_warps: int
     num_stages: int
     kv_splits: int | None = 1
+    programs_per_sm: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BlockConfig":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-# Tuned tiles, keyed by (mode, head_dim). mode is "decode" when the token bucket is no larger than
-# the sequence bucket (at most about one query token per sequence), else "prefill".
-# Chosen with `scripts/gpu_kernel_check.py --sweep` on an H200 (Llama-3-8B shapes, bf16, page 16);
-# the alternatives measured within ~15% run-to-run noise of these. Unlisted shapes use _DEFAULT.
-BLOCK_TABLE: dict[tuple[str, int], BlockConfig] = {
-    ("decode", 64): BlockConfig(block_rows=16, block_kv=64, num_warps=4, num_stages=2,
-                                kv_splits=None),
-    ("decode", 128): BlockConfig(block_rows=16, block_kv=64, num_warps=4, num_stages=2,
-                                 kv_splits=None),
-    ("prefill", 64): BlockConfig(block_rows=64, block_kv=64, num_warps=4, num_stages=2),
-    ("prefill", 128): BlockConfig(block_rows=64, block_kv=64, num_warps=4, num_stages=2),
-}
-_DEFAULT = {
-    "decode": BlockConfig(block_rows=16, block_kv=64, num_warps=4, num_stages=2, kv_splits=None),
-    "prefill": BlockConfig(block_rows=64, block_kv=32, num_warps=4, num_stages=2),
-}
+# Decode kernel for batches of at most this many tokens even when T > N (e.g. the engine pads 8
+# decodes to a 16-token bucket).
+DECODE_MAX_TOKENS = 16
 # Split-KV aims for at least this many programs (about 2 waves on a 132-SM H100).
 TARGET_PROGRAMS = 256
+
+# Used where the tuning table has no entry for the mode / head_dim / page size.
+DEFAULT_CONFIGS = {
+    "decode": BlockConfig(block_rows=16, block_kv=64, num_warps=4, num_stages=2, kv_splits=None),
+    "prefill": BlockConfig(block_rows=64, block_kv=64, num_warps=4, num_stages=2),
+}
+
+TUNING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "paged_attention_tuning.json")
+
+
+def shape_key(mode: str, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+              num_tokens: int, num_seqs: int, max_context: int) -> str:
+    """The tuning-table key of one shape: mode, heads, head_dim, page size, T and N buckets,
+    W * page_size."""
+    return (f"{mode}:hq{num_q_heads}:hkv{num_kv_heads}:d{head_dim}:ps{page_size}"
+            f":t{num_tokens}:n{num_seqs}:ctx{max_context}")
+
+
+def _parse_key(key: str) -> dict:
+    mode, *fields = key.split(":")
+    out: dict = {"mode": mode}
+    for f in fields:
+        name = f.rstrip("0123456789")
+        out[name] = int(f[len(name):])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def load_tuning_table(path: str = TUNING_FILE) -> dict[str, BlockConfig]:
+    """{shape_key: BlockConfig} from the JSON table beside this file ({} if there is none)."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return {k: BlockConfig.from_json(v) for k, v in raw.get("configs", {}).items()}
+
+
+def kernel_mode(num_tokens: int, num_seqs: int) -> str:
+    """"decode" (one program per sequence) or "prefill" (one program per block of query tokens)."""
+    return "decode" if num_tokens <= max(num_seqs, DECODE_MAX_TOKENS) else "prefill"
+
+
+def select_config(num_tokens: int, num_seqs: int, head_dim: int, *,
+                  num_q_heads: int | None = None, num_kv_heads: int | None = None,
+                  page_size: int | None = None, max_context: int | None = None,
+                  table: dict[str, BlockConfig] | None = None) -> BlockConfig:
+    """The tile configuration for a shape: the tuning-table entry of the same mode, head_dim and
+    page size (and, preferably, heads) whose (T, N, W * page_size) is nearest in log scale; else
+    DEFAULT_CONFIGS[mode]."""
+    mode = kernel_mode(num_tokens, num_seqs)
+    table = load_tuning_table() if table is None else table
+    best, best_dist = None, math.inf
+    for key, cfg in table.items():
+        k = _parse_key(key)
+        if k["mode"] != mode or k.get("d") != head_dim:
+            continue
+        if page_size is not None and k.get("ps") != page_size:
+            continue
+        dist = (abs(math.log2(max(num_seqs, 1) / max(k.get("n", 1), 1)))
+                + abs(math.log2(max(num_tokens, 1) / max(k.get("t", num_tokens), 1))))
+        if max_context is not None:
+            dist += abs(math.log2(max(max_context, 1) / max(k.get("ctx", 1), 1)))
+        if (num_q_heads, num_kv_heads) != (k.get("hq"), k.get("hkv")):
+            dist += 100.0
+        if dist < best_dist:
+            best, best_dist = cfg, dist
+    return best if best is not None else DEFAULT_CONFIGS[mode]
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def select_config(num_tokens: int, num_seqs: int, head_dim: int) -> BlockConfig:
-    """The tile configuration for a (token bucket, sequence bucket, head_dim) shape."""
-    mode = "decode" if num_tokens <= num_seqs else "prefill"
-    return BLOCK_TABLE.get((mode, head_dim), _DEFAULT[mode])
-
-
 def _work_items(metadata: AttentionMetadata, num_tokens: int,
                 block_q: int) -> tuple[jax.Array, int]:
-    """Splits each sequence's query tokens into blocks of block_q tokens.
+    """Splits each sequence's query tokens into blocks of block_q tokens, for the ragged kernel.
 
-    Returns (items [4, I] int32, I) where the rows are: sequence id, first token, end token
-    (exclusive), absolute position of the first token. Surplus items have first == end == 0.
-    I = floor((T + N * (block_q - 1)) / block_q) bounds sum_i ceil(q_len_i / block_q).
+    Returns (items [5, I] int32, I) where the rows are: sequence id, first token, end token
+    (exclusive), absolute position of the first token, and the number of keys the block reads
+    (its last token's position + 1). Items past the real ones cover the padding tokens
+    [query_start_loc[N], T) block_q at a time with 0 keys, so the kernel writes their zeros.
+    I = floor((T + N * (block_q - 1)) / block_q) + 1 leaves enough of them: the real items number
+    sum_i ceil(q_i / block_q) <= (Q + N * (block_q - 1)) / block_q for Q = query_start_loc[N], so
+    the rest number more than (T - Q) / block_q, hence at least ceil((T - Q) / block_q).
     """
     qsl = metadata.query_start_loc.astype(jnp.int32)
     n = qsl.shape[0] - 1
     q_lens = qsl[1:] - qsl[:-1]
     blocks = (q_lens + block_q - 1) // block_q
     ends = jnp.cumsum(blocks)
-    num_items = (num_tokens + n * (block_q - 1)) // block_q
+    num_items = (num_tokens + n * (block_q - 1)) // block_q + 1
     item = jnp.arange(num_items, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, item, side="right").astype(jnp.int32), n - 1)
+    seq = jnp.minimum(jnp.searchsorted(ends, item, side="right", method="compare_all")
+                      .astype(jnp.int32), n - 1)          # one fusion, no loop
     valid = item < ends[-1]
     local = item - (ends[seq] - blocks[seq])
     first = qsl[seq] + local * block_q
     end = jnp.minimum(first + block_q, qsl[seq + 1])
     pos0 = metadata.seq_lens.astype(jnp.int32)[seq] - q_lens[seq] + local * block_q
+    # Padding items: tokens [qsl[N] + k * block_q, ...) clipped to T, no keys.
+    pad_first = jnp.minimum(qsl[n] + (item - ends[-1]) * block_q, num_tokens)
+    pad_end = jnp.minimum(pad_first + block_q, num_tokens)
     zero = jnp.zeros_like(item)
-    items = jnp.stack([jnp.where(valid, seq, zero), jnp.where(valid, first, zero),
-                       jnp.where(valid, end, zero), jnp.where(valid, pos0, zero)])
+    items = jnp.stack([jnp.where(valid, seq, zero),
+                       jnp.where(valid, first, pad_first),
+                       jnp.where(valid, end, pad_end),
+                       jnp.where(valid, pos0, zero),
+                       jnp.where(valid, pos0 + (end - first), zero)])
     return items, num_items
 
 
-def _kernel(items_ref, tables_ref, q_ref, kv_ref, *refs, sm_scale: float, group_pad: int,
-            page_size: int, block_rows: int, block_kv: int, num_splits: int):
-    # items_ref [4, I]; tables_ref [N, W]; q_ref [Hkv, R, D]; kv_ref [2, Hkv, P*ps, D].
-    # num_splits == 1: refs = (out_init, out), out [Hkv, R, D] pre-zeroed (aliased with out_init).
-    # num_splits > 1:  refs = (3 inits, acc, m, l): acc [S, Hkv, R, D] f32 (unnormalized),
-    #                  m, l [S, Hkv, R] f32, pre-set to (0, MASK_VALUE, 0).
-    item = pl.program_id(0)
-    head = pl.program_id(1)
+LOG2E = 1.4426950408889634
+
+
+def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale: float,
+            page_size: int, block_kv: int):
+    """Online softmax of q [BR, D] over key blocks [lo, hi) of sequence `seq`, kv head `head`.
+
+    Keys past q_pos are masked. Blocks before `n_full` are known to be visible to every row, so
+    they run in a loop without the mask; the rest (the causal diagonal, the end of the context)
+    in a second, masked loop. Scores are kept in base 2 (log2(e) folded into the scale, exp2 is a
+    single instruction where exp is a libdevice call).
+
+    Returns (m [BR], l [BR], acc [BR, D]) in float32, m in log2 units, acc unnormalised.
+    """
     max_pages = tables_ref.shape[1]
-    seq = items_ref[0, item]
-    first = items_ref[1, item]
-    end = items_ref[2, item]
-    pos0 = items_ref[3, item]
-    num_q = end - first
-    row0 = first * group_pad
-
-    q = q_ref[head, pl.ds(row0, block_rows), :]                             # [BR, D]
-    tok = lax.broadcasted_iota(jnp.int32, (block_rows,), 0) // group_pad
-    q_pos = pos0 + tok                                                      # [BR]
-    kv_len = pos0 + num_q                                                   # keys [0, kv_len)
     key_iota = lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+    scale = sm_scale * LOG2E
 
-    def body(j, carry):
+    def body(j, carry, masked: bool):
         m, l, acc = carry
         key_pos = j * block_kv + key_iota                                    # [BK]
         page_idx = jnp.minimum(key_pos // page_size, max_pages - 1)
@@ -136,41 +219,173 @@ def _kernel(items_ref, tables_ref, q_ref, kv_ref, *refs, sm_scale: float, group_
         k = kv_ref[0, head, rows, :]                                        # [BK, D]
         v = kv_ref[1, head, rows, :]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * sm_scale  # [BR, BK]
-        mask = key_pos[None, :] <= q_pos[:, None]
-        s = jnp.where(mask, s, MASK_VALUE)
+                            preferred_element_type=jnp.float32) * scale     # [BR, BK]
+        if masked:
+            mask = key_pos[None, :] <= q_pos[:, None]
+            s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        if masked:          # a row with no visible key yet has m_new == MASK_VALUE
+            p = jnp.where(mask, p, 0.0)
         l = l * alpha + jnp.sum(p, axis=1)
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
         acc = acc * alpha[:, None] + pv
         return m_new, l, acc
 
-    head_dim = q.shape[1]
+    block_rows, head_dim = q.shape
     init = (jnp.full((block_rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((block_rows,), jnp.float32),
             jnp.zeros((block_rows, head_dim), jnp.float32))
-    num_blocks = (kv_len + block_kv - 1) // block_kv
-    row_ok = tok < num_q
-    rows_slice = pl.ds(row0, block_rows)
+    mid = jnp.minimum(jnp.maximum(n_full, lo), hi)
+    carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), init)
+    return lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
+
+
+def _split_range(num_blocks, split, num_splits: int):
+    """Key blocks [lo, hi) of split `split` of `num_splits`."""
     if num_splits == 1:
-        _, l, acc = lax.fori_loop(0, num_blocks, body, init)
-        out_ref = refs[1]
+        return 0, num_blocks
+    per_split = (num_blocks + num_splits - 1) // num_splits
+    lo = split * per_split
+    return lo, jnp.minimum(lo + per_split, num_blocks)
+
+
+def _store(out_refs, rows, row_ok, m, l, acc, split, num_splits: int):
+    """Writes a block's rows: normalised output (1 split) or the split's partials."""
+    # Row scatter with both indices as arrays (the interpreter has no mixed array/slice store).
+    # Masked rows point one past the end: never touched on GPU, dropped by the interpreter (an
+    # in-range dummy row would be written back with stale data by the interpreter's scatter).
+    cols = lax.broadcasted_iota(jnp.int32, (1, acc.shape[1]), 1)
+    num_rows = out_refs[0].shape[-2]
+    rows = jnp.where(row_ok, rows, num_rows)
+    if num_splits == 1:
+        (out_ref,) = out_refs
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-        plgpu.store(out_ref.at[head, rows_slice, :], out.astype(out_ref.dtype),
+        plgpu.store(out_ref.at[rows[:, None], cols], out.astype(out_ref.dtype),
                     mask=row_ok[:, None])
     else:
-        split = pl.program_id(2)
-        acc_ref, m_ref, l_ref = refs[3:]
-        blocks_per_split = (num_blocks + num_splits - 1) // num_splits
-        lo = split * blocks_per_split
-        hi = jnp.minimum(lo + blocks_per_split, num_blocks)
-        m, l, acc = lax.fori_loop(lo, hi, body, init)
-        plgpu.store(acc_ref.at[split, head, rows_slice, :], acc, mask=row_ok[:, None])
-        plgpu.store(m_ref.at[split, head, rows_slice], m, mask=row_ok)
-        plgpu.store(l_ref.at[split, head, rows_slice], l, mask=row_ok)
+        acc_ref, m_ref, l_ref = out_refs
+        plgpu.store(acc_ref.at[split, rows[:, None], cols], acc, mask=row_ok[:, None])
+        plgpu.store(m_ref.at[split, rows], m, mask=row_ok)
+        plgpu.store(l_ref.at[split, rows], l, mask=row_ok)
+
+
+def _row_layout(head, *, num_q_heads: int, group: int, group_pad: int, block_rows: int):
+    """Per row of a block: token offset in the block, q head, and whether the head is real."""
+    r = lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
+    tok_off = r // group_pad
+    g = r % group_pad
+    return tok_off, head * group + g, g < group
+
+
+def _decode_kernel(qsl_ref, lens_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: float,
+                   num_q_heads: int, group: int, group_pad: int, page_size: int,
+                   block_rows: int, block_kv: int, num_splits: int, persistent: bool):
+    # qsl_ref [N+1]; lens_ref [N]; tables_ref [N, W]; q_ref [T*Hq, D]; kv_ref [2, Hkv, P*ps, D].
+    # out_refs: (out [T*Hq, D],) or (acc [S, T*Hq, D], m [S, T*Hq], l [S, T*Hq]).
+    # A unit of work is (sequence, kv head, split). Grid (N, Hkv, S): one unit per program.
+    # persistent: grid (programs,), program p does units p, p + programs, ... (split fastest).
+    common = dict(qsl_ref=qsl_ref, lens_ref=lens_ref, tables_ref=tables_ref, q_ref=q_ref,
+                  kv_ref=kv_ref, out_refs=out_refs, sm_scale=sm_scale, num_q_heads=num_q_heads,
+                  group=group, group_pad=group_pad, page_size=page_size, block_rows=block_rows,
+                  block_kv=block_kv, num_splits=num_splits)
+    if not persistent:
+        split = pl.program_id(2) if num_splits > 1 else 0
+        _decode_unit(pl.program_id(0), pl.program_id(1), split, **common)
+        return
+    num_kv_heads = kv_ref.shape[1]
+    num_units = lens_ref.shape[0] * num_kv_heads * num_splits
+    pid = pl.program_id(0)
+    programs = pl.num_programs(0)
+
+    def unit(i, carry):
+        u = pid + i * programs
+        rest = u // num_splits
+        _decode_unit(rest // num_kv_heads, rest % num_kv_heads, u % num_splits, **common)
+        return carry
+
+    lax.fori_loop(0, (num_units - pid + programs - 1) // programs, unit, 0)
+
+
+def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_ref, out_refs,
+                 sm_scale: float, num_q_heads: int, group: int, group_pad: int, page_size: int,
+                 block_rows: int, block_kv: int, num_splits: int):
+    """Sequence `seq`, kv head `head`, KV split `split`: all its query tokens, then the zeros of
+    the padding tokens assigned to it."""
+    num_seqs = lens_ref.shape[0]
+    num_tokens = q_ref.shape[0] // num_q_heads
+    block_q = block_rows // group_pad
+    first = qsl_ref[seq]
+    end = qsl_ref[seq + 1]
+    kv_len = lens_ref[seq]
+    q_len = end - first
+    tok_off, q_head, head_ok = _row_layout(head, num_q_heads=num_q_heads, group=group,
+                                           group_pad=group_pad, block_rows=block_rows)
+    attend = functools.partial(_attend, kv_ref=kv_ref, tables_ref=tables_ref, seq=seq, head=head,
+                               sm_scale=sm_scale, page_size=page_size, block_kv=block_kv)
+
+    def q_block(b, carry):
+        tok = first + b * block_q + tok_off                                 # [BR]
+        row_ok = (tok < end) & head_ok
+        rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
+        q = q_ref[rows, :]                                                  # [BR, D] gather
+        q_pos = kv_len - q_len + b * block_q + tok_off
+        n_keys = jnp.minimum(kv_len - q_len + (b + 1) * block_q, kv_len)
+        lo, hi = _split_range((n_keys + block_kv - 1) // block_kv, split, num_splits)
+        n_full = (kv_len - q_len + b * block_q + 1) // block_kv   # keys <= the first token's
+        m, l, acc = attend(q, q_pos, lo=lo, hi=hi, n_full=n_full)
+        _store(out_refs, rows, row_ok, m, l, acc, split, num_splits)
+        return carry
+
+    lax.fori_loop(0, (q_len + block_q - 1) // block_q, q_block, 0)
+
+    # Padding tokens t >= query_start_loc[N]: sequence `seq` zeroes tokens seq, seq + N, ...
+    total = qsl_ref[num_seqs]
+    head_dim = q_ref.shape[1]
+
+    def zero_token(i, carry):
+        t = seq + i * num_seqs
+        row_ok = (tok_off == 0) & head_ok & (t >= total) & (t < num_tokens)
+        rows = jnp.where(row_ok, t * num_q_heads + q_head, 0)
+        _store(out_refs, rows, row_ok, jnp.full((block_rows,), MASK_VALUE, jnp.float32),
+               jnp.zeros((block_rows,), jnp.float32),
+               jnp.zeros((block_rows, head_dim), jnp.float32), split, num_splits)
+        return carry
+
+    lax.fori_loop(0, (num_tokens - seq + num_seqs - 1) // num_seqs, zero_token, 0)
+
+
+def _ragged_kernel(items_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: float,
+                   num_q_heads: int, group: int, group_pad: int, page_size: int,
+                   block_rows: int, block_kv: int, num_splits: int):
+    # items_ref [5, I]; tables_ref [N, W]; q_ref [T*Hq, D]; kv_ref [2, Hkv, P*ps, D].
+    item = pl.program_id(0)
+    head = pl.program_id(1)
+    seq = items_ref[0, item]
+    first = items_ref[1, item]
+    end = items_ref[2, item]
+    pos0 = items_ref[3, item]
+    n_keys = items_ref[4, item]
+    tok_off, q_head, head_ok = _row_layout(head, num_q_heads=num_q_heads, group=group,
+                                           group_pad=group_pad, block_rows=block_rows)
+    tok = first + tok_off
+    row_ok = (tok < end) & head_ok
+    rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
+    q = q_ref[rows, :]                                                      # [BR, D] gather
+    split = pl.program_id(2) if num_splits > 1 else 0
+    lo, hi = _split_range((n_keys + block_kv - 1) // block_kv, split, num_splits)
+    m, l, acc = _attend(q, pos0 + tok_off, kv_ref, tables_ref, seq, head, lo, hi,
+                        (pos0 + 1) // block_kv, sm_scale=sm_scale, page_size=page_size,
+                        block_kv=block_kv)
+    _store(out_refs, rows, row_ok, m, l, acc, split, num_splits)
+
+
+def _num_sms() -> int:
+    """Multiprocessors of the default device (4 off GPU, where the kernels are interpreted)."""
+    device = jax.devices()[0]
+    return int(getattr(device, "core_count", 0) or 4) if device.platform == "gpu" else 4
 
 
 def num_kv_splits(config: BlockConfig, num_items: int, num_kv_heads: int,
@@ -186,6 +401,16 @@ def num_kv_splits(config: BlockConfig, num_items: int, num_kv_heads: int,
     return splits
 
 
+def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Array:
+    """Merges flash-decoding partials acc [S, R, D], m (log2 units), l [S, R] into normalised
+    rows [R, D]."""
+    m_all = jnp.max(m, axis=0)
+    w = jnp.exp2(m - m_all[None])                                           # [S, R]
+    denom = jnp.sum(w * l, axis=0)
+    out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return out.astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config"))
 def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
                     sm_scale: float, interpret: bool = False,
@@ -194,63 +419,61 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
 
     q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D]; metadata: AttentionMetadata (T tokens,
     N sequences, W pages each). Returns [T, Hq, D] in q.dtype, zeros for padding tokens.
-    interpret=True runs the kernel in the Pallas interpreter (CPU). config overrides BLOCK_TABLE.
+    interpret=True runs the kernel in the Pallas interpreter (CPU). config overrides the table.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_pages, page_size, _ = kv_pages.shape
     num_seqs, max_pages = metadata.block_tables.shape
     group = num_q_heads // num_kv_heads
     group_pad = _next_pow2(group)
+    mode = kernel_mode(num_tokens, num_seqs)
     if config is None:
-        config = select_config(num_tokens, num_seqs, head_dim)
+        config = select_config(num_tokens, num_seqs, head_dim, num_q_heads=num_q_heads,
+                               num_kv_heads=num_kv_heads, page_size=page_size,
+                               max_context=max_pages * page_size)
     block_rows = max(config.block_rows, group_pad, 16)
-    block_q = block_rows // group_pad
     block_kv = max(config.block_kv, 16)
-
-    items, num_items = _work_items(metadata, num_tokens, block_q)
-    splits = num_kv_splits(config, num_items, num_kv_heads, max_pages * page_size)
-    # Query rows (token, head-in-group), grouped by kv head; padded so every row block is in range.
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
-    qg = qg.transpose(1, 0, 2, 3).reshape(num_kv_heads, num_tokens * group_pad, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, block_rows), (0, 0)))
-    num_rows = qg.shape[1]
+    q_rows = q.reshape(num_tokens * num_q_heads, head_dim)                  # free reshapes
     kv_flat = kv_pages.reshape(2, num_kv_heads, num_pages * page_size, head_dim)
+    tables = metadata.block_tables.astype(jnp.int32)
+    common = dict(sm_scale=sm_scale, num_q_heads=num_q_heads, group=group, group_pad=group_pad,
+                  page_size=page_size, block_rows=block_rows, block_kv=block_kv)
 
-    kernel = functools.partial(_kernel, sm_scale=sm_scale, group_pad=group_pad,
-                               page_size=page_size, block_rows=block_rows, block_kv=block_kv,
-                               num_splits=splits)
+    if mode == "decode":
+        splits = num_kv_splits(config, num_seqs, num_kv_heads, max_pages * page_size)
+        units = num_seqs * num_kv_heads * splits
+        persistent = config.programs_per_sm > 0 and units > config.programs_per_sm * _num_sms()
+        kernel = functools.partial(_decode_kernel, num_splits=splits, persistent=persistent,
+                                   **common)
+        grid = ((config.programs_per_sm * _num_sms(),) if persistent
+                else (num_seqs, num_kv_heads) + ((splits,) if splits > 1 else ()))
+        args = (metadata.query_start_loc.astype(jnp.int32), metadata.seq_lens.astype(jnp.int32),
+                tables, q_rows, kv_flat)
+        name = "paged_decode_attention"
+    else:
+        block_q = block_rows // group_pad
+        items, num_items = _work_items(metadata, num_tokens, block_q)
+        splits = num_kv_splits(config, num_items, num_kv_heads, max_pages * page_size)
+        kernel = functools.partial(_ragged_kernel, num_splits=splits, **common)
+        grid = (num_items, num_kv_heads) + ((splits,) if splits > 1 else ())
+        args = (items, tables, q_rows, kv_flat)
+        name = "ragged_paged_attention"
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-    args = (items, metadata.block_tables.astype(jnp.int32), qg, kv_flat)
+    num_rows = num_tokens * num_q_heads
     if splits == 1:
         out = pl.pallas_call(
-            kernel,
-            out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-            grid=(num_items, num_kv_heads),
-            input_output_aliases={4: 0},
-            interpret=interpret,
-            compiler_params=params,
-            name="ragged_paged_attention",
-        )(*args, jnp.zeros_like(qg))
+            kernel, out_shape=jax.ShapeDtypeStruct((num_rows, head_dim), q.dtype), grid=grid,
+            interpret=interpret, compiler_params=params, name=name,
+        )(*args)
     else:
-        part_shape = (splits, num_kv_heads, num_rows)
+        part = (splits, num_rows)
         acc, m, l = pl.pallas_call(
             kernel,
-            out_shape=(jax.ShapeDtypeStruct(part_shape + (head_dim,), jnp.float32),
-                       jax.ShapeDtypeStruct(part_shape, jnp.float32),
-                       jax.ShapeDtypeStruct(part_shape, jnp.float32)),
-            grid=(num_items, num_kv_heads, splits),
-            input_output_aliases={4: 0, 5: 1, 6: 2},
-            interpret=interpret,
-            compiler_params=params,
-            name="ragged_paged_attention_split_kv",
-        )(*args, jnp.zeros(part_shape + (head_dim,), jnp.float32),
-          jnp.full(part_shape, MASK_VALUE, jnp.float32), jnp.zeros(part_shape, jnp.float32))
-        m_all = jnp.max(m, axis=0)
-        w = jnp.exp(m - m_all[None])                                        # [S, Hkv, R]
-        denom = jnp.sum(w * l, axis=0)
-        out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(denom > 0, denom, 1.0)[..., None]
-        out = out.astype(q.dtype)
-    out = out[:, :num_tokens * group_pad].reshape(num_kv_heads, num_tokens, group_pad, head_dim)
-    out = out[:, :, :group].transpose(1, 0, 2, 3)
+            out_shape=(jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
+                       jax.ShapeDtypeStruct(part, jnp.float32),
+                       jax.ShapeDtypeStruct(part, jnp.float32)),
+            grid=grid, interpret=interpret, compiler_params=params,
+            name=name + "_split_kv",
+        )(*args)
+        out = combine_splits(acc, m, l, q.dtype)
     return out.reshape(num_tokens, num_q_heads, head_dim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -162,6 +163,81 @@ def test_pallas_other_tiles(data, config):
     sm_scale = 0.125
     np.testing.assert_allclose(run_pallas(batch, jnp.float32, sm_scale, config),
                                run_reference(batch, jnp.float32, sm_scale), atol=2e-5, rtol=2e-5)
+
+
+BlockConfig = pallas_attention.BlockConfig
+
+
+@pytest.mark.parametrize("config", [
+    None,
+    BlockConfig(block_rows=16, block_kv=16, num_warps=4, num_stages=2, kv_splits=3),
+    BlockConfig(block_rows=32, block_kv=32, num_warps=4, num_stages=2, kv_splits=1,
+                programs_per_sm=1),
+    BlockConfig(block_rows=16, block_kv=16, num_warps=4, num_stages=2, kv_splits=2,
+                programs_per_sm=2),
+])
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_decode_kernel_mixed_bucket(data, config):
+    """A small token bucket (T <= DECODE_MAX_TOKENS, T > N) runs the one-program-per-sequence
+    kernel even with multi-token chunks in it: several query blocks per sequence, KV splits, a
+    persistent grid (4 'multiprocessors' in interpret mode) and padding tokens past N."""
+    batch = data.draw(ragged_batches(page_size=16, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                                     num_tokens=16, num_seqs=4))
+    assert pallas_attention.kernel_mode(16, 4) == "decode"
+    np.testing.assert_allclose(run_pallas(batch, jnp.float32, 0.125, config),
+                               naive_attention(batch, 0.125), atol=2e-5, rtol=2e-5)
+
+
+def test_select_config_nearest_table_entry():
+    key = pallas_attention.shape_key
+    fast = BlockConfig(16, 128, 8, 3, kv_splits=2)
+    long = BlockConfig(16, 64, 4, 4, kv_splits=8)
+    prefill = BlockConfig(128, 64, 8, 2)
+    prefill_short = BlockConfig(64, 64, 4, 3)
+    table = {key("decode", 32, 8, 128, 16, 64, 64, 2048): fast,
+             key("decode", 32, 8, 128, 16, 32, 32, 8192): long,
+             key("prefill", 32, 8, 128, 16, 2048, 8, 2048): prefill,
+             key("prefill", 32, 8, 128, 16, 512, 8, 512): prefill_short}
+    select = functools.partial(pallas_attention.select_config, head_dim=128, num_q_heads=32,
+                               num_kv_heads=8, page_size=16, table=table)
+    assert select(64, 64, max_context=2048) == fast
+    assert select(128, 128, max_context=1024) == fast
+    assert select(16, 16, max_context=16384) == long
+    assert select(2048, 8, max_context=4096) == prefill
+    assert select(512, 8, max_context=1024) == prefill_short
+    assert select(512, 8, max_context=4096, page_size=32) == pallas_attention.DEFAULT_CONFIGS[
+        "prefill"]
+    # The file beside the kernel parses (when there is one).
+    for cfg in pallas_attention.load_tuning_table().values():
+        assert isinstance(cfg, BlockConfig)
+
+
+@pytest.mark.parametrize("num_tokens,num_seqs,config", [
+    (8, 8, None),
+    (8, 8, BlockConfig(16, 64, 4, 3, kv_splits=4)),
+    (16, 8, BlockConfig(16, 128, 8, 2, kv_splits=2, programs_per_sm=1)),
+    (64, 4, None),
+    (64, 4, BlockConfig(64, 32, 4, 2, kv_splits=2)),
+])
+def test_triton_lowering_for_hopper(num_tokens, num_seqs, config):
+    """The kernels lower to Triton for an H100 (no GPU needed; compiling needs one)."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    rng = np.random.default_rng(0)
+    q_lens = [num_tokens // num_seqs] * num_seqs
+    md = random_ragged_layout(rng, q_lens, [50 + q for q in q_lens], page_size=16,
+                              num_tokens=num_tokens, num_seqs=num_seqs, num_pages=64, width=8)
+    q = jnp.zeros((num_tokens, 32, 128), jnp.bfloat16)
+    kv = jnp.zeros((2, 8, 64, 16, 128), jnp.bfloat16)
+    md = to_device(md)
+    fn = jax.jit(lambda q, kv, md: pallas_attention.paged_attention(q, kv, md, sm_scale=0.1,
+                                                                    config=config))
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = fn.trace(q, kv, md).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 @pytest.mark.parametrize("page_size,num_q_heads,num_kv_heads,head_dim", [(8, 4, 4, 64),

@@ -1,0 +1,753 @@
+"""`pjllm bench kernels`: the attention kernels at fixed shapes, side by side with alternatives.
+
+Cases (Llama-3-8B attention: Hq 32, Hkv 8, head_dim 128, page 16, bf16):
+  decode  B64/ctx2048, B256/ctx1024, B32/ctx8192, B1/ctx4096 (one token per sequence, T = N = B);
+  prefill one chunk of 512 or 2048 tokens at offset 0 and at a cached offset (T = chunk, N = 8,
+          seven padding sequences, as the engine pads).
+Implementations on the same inputs:
+  pallas       pjllm.kernels.paged_attention (tiles from its tuning table, or --tune's candidates)
+  reference    pjllm.kernels.reference.paged_attention_reference (pure XLA: page gathers in a loop)
+  jax_bundled  jax.experimental.pallas.ops.gpu.paged_attention (decode only; its defaults, K and V
+               pages as two arrays and block tables padded to a power of 2 of pages, as it needs)
+  cudnn        jax.nn.dot_product_attention(implementation="cudnn") on the equivalent dense causal
+               shapes (prefill only; at a cached offset the bottom-right causal mask is a bias);
+               on CPU it runs implementation="xla" instead.
+
+Timing: one jitted executable runs a chain of calls (each output is the next call's q, so XLA can
+neither merge nor reorder them) in a fori_loop, rotating through enough copies of the KV pages that
+they do not sit in L2, with about --target-ms of device work per rep; each rep is synchronized
+(block_until_ready) and time_ms is the median over reps of rep time / calls. On GPU a second pass
+under the JAX profiler reports device_ms: GPU busy time per call (all kernels of the call, the
+split-KV combine included), without host gaps. Metadata preparation that does not depend on q
+(the ragged kernel's work list) is hoisted out of the loop by XLA, as it is shared by the layers
+of one engine step.
+Metrics: time (ms), KV GB/s = K and V bytes of every sequence's context / time (each read once),
+TFLOP/s = 4 * head_dim * Hq * (query, key) pairs inside the causal mask / time, and the error of
+each output against the reference (max abs, and ||out - ref|| / ||ref||).
+
+--tune sweeps the Pallas kernel's tiles (then its KV split count) for each case, prints the
+winners as tuning-table entries, and merges them into pjllm/kernels/paged_attention_tuning.json
+(or --tune-output). On CPU (or with --small) tiny shapes run in Pallas interpret mode, so that the
+command and its JSON can be tested anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+IMPLS = ("pallas", "reference", "jax_bundled", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str                        # "decode" | "prefill"
+    q_lens: tuple[int, ...]
+    ctx_lens: tuple[int, ...]
+    num_tokens: int                  # T bucket
+    num_seqs: int                    # N bucket
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    page_size: int = 16
+    dtype: str = "bfloat16"
+
+    @property
+    def max_pages(self) -> int:
+        return max(-(-c // self.page_size) for c in self.ctx_lens)
+
+    def kv_bytes(self) -> int:
+        itemsize = np.dtype(self.dtype).itemsize if self.dtype != "bfloat16" else 2
+        return 2 * sum(self.ctx_lens) * self.num_kv_heads * self.head_dim * itemsize
+
+    def flops(self) -> int:
+        pairs = sum(sum(c - q + k + 1 for k in range(q)) for q, c in zip(self.q_lens, self.ctx_lens))
+        return 4 * self.head_dim * self.num_q_heads * pairs
+
+    def shape(self) -> dict[str, Any]:
+        return {"num_tokens": self.num_tokens, "num_seqs": self.num_seqs,
+                "q_lens": _summary(self.q_lens), "ctx_lens": _summary(self.ctx_lens),
+                "num_q_heads": self.num_q_heads, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "page_size": self.page_size, "dtype": self.dtype}
+
+
+def _summary(xs: tuple[int, ...]) -> str:
+    return f"{len(xs)}x{xs[0]}" if len(set(xs)) == 1 else ",".join(map(str, xs))
+
+
+def _decode(b: int, ctx: int, **kw) -> Case:
+    return Case(f"decode B{b} ctx{ctx}", "decode", (1,) * b, (ctx,) * b, b, b, **kw)
+
+
+def _prefill(chunk: int, offset: int, num_seqs: int = 8, **kw) -> Case:
+    return Case(f"prefill {chunk} @{offset}", "prefill", (chunk,), (offset + chunk,), chunk,
+                num_seqs, **kw)
+
+
+FULL_CASES = [
+    _decode(64, 2048), _decode(256, 1024), _decode(32, 8192), _decode(1, 4096),
+    _prefill(512, 0), _prefill(512, 1536), _prefill(2048, 0), _prefill(2048, 2048),
+]
+_SMALL = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
+SMALL_CASES = [
+    _decode(4, 70, **_SMALL), _decode(2, 33, **_SMALL),
+    _prefill(24, 0, num_seqs=2, **_SMALL), _prefill(20, 40, num_seqs=2, **_SMALL),
+]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers `kernels` (and its options) on a `pjllm bench` subparsers object."""
+    parser = subparsers.add_parser(
+        "kernels", help="time the paged attention kernels against XLA, jax's bundled Pallas op "
+                        "and cuDNN", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true",
+                        help="tiny shapes (the default on CPU, where Pallas runs interpreted)")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated substrings; run the cases whose name has one")
+    parser.add_argument("--impls", default=",".join(IMPLS),
+                        help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--target-ms", type=float, default=4.0,
+                        help="device work per timed rep; sets the number of chained calls")
+    parser.add_argument("--max-calls", type=int, default=512, help="most calls per timed rep")
+    parser.add_argument("--unroll", type=int, default=16,
+                        help="calls per loop iteration of the timed executable")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the JAX-profiler pass that reports device_ms per call")
+    parser.add_argument("--reps", type=int, default=30, help="most timed reps per measurement")
+    parser.add_argument("--min-reps", type=int, default=None,
+                        help="fewest timed reps (default 5 on GPU, 1 on CPU)")
+    parser.add_argument("--time-per-measurement", type=float, default=1.0,
+                        help="seconds of timed reps to aim for per (case, implementation)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tune", action="store_true",
+                        help="sweep the Pallas kernel's tiles per case and write the winners into "
+                             "its tuning table")
+    parser.add_argument("--tune-cases", default=None,
+                        help="like --cases, for the sweep only (default: the cases run)")
+    parser.add_argument("--tune-budget", type=float, default=600.0,
+                        help="seconds the whole sweep may take; it stops early past this")
+    parser.add_argument("--tune-output", default=None,
+                        help="tuning table to merge the winners into (default: the kernel's own "
+                             "table, except with --small; 'none' = print only)")
+    parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
+    return parser
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class Inputs:
+    metadata: Any                    # AttentionMetadata on device
+    qs: list                         # one q [T, Hq, D] per call
+    kvs: list                        # KV page sets [2, Hkv, P, ps, D] (rotated)
+    sm_scale: float
+    extra: dict                      # per-implementation layouts, built on demand
+
+
+def _kv_sets(case: Case, on_gpu: bool) -> int:
+    """Copies of the KV pages to rotate through so that repeated calls do not hit in L2 (50-60 MB
+    on an H100 / H200): at least 256 MB in all, at most 16 copies."""
+    if not on_gpu:
+        return 1
+    return int(min(16, max(1, math.ceil(256e6 / case.kv_bytes()))))
+
+
+def make_inputs(case: Case, *, seed: int, on_gpu: bool) -> Inputs:
+    import jax
+    import jax.numpy as jnp
+
+    from pjllm.kernels.testing import random_ragged_layout
+
+    rng = np.random.default_rng(seed)
+    total_pages = sum(-(-c // case.page_size) for c in case.ctx_lens) + 8
+    md = random_ragged_layout(rng, list(case.q_lens), list(case.ctx_lens),
+                              page_size=case.page_size, num_tokens=case.num_tokens,
+                              num_seqs=case.num_seqs, num_pages=total_pages, width=case.max_pages)
+    md = jax.tree.map(jnp.asarray, md)
+    dtype = jnp.dtype(case.dtype)
+    key = jax.random.key(seed)
+    qkey, kvkey = jax.random.split(key)
+    q_shape = (case.num_tokens, case.num_q_heads, case.head_dim)
+    kv_shape = (2, case.num_kv_heads, total_pages, case.page_size, case.head_dim)
+    draw = jax.jit(lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype),
+                   static_argnums=1)
+    qs = [draw(qkey, q_shape)]
+    kvs = [draw(k, kv_shape) for k in jax.random.split(kvkey, _kv_sets(case, on_gpu))]
+    return Inputs(md, qs, kvs, case.head_dim ** -0.5, {})
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def _pallas_fn(case: Case, inputs: Inputs, interpret: bool, config=None) -> Callable:
+    from pjllm.kernels import paged_attention as pallas_attention
+
+    md, scale = inputs.metadata, inputs.sm_scale
+    return lambda q, kv: pallas_attention.paged_attention(q, kv, md, sm_scale=scale,
+                                                          interpret=interpret, config=config)
+
+
+def _reference_fn(case: Case, inputs: Inputs, interpret: bool) -> Callable:
+    from pjllm.kernels import reference
+
+    md, scale = inputs.metadata, inputs.sm_scale
+    return lambda q, kv: reference.paged_attention_reference(q, kv, md, sm_scale=scale)
+
+
+def _bundled_fn(case: Case, inputs: Inputs, interpret: bool) -> tuple[Callable, list, list]:
+    """jax's bundled Pallas paged attention: q pre-scaled (it applies no softmax scale), separate
+    K / V page arrays, block tables padded to a power of 2 of pages (its k_splits must divide
+    them), decode batches only. Returns (fn, q per call, KV sets), all prepared outside timing."""
+    import jax.numpy as jnp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import paged_attention as bundled
+
+    if case.kind != "decode" or case.num_tokens != case.num_seqs:
+        raise NotImplementedError("decode only")
+    md = inputs.metadata
+    width = 1 << max(0, (case.max_pages - 1).bit_length())
+    tables = jnp.pad(md.block_tables, ((0, 0), (0, width - md.block_tables.shape[1])))
+    lengths = md.seq_lens.astype(jnp.int32)
+    k_splits = min(16, width)
+    kv_sets = [(kv[0], kv[1]) for kv in inputs.kvs]          # materialized once, outside timing
+    qs = [(q.astype(jnp.float32) * inputs.sm_scale).astype(q.dtype) for q in inputs.qs]
+
+    def fn(q, kv):
+        k_pages, v_pages = kv
+        return bundled.paged_attention(q, k_pages, v_pages, tables, lengths, k_splits=k_splits,
+                                       interpret=interpret)
+    return fn, qs, kv_sets
+
+
+def _cudnn_fn(case: Case, inputs: Inputs, on_gpu: bool) -> tuple[Callable, list, list, str]:
+    """jax.nn.dot_product_attention on the dense [1, S, H, D] equivalent of the one real sequence.
+
+    Returns (fn(q_dense, (k, v)), dense q per call, dense (k, v) sets, implementation)."""
+    import jax
+    import jax.numpy as jnp
+
+    if case.kind != "prefill" or len(case.q_lens) != 1:
+        raise NotImplementedError("prefill of one sequence only")
+    md = inputs.metadata
+    q_len, ctx = case.q_lens[0], case.ctx_lens[0]
+    pages = md.block_tables[0, : -(-ctx // case.page_size)]
+
+    def dense_kv(kv):                                         # [2, Hkv, P, ps, D] -> 2 x [1, S, Hkv, D]
+        ctx_kv = kv[:, :, pages].reshape(2, case.num_kv_heads, -1, case.head_dim)[:, :, :ctx]
+        ctx_kv = jnp.transpose(ctx_kv, (0, 2, 1, 3))[:, None]
+        return ctx_kv[0], ctx_kv[1]
+
+    kv_sets = [jax.jit(dense_kv)(kv) for kv in inputs.kvs]
+    qs = [q[None, :q_len] for q in inputs.qs]
+    implementation = "cudnn" if on_gpu else "xla"
+    offset = ctx - q_len
+    scale = inputs.sm_scale
+    if offset == 0:
+        bias = None
+    else:                                                     # bottom-right causal mask
+        allowed = (jnp.arange(ctx)[None, :] <= offset + jnp.arange(q_len)[:, None])
+        bias = jnp.where(allowed, 0.0, -1e9).astype(qs[0].dtype)[None, None]
+
+    def fn(q, kv):
+        k, v = kv
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                            is_causal=offset == 0, implementation=implementation)
+    return fn, qs, kv_sets, implementation + (" (bias mask)" if bias is not None else "")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_calls(fn: Callable, q, kvs: list, *, reps: int, min_reps: int, seconds: float,
+               target_ms: float = 4.0, max_calls: int = 512, unroll: int = 8,
+               profile: bool = False, iters: int | None = None) -> dict[str, Any]:
+    """Per-call time of fn(q, kv), in ms.
+
+    One jitted executable runs a chain of calls (each call's output is the next call's q, so XLA
+    can neither merge nor reorder them), `unroll` calls per iteration of a fori_loop, rotating
+    through the KV sets; the iteration count is chosen so that one rep holds about `target_ms` of
+    device work (or `iters` iterations, when given). Each rep is synchronized; time_ms = median
+    over reps of rep time / calls.
+    With profile=True the same executable also runs under the JAX profiler and device_ms = GPU
+    busy time per call from the trace (kernels_us: per kernel name), host gaps excluded.
+    Returns {"time_ms", "min_ms", "spread_ms", "reps", "calls", "first_out", ...}.
+    """
+    import jax
+    from jax import lax
+
+    num_sets = len(kvs)
+    unroll = num_sets * max(1, -(-unroll // num_sets))
+    first_out = jax.block_until_ready(jax.jit(fn)(q, kvs[0]))
+
+    def build(iters: int):
+        def chained(q, kvs):
+            def body(i, x):
+                for j in range(unroll):
+                    x = fn(x, kvs[j % num_sets])
+                return x
+            return lax.fori_loop(0, iters, body, q)
+        run = jax.jit(chained)
+        jax.block_until_ready(run(q, kvs))
+        jax.block_until_ready(run(q, kvs))   # (Pallas interpret mode compiles a second time)
+        return run
+
+    def one_rep(run) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(q, kvs))
+        return time.perf_counter() - t0
+
+    if iters is None:
+        iters = 1
+        run = build(iters)
+        estimate = one_rep(run) / unroll
+        want = int(min(max(1, math.ceil(target_ms * 1e-3 / max(estimate, 1e-9) / unroll)),
+                       max(1, max_calls // unroll)))
+        if want != iters:
+            iters = want
+            run = build(iters)
+    else:
+        run = build(iters)
+    calls = iters * unroll
+    times = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < reps:
+        times.append(one_rep(run) / calls)
+        if len(times) >= min_reps and time.perf_counter() > deadline:
+            break
+    times_ms = sorted(1e3 * t for t in times)
+    spread = (times_ms[(3 * len(times_ms)) // 4] - times_ms[len(times_ms) // 4]
+              if len(times_ms) >= 4 else None)
+    out = {"time_ms": statistics.median(times_ms), "min_ms": times_ms[0], "reps": len(times),
+           "spread_ms": spread, "calls": calls, "iters": iters, "first_out": first_out}
+    if profile:
+        try:
+            out.update(device_times(run, (q, kvs), calls))
+        except Exception as exc:  # noqa: BLE001 - the profiler is a bonus, not a requirement
+            out["profile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return out
+
+
+def device_times(run: Callable, args: tuple, calls: int, runs: int = 2) -> dict[str, Any]:
+    """GPU busy time per call from a JAX profiler trace of `runs` executions of `run(*args)`:
+    {"device_ms": sum of the durations of everything on the GPU streams / calls,
+     "span_ms": GPU timeline from the first start to the last end / calls,
+     "kernels_us": {kernel name: microseconds per call}}."""
+    import glob
+    import gzip
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as log_dir:
+        jax.profiler.start_trace(log_dir)
+        try:
+            for _ in range(runs):
+                jax.block_until_ready(run(*args))
+        finally:
+            jax.profiler.stop_trace()
+        [path] = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+        with gzip.open(path, "rb") as f:
+            events = json.load(f)["traceEvents"]
+    pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+    tids = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu_threads = {key: name for key, name in tids.items() if "GPU" in pids.get(key[0], "")}
+    streams = {key for key, name in gpu_threads.items() if "Stream" in name}
+    if not streams:     # other naming: every GPU line but the derived op / module lines
+        streams = {key for key, name in gpu_threads.items()
+                   if not any(w in name for w in ("XLA", "Launch", "Op", "Module", "Step"))}
+    kernels: dict[str, float] = {}
+    first, last = math.inf, -math.inf
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
+            name = str(e.get("name", "?"))[:80]
+            kernels[name] = kernels.get(name, 0.0) + float(e.get("dur", 0.0))
+            first = min(first, float(e["ts"]))
+            last = max(last, float(e["ts"]) + float(e.get("dur", 0.0)))
+    if not kernels:
+        raise RuntimeError(f"no GPU stream events in the trace; processes "
+                           f"{sorted(pids.values())[:8]}, GPU lines "
+                           f"{sorted(gpu_threads.values())[:8]}")
+    total = runs * calls
+    # span_ms: first start to last end on the GPU per call, idle gaps between kernels included
+    # (the gaps between the profiled runs too, so an upper bound).
+    return {"device_ms": sum(kernels.values()) / total / 1e3,
+            "span_ms": (last - first) / total / 1e3,
+            "kernels_us": {k: v / total for k, v in sorted(kernels.items(),
+                                                           key=lambda kv: -kv[1])}}
+
+
+def _timing_opts(args, on_gpu: bool) -> dict[str, Any]:
+    if not on_gpu:                       # interpret mode: one call per rep is plenty
+        return {"target_ms": 0.0, "max_calls": 1, "unroll": 1}
+    return {"target_ms": args.target_ms, "max_calls": args.max_calls, "unroll": args.unroll}
+
+
+def _errors(out, want) -> dict[str, float]:
+    out = np.asarray(out, np.float32).reshape(want.shape)
+    diff = out - want
+    finite = bool(np.isfinite(out).all())
+    return {"max_abs_err": float(np.max(np.abs(diff))) if finite else float("nan"),
+            "rel_err": (float(np.linalg.norm(diff) / max(np.linalg.norm(want), 1e-30))
+                        if finite else float("nan"))}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _device_env(argv) -> dict[str, Any]:
+    import jax
+
+    try:
+        from pjllm.bench import report
+
+        env = report.environment(argv, report.jax_device_info)
+    except Exception:  # noqa: BLE001 - the report module is optional for this command
+        env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "command": " ".join(["pjllm", *(argv or sys.argv[1:])]), "jax": jax.__version__,
+               "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
+    return env
+
+
+def _select_cases(args) -> list[Case]:
+    import jax
+
+    small = args.small or jax.default_backend() == "cpu"
+    cases = SMALL_CASES if small else FULL_CASES
+    wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
+    if wanted:
+        cases = [c for c in cases if any(w in c.name for w in wanted)]
+    return cases
+
+
+def _metrics(case: Case, time_ms: float) -> dict[str, float]:
+    seconds = time_ms * 1e-3
+    return {"kv_gbps": case.kv_bytes() / seconds / 1e9, "tflops": case.flops() / seconds / 1e12}
+
+
+def measure_case(case: Case, impls: list[str], args, *, on_gpu: bool, min_reps: int) -> list[dict[str, Any]]:
+    """Every implementation on one case; the reference's output is the yardstick."""
+    import jax
+    import jax.numpy as jnp
+
+    from pjllm.kernels import paged_attention as pallas_attention
+    from pjllm.kernels import reference
+
+    interpret = not on_gpu
+    inputs = make_inputs(case, seed=args.seed, on_gpu=on_gpu)
+    want = np.asarray(jax.jit(lambda q, kv: reference.paged_attention_reference(
+        q, kv, inputs.metadata, sm_scale=inputs.sm_scale))(inputs.qs[0], inputs.kvs[0])
+        .astype(jnp.float32))
+    real = int(sum(case.q_lens))
+    records = []
+    for impl in impls:
+        rec: dict[str, Any] = {"case": case.name, "kind": case.kind, "impl": impl,
+                               "shape": case.shape(),
+                               "kv_sets": len(inputs.kvs), "kv_bytes": case.kv_bytes(),
+                               "flops": case.flops()}
+        try:
+            qs, kvs, yardstick = inputs.qs, inputs.kvs, want
+            if impl == "pallas":
+                fn = _pallas_fn(case, inputs, interpret)
+                rec["config"] = dataclasses.asdict(_resolved_config(case))
+                rec["kernel"] = pallas_attention.kernel_mode(case.num_tokens, case.num_seqs)
+            elif impl == "reference":
+                fn = _reference_fn(case, inputs, interpret)
+            elif impl == "jax_bundled":
+                fn, qs, kvs = _bundled_fn(case, inputs, interpret)
+            elif impl == "cudnn":
+                fn, qs, kvs, rec["implementation"] = _cudnn_fn(case, inputs, on_gpu)
+                yardstick = want[None, :real]
+            else:
+                raise ValueError(f"unknown implementation {impl!r}")
+            timing = time_calls(fn, qs[0], kvs, reps=args.reps, min_reps=min_reps,
+                                seconds=args.time_per_measurement, **_timing_opts(args, on_gpu),
+                                profile=on_gpu and not args.no_profile)
+            out = timing.pop("first_out")
+            if impl != "cudnn":
+                out = np.asarray(out.astype(jnp.float32))[:real]
+                yardstick = yardstick[:real]
+            rec.update(_errors(np.asarray(out, np.float32), yardstick))
+            rec.update(timing)
+            rec.update(_metrics(case, rec["time_ms"]))
+            if "device_ms" in rec:
+                rec.update({"device_" + k: v for k, v in _metrics(case, rec["device_ms"]).items()})
+        except NotImplementedError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - one failing implementation must not stop the run
+            rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        records.append(rec)
+        print(_one_line(rec), flush=True)
+    pallas = next((r for r in records if r["impl"] == "pallas" and "time_ms" in r), None)
+    for rec in records:
+        if pallas is not None and "time_ms" in rec:
+            rec["vs_pallas"] = rec["time_ms"] / pallas["time_ms"]
+    return records
+
+
+def _resolved_config(case: Case, config=None):
+    """The Pallas kernel's BlockConfig for a case, with its split count resolved."""
+    from pjllm.kernels import paged_attention as pa
+
+    cfg = config or pa.select_config(case.num_tokens, case.num_seqs, case.head_dim,
+                                     num_q_heads=case.num_q_heads,
+                                     num_kv_heads=case.num_kv_heads, page_size=case.page_size,
+                                     max_context=case.max_pages * case.page_size)
+    if cfg.kv_splits is None:
+        group_pad = pa._next_pow2(case.num_q_heads // case.num_kv_heads)
+        rows = max(cfg.block_rows, group_pad, 16)
+        if pa.kernel_mode(case.num_tokens, case.num_seqs) == "decode":
+            programs = case.num_seqs
+        else:
+            bq = rows // group_pad
+            programs = (case.num_tokens + case.num_seqs * (bq - 1)) // bq + 1
+        cfg = dataclasses.replace(cfg, kv_splits=pa.num_kv_splits(
+            cfg, programs, case.num_kv_heads, case.max_pages * case.page_size))
+    return cfg
+
+
+def _one_line(rec: dict[str, Any]) -> str:
+    if "error" in rec:
+        return f"  {rec['case']:22s} {rec['impl']:12s} FAILED {rec['error']}"
+    return (f"  {rec['case']:22s} {rec['impl']:12s} {rec['time_ms']:9.4f} ms "
+            f"{rec['kv_gbps']:8.1f} GB/s {rec['tflops']:7.2f} TFLOP/s rel_err {rec['rel_err']:.1e}")
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def tune_candidates(case: Case, stage: int, best=None) -> list:
+    """Stage 0: tiles; stage 1: KV split counts (and a persistent grid) around the best tile."""
+    from pjllm.kernels.paged_attention import BlockConfig, kernel_mode
+
+    if kernel_mode(case.num_tokens, case.num_seqs) == "decode":
+        if stage == 0:
+            tiles = [(64, 4, 4), (128, 8, 3), (64, 4, 2), (128, 8, 4), (32, 4, 4)]
+            return [BlockConfig(16, bk, w, st, kv_splits=None) for bk, w, st in tiles]
+        return ([dataclasses.replace(best, kv_splits=s) for s in (1, 2, 4, 8)]
+                + [dataclasses.replace(best, kv_splits=None, programs_per_sm=2)])
+    if stage == 0:
+        tiles = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3),
+                 (64, 128, 4, 3)]
+        return [BlockConfig(br, bk, w, st, kv_splits=1) for br, bk, w, st in tiles]
+    return []           # prefill: the split combine (f32 partials through XLA) costs more
+
+
+def tune_case(case: Case, args, *, on_gpu: bool, min_reps: int,
+              deadline: float, small: bool) -> dict[str, Any]:
+    """Times the candidate configs of one case; returns {"best", "candidates", ...}."""
+    import jax
+    import jax.numpy as jnp
+
+    from pjllm.kernels import reference
+
+    inputs = make_inputs(case, seed=args.seed + 1, on_gpu=on_gpu)
+    want = np.asarray(jax.jit(lambda q, kv: reference.paged_attention_reference(
+        q, kv, inputs.metadata, sm_scale=inputs.sm_scale))(inputs.qs[0], inputs.kvs[0])
+        .astype(jnp.float32))
+    real = int(sum(case.q_lens))
+    tol = 2e-2 if case.dtype == "bfloat16" else 1e-4
+    results: list[dict[str, Any]] = []
+    best = None
+    iters = None                 # loop length of the first candidate's timing, reused after
+    for stage in (0, 1):
+        cands = tune_candidates(case, stage, best["config_obj"] if best else None)
+        if small:
+            cands = cands[:2]
+        for cfg in cands:
+            if any(r["config_obj"] == cfg for r in results):
+                continue
+            if time.perf_counter() > deadline:
+                break
+            rec: dict[str, Any] = {"config_obj": cfg}
+            try:
+                fn = _pallas_fn(case, inputs, not on_gpu, cfg)
+                timing = time_calls(fn, inputs.qs[0], inputs.kvs, reps=max(min_reps, 10),
+                                    min_reps=min_reps, seconds=0.3, iters=iters,
+                                    **_timing_opts(args, on_gpu))
+                iters = timing["iters"]
+                out = np.asarray(timing.pop("first_out").astype(jnp.float32))[:real]
+                rec.update(_errors(out, want[:real]))
+                rec.update(timing)
+                rec["resolved"] = dataclasses.asdict(_resolved_config(case, cfg))
+                ok = rec["rel_err"] <= tol
+                rec["ok"] = ok
+                if ok and (best is None or rec["time_ms"] < best["time_ms"]):
+                    best = rec
+            except Exception as exc:  # noqa: BLE001
+                rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            results.append(rec)
+            print(f"    tune {case.name:22s} {cfg} -> "
+                  + (f"{rec['time_ms']:.4f} ms rel_err {rec['rel_err']:.1e}" if "time_ms" in rec
+                     else rec.get("error", "?")), flush=True)
+        if best is None:
+            break
+    clean = [{k: v for k, v in r.items() if k != "config_obj"}
+             | {"config": dataclasses.asdict(r["config_obj"])} for r in results]
+    return {"case": case.name, "candidates": clean,
+            "best": dataclasses.asdict(best["config_obj"]) if best else None,
+            "best_time_ms": best["time_ms"] if best else None}
+
+
+def _table_key(case: Case) -> str:
+    from pjllm.kernels import paged_attention as pa
+
+    return pa.shape_key(pa.kernel_mode(case.num_tokens, case.num_seqs), case.num_q_heads,
+                        case.num_kv_heads, case.head_dim, case.page_size, case.num_tokens,
+                        case.num_seqs, case.max_pages * case.page_size)
+
+
+def write_tuning_table(path: str, entries: dict[str, dict], env: dict[str, Any]) -> None:
+    """Merges {shape_key: config dict} into the JSON tuning table at `path`."""
+    from pjllm.kernels import paged_attention as pa
+
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        table = {}
+    table.setdefault("about", "Pallas paged attention tiles by shape, written by `pjllm bench "
+                              "kernels --tune`; see pjllm/kernels/paged_attention.py:select_config")
+    configs = table.setdefault("configs", {})
+    for key, cfg in entries.items():
+        configs[key] = dict(cfg, device=env.get("device"), date=env.get("date"))
+    table["configs"] = dict(sorted(configs.items()))
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    pa.load_tuning_table.cache_clear()
+    print(f"wrote {len(entries)} entries to {path}")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+COLUMNS = [("case", "case", ""), ("impl", "impl", ""), ("time_ms", "ms", ".4f"),
+           ("kv_gbps", "KV GB/s", ".0f"), ("tflops", "TFLOP/s", ".1f"),
+           ("device_ms", "device ms", ".4f"), ("device_kv_gbps", "dev GB/s", ".0f"),
+           ("vs_pallas", "x pallas time", ".2f"), ("rel_err", "rel err", ".1e"),
+           ("error", "error", "")]
+
+
+def _format_table(rows, columns) -> str:
+    try:
+        from pjllm.bench.report import format_table
+    except ImportError:  # pragma: no cover
+        def format_table(rows, columns):
+            return "\n".join(" ".join(str(r.get(k, "-")) for k, _, _ in columns) for r in rows)
+    return format_table(rows, columns)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark (and --tune); prints a table; returns the exit status."""
+    import jax
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    on_gpu = jax.default_backend() == "gpu"
+    small = args.small or not on_gpu
+    min_reps = args.min_reps or (5 if on_gpu else 1)
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        print(f"unknown implementations: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    cases = _select_cases(args)
+    if not cases:
+        print("no case matches --cases", file=sys.stderr)
+        return 2
+    argv = getattr(args, "argv", None) or getattr(args, "cli_argv", None)
+    env = _device_env(argv)
+    print(f"device: {env.get('device')} | jax {jax.__version__} | "
+          f"{'interpret mode, small shapes' if not on_gpu else ('small shapes' if small else 'Llama-3-8B shapes')}",
+          flush=True)
+    payload: dict[str, Any] = {"benchmark": "kernels", "env": env, "small": small,
+                               "results": [], "tuning": None}
+    status = 0
+    if args.tune:
+        start = time.perf_counter()
+        # Each case may spend up to its share of the budget plus what earlier cases left over.
+        tune_cases = cases
+        if args.tune_cases is not None:
+            wanted = [w.strip() for w in args.tune_cases.split(",") if w.strip()]
+            tune_cases = [c for c in cases if any(w in c.name for w in wanted)]
+        tuned = [tune_case(c, args, on_gpu=on_gpu, min_reps=min_reps,
+                           deadline=start + args.tune_budget * (i + 1) / len(tune_cases),
+                           small=small)
+                 for i, c in enumerate(tune_cases)]
+        entries = {_table_key(c): t["best"] for c, t in zip(tune_cases, tuned) if t["best"]}
+        print("\nproposed tuning table (shape key -> BlockConfig):")
+        print(json.dumps(entries, indent=1))
+        out_path = args.tune_output
+        if out_path is None and not small:
+            from pjllm.kernels.paged_attention import TUNING_FILE
+            out_path = TUNING_FILE
+        if out_path and out_path.lower() != "none":
+            write_tuning_table(out_path, entries, env)
+        payload["tuning"] = {"entries": entries, "cases": tuned, "written_to": out_path,
+                             "seconds": time.perf_counter() - start}
+    for case in cases:
+        print(f"{case.name}:", flush=True)
+        recs = measure_case(case, impls, args, on_gpu=on_gpu, min_reps=min_reps)
+        for rec in recs:
+            rec["env"] = env
+        payload["results"].extend(recs)
+        if any("error" in r and r["impl"] == "pallas" for r in recs):
+            status = 1
+        if any(r["impl"] == "pallas" and r.get("rel_err", 0) > (2e-2 if case.dtype == "bfloat16"
+                                                               else 1e-4) for r in recs):
+            print(f"  pallas output of {case.name} differs from the reference", flush=True)
+            status = 1
+        _write_payload(args.output_json, payload)       # partial results survive a kill
+    print(f"\n== bench kernels: {env.get('device')}, {env.get('date')} ==")
+    print(_format_table(payload["results"], COLUMNS))
+    if args.output_json:
+        _write_payload(args.output_json, payload)
+        print(f"wrote {args.output_json}")
+    return status
+
+
+def _write_payload(path: str | None, payload: dict[str, Any]) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=_jsonable)
+        f.write("\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pjllm.bench.kernels ...` (the same options as `pjllm bench kernels`)."""
+    parser = argparse.ArgumentParser(prog="pjllm bench")
+    add_parser(parser.add_subparsers(dest="bench", required=True))
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(["kernels", *argv])
+    args.argv = ["bench", "kernels", *argv]
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
