@@ -16,11 +16,11 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 for group in "$@"; do
   case $group in
     kernels)
-      step kernels 150 bench kernels --output-json "$results/kernels.json" ;;
+      step kernels 120 bench kernels --output-json "$results/kernels.json" ;;
     engine)
-      step chat 200 bench throughput --model $model --load-format dummy --dataset chat \
+      step chat 180 bench throughput --model $model --load-format dummy --dataset chat \
         --output-json "$results/throughput-chat.json"
-      step latency 120 bench latency --model $model --load-format dummy --batch-sizes 1,8 \
+      step latency 100 bench latency --model $model --load-format dummy --batch-sizes 1,8 \
         --input-len 128 --output-len 64 --num-iters 3 --output-json "$results/latency.json"
       step startup 150 bench startup --model $model --load-format dummy \
         --output-json "$results/startup.json" ;;
