@@ -6,7 +6,7 @@ set -u
 results=${OUT:-benchmarks/results}
 model=benchmarks/configs/llama-3-8b.json
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
-bench() { python -m pjllm.entrypoints.cli bench "$@"; }
+bench=(python -m pjllm.entrypoints.cli bench)
 step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, keep the log, print its end
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" > "$results/$name.log" 2>&1
@@ -16,16 +16,16 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 for group in "$@"; do
   case $group in
     kernels)
-      step kernels 120 bench kernels --output-json "$results/kernels.json" ;;
+      step kernels 120 "${bench[@]}" kernels --output-json "$results/kernels.json" ;;
     engine)
-      step chat 180 bench throughput --model $model --load-format dummy --dataset chat \
+      step chat 180 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
         --output-json "$results/throughput-chat.json"
-      step latency 100 bench latency --model $model --load-format dummy --batch-sizes 1,8 \
+      step latency 100 "${bench[@]}" latency --model $model --load-format dummy --batch-sizes 1,8 \
         --input-len 128 --output-len 64 --num-iters 3 --output-json "$results/latency.json"
-      step startup 150 bench startup --model $model --load-format dummy \
+      step startup 150 "${bench[@]}" startup --model $model --load-format dummy \
         --output-json "$results/startup.json" ;;
     compare)
-      step chat-both 420 bench throughput --model $model --load-format dummy --dataset chat \
+      step chat-both 420 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
         --num-prompts 200 --backend both --output-json "$results/throughput-chat200-both.json" ;;
   esac
 done
