@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any, Sequence
 
 from pjllm.bench.datasets import BenchRequest
@@ -41,6 +42,9 @@ class PjllmBackend:
         prompts = [{"prompt_token_ids": request.prompt_token_ids} for request in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [len(output.outputs[0].token_ids) for output in outputs]
+
+    def step_timings(self) -> dict[str, float]:
+        return dataclasses.asdict(self.llm.engine.step_timings)
 
     def preemptions(self) -> int | None:
         return getattr(self.llm.engine.scheduler, "num_preemptions", None)

@@ -69,9 +69,11 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
         if warmup:
             backend.generate(warmup)
         warmup_pass_s = time.perf_counter() - start
+        timings_before = backend.step_timings() if hasattr(backend, "step_timings") else {}
         start = time.perf_counter()
         output_lens = backend.generate(requests)
         elapsed = time.perf_counter() - start
+        timings_after = backend.step_timings() if hasattr(backend, "step_timings") else {}
         record: dict[str, Any] = {
             "backend": backend_name, "model": model, "load_format": args.load_format,
             "dataset": workload.name, "num_prompts": len(requests), "seed": args.seed,
@@ -88,6 +90,9 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
             "warmup_pass_s": warmup_pass_s,
             "warmup_pass_prompts": len(warmup),
             "preemptions": backend.preemptions() if hasattr(backend, "preemptions") else None,
+            # Engine loop split (pjllm): host work vs waiting on the device, over the timed run.
+            "step_timings": ({key: timings_after[key] - timings_before[key] for key in timings_after}
+                             if timings_after else None),
             "settings": backend.settings_record(),
             "env": environment(getattr(args, "cli_argv", None), backend.device_info),
         }

@@ -32,6 +32,20 @@ _HOST_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
+class StepTimings:
+    """Where the engine's step loop spends wall time (cumulative since the engine started).
+
+    host_s: scheduling, input preparation, dispatch and output processing; wait_s: blocked on the
+    device for a step's tokens. With async scheduling, wait_s >> 0 means the device is the
+    bottleneck; wait_s near 0 means the host is.
+    """
+
+    steps: int = 0
+    host_s: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclasses.dataclass
 class _InFlightStep:
     """A dispatched step whose sampled tokens the host has not processed yet."""
 
@@ -107,6 +121,7 @@ class LLMEngine:
         self._seed_rng = np.random.default_rng(config.seed)
         self._next_seq_id = 0
         self._in_flight: _InFlightStep | None = None
+        self.step_timings = StepTimings()
         self._num_penalty_requests = 0
         if config.warmup or (config.warmup is None and jax.default_backend() != "cpu"):
             start = time.perf_counter()
@@ -198,23 +213,29 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
+    def step(self, include_unfinished: bool = True) -> list[RequestOutput]:
         """Dispatches the next batch, then processes the previous one while the device works.
 
         Returns the state of every request whose tokens were processed in this call (with async
-        scheduling those are the previous step's). Finished requests are forgotten.
+        scheduling those are the previous step's), or only of those that finished when
+        `include_unfinished` is False. Finished requests are forgotten.
         """
+        start = time.perf_counter()
+        wait_before = self.step_timings.wait_s
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and (not self.config.async_scheduling
                                             or self._num_penalty_requests):
             # Penalties read every output token on the host: no step may run ahead.
-            outputs += self._process(self._in_flight)
+            outputs += self._process(self._in_flight, include_unfinished)
             self._in_flight = None
         scheduled = self.scheduler.schedule().scheduled
         dispatched = self._dispatch(scheduled) if scheduled else None
         if self._in_flight is not None:
-            outputs += self._process(self._in_flight)
+            outputs += self._process(self._in_flight, include_unfinished)
         self._in_flight = dispatched
+        timings = self.step_timings
+        timings.steps += 1
+        timings.host_s += time.perf_counter() - start - (timings.wait_s - wait_before)
         return outputs
 
     def _dispatch(self, scheduled: list[ScheduledSeq]) -> "_InFlightStep":
@@ -230,8 +251,10 @@ class LLMEngine:
                 seq.add_pending_token(row)
         return _InFlightStep(scheduled, chunk_starts, samples, handle)
 
-    def _process(self, step: "_InFlightStep") -> list[RequestOutput]:
+    def _process(self, step: "_InFlightStep", include_unfinished: bool) -> list[RequestOutput]:
+        start = time.perf_counter()
         result = self.model_runner.fetch(step.handle)
+        self.step_timings.wait_s += time.perf_counter() - start
         touched: dict[str, Request] = {}
         cursor = 0
         for row, (item, start, samples) in enumerate(zip(step.scheduled, step.chunk_starts,
@@ -243,9 +266,12 @@ class LLMEngine:
             cursor += item.num_new_tokens
             if samples and not seq.is_finished:
                 self._append_token(seq, row, result)
-        outputs = [self._request_output(request) for request in touched.values()]
+        outputs = []
         for request in touched.values():
-            if request.is_finished:
+            finished = request.is_finished
+            if finished or include_unfinished:
+                outputs.append(self._request_output(request))
+            if finished:
                 self._forget(request)
         return outputs
 
@@ -322,7 +348,7 @@ class LLMEngine:
         """Steps until nothing is left; returns each request's final output by id."""
         finished: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
-            for output in self.step():
+            for output in self.step(include_unfinished=False):
                 if output.finished:
                     finished[output.request_id] = output
                     if progress is not None:

@@ -170,34 +170,38 @@ class ModelRunner:
         block_tables = np.zeros((padded_seqs, self.max_pages_per_seq), np.int32)
         logits_indices = np.zeros(padded_seqs, np.int32)
 
-        sampling_rows = []
+        page_size = self.page_size
         cursor = 0
         for i, item in enumerate(scheduled):
             seq, count = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             stop = start + count
-            token_ids[cursor:cursor + count] = seq.token_ids[start:stop]
+            table = seq.block_table
+            if count == 1:  # a decode: plain Python scalars beat small numpy ops here
+                token_ids[cursor] = seq.token_ids[start]
+                positions[cursor] = start
+                slot_mapping[cursor] = table[start // page_size] * page_size + start % page_size
+            else:
+                token_ids[cursor:cursor + count] = seq.token_ids[start:stop]
+                pos = np.arange(start, stop)
+                positions[cursor:cursor + count] = pos
+                slot_mapping[cursor:cursor + count] = (np.asarray(table, np.int32)[pos // page_size]
+                                                       * page_size + pos % page_size)
             if seq.num_pending and stop == seq.num_tokens:
                 # The last token was sampled by the step still in flight: read it on device.
                 token_ids[cursor + count - 1] = 0
                 last_token_rows[cursor + count - 1] = seq.pending_row
-            positions[cursor:cursor + count] = np.arange(start, stop)
-            table = np.asarray(seq.block_table, np.int32)
-            pos = np.arange(start, stop)
-            slot_mapping[cursor:cursor + count] = table[pos // self.page_size] * self.page_size + \
-                pos % self.page_size
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 last = min(stop, seq.num_prompt_tokens - 1)
                 prompt_targets[cursor:cursor + last - start] = seq.token_ids[start + 1:last + 1]
             query_start_loc[i] = cursor
             seq_lens[i] = stop
             block_tables[i, :len(table)] = table
-            logits_indices[i] = cursor + count - 1
-            sampling_rows.append(seq)
             cursor += count
+            logits_indices[i] = cursor - 1
         query_start_loc[0] = 0
 
-        sampling, sampler_flags = self._sampling_metadata(sampling_rows, padded_seqs)
+        sampling, sampler_flags = self._sampling_metadata([item.seq for item in scheduled], padded_seqs)
         wants_prompt = [s.seq.params.prompt_logprobs for s in scheduled
                         if s.seq.params.prompt_logprobs is not None
                         and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1]
