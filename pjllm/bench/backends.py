@@ -67,6 +67,14 @@ def child_argv(argv: list[str], backend: str, output_json: str) -> list[str]:
     return [*out, "--backend", backend, "--output-json", output_json]
 
 
+def measure_backends(args: argparse.Namespace, measure) -> list[dict[str, Any]]:
+    """One result record per backend: `measure(args, backend)` here, or, for `--backend both`,
+    this same command run once per backend in child processes."""
+    if args.backend == "both":
+        return [payload["results"][0] for payload in run_backends_in_children(args)]
+    return [measure(args, args.backend)]
+
+
 def run_backends_in_children(args: argparse.Namespace, backends: tuple[str, ...] = ("pjllm", "hf")
                              ) -> list[dict[str, Any]]:
     """Runs this same command once per backend, each in its own process; returns their JSON payloads."""

@@ -19,7 +19,7 @@ import argparse
 import time
 from typing import Any
 
-from pjllm.bench.backends import open_backend, ratios, run_backends_in_children
+from pjllm.bench.backends import open_backend, ratios, measure_backends
 from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_args, add_output_args,
                                  add_workload_args, build_workload, load_hf_config, resolve_model)
 from pjllm.bench.report import environment, print_table, write_json
@@ -105,10 +105,7 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.backend == "both":
-        results = [payload["results"][0] for payload in run_backends_in_children(args)]
-    else:
-        results = [measure(args, args.backend)]
+    results = measure_backends(args, measure)
     payload: dict[str, Any] = {"benchmark": "throughput", "results": results}
     by_backend = {r["backend"]: r for r in results}
     if "pjllm" in by_backend and "hf" in by_backend:

@@ -62,7 +62,9 @@ def test_both_merges_results_and_prints_ratio(monkeypatch, tmp_path, capsys):
         return [{"benchmark": "throughput", "results": [{**record, "backend": "pjllm"}]},
                 {"benchmark": "throughput", "results": [hf]}]
 
-    monkeypatch.setattr(throughput, "run_backends_in_children", fake_children)
+    from pjllm.bench import backends
+
+    monkeypatch.setattr(backends, "run_backends_in_children", fake_children)
     out = tmp_path / "both.json"
     args = build_parser().parse_args(["bench", "throughput", "--backend", "both",
                                       "--output-json", str(out)])
