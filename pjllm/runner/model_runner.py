@@ -156,7 +156,6 @@ class ModelRunner:
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[StepInput, StepVariant]:
         """Flattens the scheduled chunks into one padded ragged batch (host numpy arrays)."""
         num_tokens = sum(s.num_new_tokens for s in scheduled)
-        num_seqs = len(scheduled)
         padded_tokens = _bucket(num_tokens, self.token_buckets)
         padded_seqs = min(padded_tokens, self.max_num_seqs)
 
