@@ -44,6 +44,9 @@ class ModelConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mistral-style local attention window; the engine keeps contexts within it (full attention
+    # up to the window is exact).
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -96,6 +99,7 @@ class ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
         )
 
 

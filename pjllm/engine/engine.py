@@ -86,7 +86,7 @@ class LLMEngine:
                                                               or config.tokenizer is not None)
         self.tokenizer = load_tokenizer(config.model, config.tokenizer) if wants_tokenizer else None
         self.dtype = _resolve_dtype(config.dtype)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = self._resolve_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS
         self.attention_backend = config.attention_backend
         if self.attention_backend == "auto":
@@ -127,6 +127,17 @@ class LLMEngine:
             start = time.perf_counter()
             self.model_runner.warmup()
             self.startup_timings["compile_s"] = time.perf_counter() - start
+
+    def _resolve_max_model_len(self) -> int:
+        """The user's max_model_len, or the model's; never past a sliding attention window,
+        since the attention kernels attend to the whole context."""
+        window = self.model_config.sliding_window
+        if self.config.max_model_len is None:
+            return min(self.model_config.max_position_embeddings, window or 1 << 62)
+        if window is not None and self.config.max_model_len > window:
+            raise ValueError(f"max_model_len ({self.config.max_model_len}) must be <= the model's "
+                             f"sliding_window ({window}): sliding-window attention is not supported")
+        return self.config.max_model_len
 
     def _num_pages_from_memory(self) -> int:
         cfg = self.model_config

@@ -1,5 +1,7 @@
 """The engine end to end on a tiny random-weight Llama: batching, preemption, stops, bad input."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -206,3 +208,14 @@ def test_async_scheduling_dispatches_before_processing(make_llm):
     seq = engine.requests["a"].seqs[0]
     assert seq.num_pending == 1  # the decode's token is still on device
     llm.engine.run_to_completion()
+
+
+def test_contexts_stay_within_a_sliding_window(tiny_model_path, tmp_path):
+    config = json.loads(open(tiny_model_path).read())
+    path = tmp_path / "mistral.json"
+    path.write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"], "sliding_window": 64}))
+    options = dict(load_format="dummy", dtype="float32", num_pages=32, page_size=8,
+                   compilation_cache_dir=None)
+    assert pjllm.LLM(str(path), **options).engine.max_model_len == 64
+    with pytest.raises(ValueError, match="max_model_len"):
+        pjllm.LLM(str(path), max_model_len=128, **options)
