@@ -79,3 +79,8 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether sampling reads the tokens generated so far (presence/frequency/repetition)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)

@@ -180,9 +180,9 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(token_ids)
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
+        max_num_tokens = min(len(token_ids) + (params.max_tokens or self.max_model_len),
+                             self.max_model_len)
         for index in range(params.n):
-            max_num_tokens = min(len(token_ids) + (params.max_tokens or self.max_model_len),
-                                 self.max_model_len)
             seq = Sequence(self._next_seq_id, request, index, base_seed & 0xFFFFFFFF, list(token_ids),
                            len(token_ids), max_num_tokens)
             self._next_seq_id += 1
@@ -192,7 +192,7 @@ class LLMEngine:
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
-        if self._uses_penalties(request):
+        if params.uses_penalties:
             self._num_penalty_requests += 1
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -268,12 +268,12 @@ class LLMEngine:
         self.step_timings.wait_s += time.perf_counter() - start
         touched: dict[str, Request] = {}
         cursor = 0
-        for row, (item, start, samples) in enumerate(zip(step.scheduled, step.chunk_starts,
-                                                         step.samples)):
+        for row, (item, chunk_start, samples) in enumerate(zip(step.scheduled, step.chunk_starts,
+                                                               step.samples)):
             seq = item.seq
             touched[seq.request.request_id] = seq.request
             if result.prompt_logprobs is not None:
-                self._record_prompt_logprobs(seq, start, item.num_new_tokens, cursor, result)
+                self._record_prompt_logprobs(seq, chunk_start, item.num_new_tokens, cursor, result)
             cursor += item.num_new_tokens
             if samples and not seq.is_finished:
                 self._append_token(seq, row, result)
@@ -287,14 +287,8 @@ class LLMEngine:
         return outputs
 
     def _forget(self, request: Request) -> None:
-        if self.requests.pop(request.request_id, None) is not None and self._uses_penalties(request):
+        if self.requests.pop(request.request_id, None) is not None and request.params.uses_penalties:
             self._num_penalty_requests -= 1
-
-    @staticmethod
-    def _uses_penalties(request: Request) -> bool:
-        params = request.params
-        return bool(params.presence_penalty or params.frequency_penalty
-                    or params.repetition_penalty != 1.0)
 
     def _record_prompt_logprobs(self, seq: Sequence, start: int, num_tokens: int, cursor: int,
                                 result: StepResult) -> None:

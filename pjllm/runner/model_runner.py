@@ -221,8 +221,7 @@ class ModelRunner:
         params = [seq.params for seq in seqs]
         banned = [list(seq.request.eos_token_ids) + seq.params.stop_token_ids
                   if seq.num_output_tokens < seq.params.min_tokens else [] for seq in seqs]
-        use_penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-                            for p in params)
+        use_penalties = any(p.uses_penalties for p in params)
         use_banned = any(banned)
         flags = SamplerFlags(
             all_greedy=all(p.is_greedy for p in params),
