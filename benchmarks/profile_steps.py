@@ -10,39 +10,21 @@ Prints the kernels that take the most GPU time per step, grouped by name, and th
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
-import json
 import time
 
 import jax
 import numpy as np
 
 import pjllm
+from pjllm.bench import device_profile
 
 
 def summarize(trace_dir: str, steps: int, top: int) -> None:
-    (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[:1]
-    with gzip.open(path) as f:
-        trace = json.load(f)
-    gpu_pids = {e["pid"] for e in trace["traceEvents"]
-                if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "GPU" in str(e.get("args", {}).get("name", ""))}
-    if not gpu_pids:  # a CPU run: summarize every thread's events instead
-        gpu_pids = {e.get("pid") for e in trace["traceEvents"]}
-    totals: dict[str, float] = collections.defaultdict(float)
-    counts: dict[str, int] = collections.defaultdict(int)
-    for event in trace["traceEvents"]:
-        if event.get("ph") == "X" and event.get("pid") in gpu_pids:
-            name = event["name"]
-            totals[name] += event.get("dur", 0.0)
-            counts[name] += 1
-    busy = sum(totals.values())
-    print(f"GPU busy {busy / 1e3 / steps:.2f} ms per step over {steps} steps")
-    print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  kernel")
-    for name, micros in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"{micros / 1e3 / steps:8.3f} {micros / busy:6.1%} {counts[name] / steps:10.1f}  {name[:110]}")
+    times = device_profile.kernel_times(trace_dir)
+    busy = device_profile.by_kind(times)
+    print(f"GPU busy {busy['total'] * 1e3 / steps:.2f} ms per step over {steps} steps: "
+          + ", ".join(f"{kind} {busy[kind] * 1e3 / steps:.2f}" for kind in device_profile.KINDS))
+    print("\n".join(device_profile.top_kernels(times, top, per=steps)))
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ from typing import Any
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _ATTENTION_BACKENDS = ("auto", "pallas", "reference")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_WARMUP_MODES = ("auto", "background", "blocking", "off")
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -121,7 +123,9 @@ class EngineConfig:
     page_size: int = 16
     gpu_memory_utilization: float = 0.9
     num_pages: int | None = None
-    max_num_seqs: int = 256
+    # Batch limits of one step (vLLM's offline defaults on large GPUs): more sequences per step
+    # amortize each read of the weights; None tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS.
+    max_num_seqs: int = 1024
     max_num_batched_tokens: int | None = None
     seed: int = 0
     # Prepare step N+1 on the host while the device runs step N (off: one step at a time).
@@ -129,8 +133,11 @@ class EngineConfig:
     attention_backend: str = "auto"
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "pjllm", "xla"))
-    # Compile every bucket at startup; None: on accelerators yes, on CPU compile lazily.
-    warmup: bool | None = None
+    # Compiling the step program of every token bucket ahead of use: "background" (the engine
+    # serves at once; a step whose program is not built yet waits for that one), "blocking"
+    # (the constructor returns when all are built), "off" (each compiles when first needed), or
+    # "auto": background on accelerators, off on CPU.
+    warmup: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -138,6 +145,7 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, _DTYPES)
         _check_choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
         _check_choice("load_format", self.load_format, _LOAD_FORMATS)
+        _check_choice("warmup", self.warmup, _WARMUP_MODES)
         if self.page_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"page_size must be one of 8, 16, 32, 64, 128; got {self.page_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

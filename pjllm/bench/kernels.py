@@ -53,7 +53,7 @@ IMPLS = ("pallas", "reference", "jax_bundled", "cudnn")
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    kind: str                        # "decode" | "prefill"
+    kind: str                        # "decode" | "prefill" | "mixed"
     q_lens: tuple[int, ...]
     ctx_lens: tuple[int, ...]
     num_tokens: int                  # T bucket
@@ -96,9 +96,17 @@ def _prefill(chunk: int, offset: int, num_seqs: int = 8, **kw) -> Case:
                 num_seqs, **kw)
 
 
+def _mixed(num_decodes: int, ctx: int, chunk: int, num_tokens: int, num_seqs: int) -> Case:
+    """A chunked-prefill step: num_decodes decodes at context ctx, then one fresh prompt chunk."""
+    return Case(f"mixed {num_decodes}x1 ctx{ctx} + {chunk}", "mixed", (1,) * num_decodes + (chunk,),
+                (ctx,) * num_decodes + (chunk,), num_tokens, num_seqs)
+
+
 FULL_CASES = [
     _decode(64, 2048), _decode(256, 1024), _decode(32, 8192), _decode(1, 4096),
     _prefill(512, 0), _prefill(512, 1536), _prefill(2048, 0), _prefill(2048, 2048),
+    # The engine's steady chunked-prefill step at 256 sequences, and its two halves alone.
+    _mixed(255, 512, 288, 640, 256), _decode(255, 512), _prefill(288, 0),
 ]
 _SMALL = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
 SMALL_CASES = [

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pjllm.bench.datasets import DATASETS, Workload, make_workload, special_token_ids
+from pjllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 
 BACKENDS = ("pjllm", "hf", "both")
 
@@ -31,9 +32,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """pjllm engine options (EngineConfig fields); the HF backend maps the batch limits too."""
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="token budget of one step (engine default 2048)")
+                        help=f"token budget of one step (engine default {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="default: the workload's longest prompt + output, rounded up to a page")
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "pallas", "reference"))
@@ -43,8 +44,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compilation-cache-dir", default=None,
                         help="JAX persistent compilation cache (default: the engine's, "
                              "~/.cache/pjllm/xla; 'none' turns it off)")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
-                        help="skip the engine's compile-every-bucket warmup at startup")
+    parser.add_argument("--warmup", default="blocking",
+                        choices=("auto", "background", "blocking", "off"),
+                        help="the engine's compile-every-bucket warmup at startup (default "
+                             "blocking: construction includes it, so runs time no compiles)")
 
 
 def add_workload_args(parser: argparse.ArgumentParser, default_dataset: str = "random") -> None:

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         llm = pjllm.LLM(model, load_format=args.load_format, dtype=args.dtype,
                         max_model_len=args.max_model_len, max_num_seqs=args.num_prompts,
                         max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=backend,
-                        warmup=False, compilation_cache_dir=None,
+                        warmup="off", compilation_cache_dir=None,
                         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
         dtype = np.dtype(llm.engine.dtype).name
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -3,10 +3,10 @@
 All requests are submitted at once and run to completion; the timed run is warm:
 
 1. the engine compiles every (token, sequence) bucket of the default sampling program at startup
-   (`warmup`, off with --no-warmup), reported as `warmup_s` (weights: `load_s`);
+   (`--warmup blocking`), reported as `warmup_s` (weights: `load_s`);
 2. an untimed warm-up pass runs --num-warmup-prompts requests of the same dataset drawn with
    seed + 1 (outputs capped at 16 tokens), so first-call costs are paid; --warmup-full runs the
-   whole workload itself untimed instead (for --temperature 0 or --no-warmup, whose programs the
+   whole workload itself untimed instead (for --temperature 0 or --warmup off, whose programs the
    engine warmup does not compile);
 3. the whole workload runs again, timed.
 
@@ -16,9 +16,11 @@ The HF backend does the same with transformers' own warmup (CUDA graph capture) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Any
 
+from pjllm.bench import device_profile
 from pjllm.bench.backends import open_backend, ratios, measure_backends
 from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_args, add_output_args,
                                  add_workload_args, build_workload, load_hf_config, resolve_model)
@@ -45,6 +47,9 @@ def add_parser(subparsers) -> None:
                         help="sampling temperature (1.0, as vllm; 0 is greedy)")
     parser.add_argument("--num-warmup-prompts", type=int, default=16,
                         help="requests of the untimed warm-up pass (0: none)")
+    parser.add_argument("--profile-dir", default=None,
+                        help="trace the timed pjllm run with the JAX profiler into this folder and "
+                             "report its GPU time by kind (attention, matmul, copy, other, idle)")
     parser.add_argument("--warmup-full", action="store_true",
                         help="run the whole workload once untimed before the timed run")
     add_output_args(parser)
@@ -70,9 +75,11 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
             backend.generate(warmup)
         warmup_pass_s = time.perf_counter() - start
         timings_before = backend.step_timings() if hasattr(backend, "step_timings") else {}
-        start = time.perf_counter()
-        output_lens = backend.generate(requests)
-        elapsed = time.perf_counter() - start
+        profile_dir = args.profile_dir if backend_name == "pjllm" else None
+        with _device_trace(profile_dir):
+            start = time.perf_counter()
+            output_lens = backend.generate(requests)
+            elapsed = time.perf_counter() - start
         timings_after = backend.step_timings() if hasattr(backend, "step_timings") else {}
         record: dict[str, Any] = {
             "backend": backend_name, "model": model, "load_format": args.load_format,
@@ -93,6 +100,7 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
             # Engine loop split (pjllm): host work vs waiting on the device, over the timed run.
             "step_timings": ({key: timings_after[key] - timings_before[key] for key in timings_after}
                              if timings_after else None),
+            "device_time_s": _device_time(profile_dir, elapsed) if profile_dir else None,
             "settings": backend.settings_record(),
             "env": environment(getattr(args, "cli_argv", None), backend.device_info),
         }
@@ -102,6 +110,27 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
         print(f"warning: {backend_name} generated {record['total_output_tokens']} tokens, the workload "
               f"asks for {record['expected_output_tokens']} (max_model_len too small?)")
     return record
+
+
+@contextlib.contextmanager
+def _device_trace(folder: str | None):
+    if folder is None:
+        yield
+        return
+    import jax
+
+    with jax.profiler.trace(folder):
+        yield
+        jax.effects_barrier()
+
+
+def _device_time(folder: str, elapsed: float) -> dict[str, float]:
+    """GPU kernel seconds of the timed run by kind, and the idle rest of its wall time."""
+    times = device_profile.kernel_times(folder)
+    seconds = device_profile.by_kind(times)
+    print("\n".join(["device time of the timed run, top kernels:"]
+                    + device_profile.top_kernels(times, 12)))
+    return {**seconds, "idle": max(elapsed - seconds["total"], 0.0)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pjllm.config import EngineConfig, ModelConfig
+from pjllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig, ModelConfig
 from pjllm.engine.detokenizer import decode_new_text, find_stop_string, start_detokenizer
 from pjllm.engine.kv_cache_manager import KVCacheManager, pages_needed
 from pjllm.engine.scheduler import ScheduledSeq, Scheduler
@@ -26,7 +26,6 @@ from pjllm.sampling_params import SamplingParams
 logger = logging.getLogger("pjllm")
 
 PromptType = str | dict[str, Any] | list[int]
-_DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 # Without device memory statistics (CPU), the KV cache gets at most this many bytes.
 _HOST_KV_CACHE_BYTES = 1 << 30
 
@@ -87,7 +86,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model, config.tokenizer) if wants_tokenizer else None
         self.dtype = _resolve_dtype(config.dtype)
         self.max_model_len = self._resolve_max_model_len()
-        self.max_num_batched_tokens = config.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS
+        self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         self.attention_backend = config.attention_backend
         if self.attention_backend == "auto":
             self.attention_backend = "reference" if jax.default_backend() == "cpu" else "pallas"
@@ -123,10 +122,18 @@ class LLMEngine:
         self._in_flight: _InFlightStep | None = None
         self.step_timings = StepTimings()
         self._num_penalty_requests = 0
-        if config.warmup or (config.warmup is None and jax.default_backend() != "cpu"):
-            start = time.perf_counter()
-            self.model_runner.warmup()
-            self.startup_timings["compile_s"] = time.perf_counter() - start
+        warmup = config.warmup
+        if warmup == "auto":
+            warmup = "off" if jax.default_backend() == "cpu" else "background"
+        if warmup != "off":
+            self.model_runner.start_warmup()
+        if warmup == "blocking":
+            self.wait_for_warmup()
+
+    def wait_for_warmup(self) -> None:
+        """Blocks until every step program of the startup warmup is compiled (at once when the
+        warmup is off or done); its timings go into `startup_timings`."""
+        self.startup_timings.update(self.model_runner.wait_for_warmup())
 
     def _resolve_max_model_len(self) -> int:
         """The user's max_model_len, or the model's; never past a sliding attention window,

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from pjllm.config import EngineConfig
+
 
 def _add_generate_parser(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate text for one or more prompts")
@@ -27,7 +29,7 @@ def _add_generate_parser(subparsers) -> None:
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -10,11 +10,7 @@ prepare step N+1 while step N runs.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import logging
-import os
-import time
 from typing import Any
 
 import jax
@@ -27,17 +23,27 @@ from pjllm.engine.scheduler import ScheduledSeq
 from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.llama import LlamaForCausalLM
+from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import SamplerFlags, SamplerOutput, SamplingMetadata, compute_logprobs, sample
 
-logger = logging.getLogger(__name__)
+def token_bucket_sizes(max_tokens: int) -> list[int]:
+    """The padded token counts a step can take, up to `max_tokens`.
 
-
-def _powers_of_two(low: int, high: int) -> list[int]:
-    sizes, size = [], low
-    while size < high:
+    Powers of two up to 256, then four sizes per octave (x1, x1.25, x1.5, x1.75). Below 256
+    tokens a step is bound by reading the weights, so padding costs little; above it the
+    matmuls are compute-bound and padding costs in proportion, so the ladder is finer there
+    (at most 25% padding, against 100% for powers of two).
+    """
+    sizes, size = [], 16
+    while size < min(256, max_tokens):
         sizes.append(size)
         size *= 2
-    return sizes + [high]
+    octave = 256
+    while octave < max_tokens:
+        sizes.extend(octave * quarters // 4 for quarters in (4, 5, 6, 7)
+                     if octave * quarters // 4 < max_tokens)
+        octave *= 2
+    return sorted(set(sizes)) + [max_tokens]
 
 
 def _bucket(value: int, buckets: list[int]) -> int:
@@ -86,6 +92,15 @@ class StepVariant:
     num_prompt_logprobs: int | None  # None: no prompt logprobs computed
 
 
+# cuBLAS, not Triton, for the step's GEMMs: on the H100 cuBLAS won anyway (chat throughput
+# +2% without Triton GEMMs) and leaving Triton's candidates out of autotuning cuts the compile
+# of the 8B step programs by 40% (docs/perf.md).
+STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+# The program every bucket is compiled for at startup; other variants compile when first used.
+DEFAULT_VARIANT = StepVariant(SamplerFlags(), None)
+
+
 @dataclasses.dataclass
 class StepHandle:
     """Device outputs of a dispatched step, not yet waited for."""
@@ -116,7 +131,7 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.attention_backend = attention_backend
         self.max_num_seqs = max_num_seqs
-        self.token_buckets = _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)
+        self.token_buckets = token_bucket_sizes(max_num_batched_tokens)
         # The last sampled token of every row, kept on device so the next step can read tokens
         # the host has not seen yet (async scheduling). Fixed size, so it adds no compiled shapes.
         self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)
@@ -124,8 +139,9 @@ class ModelRunner:
             ops.allocate_kv_pages(num_pages, page_size, model_config.num_kv_heads,
                                   model_config.head_dim, dtype)
             for _ in range(model_config.num_layers)]
-        self._programs_seen: set[tuple[int, StepVariant]] = set()
-        self._step = jax.jit(self._step_impl, static_argnames=("variant",), donate_argnames=("kv_caches",))
+        self._step = jax.jit(self._step_impl, static_argnames=("variant",), donate_argnames=("kv_caches",),
+                             compiler_options=STEP_COMPILER_OPTIONS)
+        self.programs = ProgramCache(self._lower_program)
 
     # ---------------------------------------------------------------- device side
     def _step_impl(self, state: nnx.State, kv_caches: list[jax.Array], last_tokens: jax.Array,
@@ -224,7 +240,6 @@ class ModelRunner:
         use_penalties = any(p.uses_penalties for p in params)
         use_banned = any(banned)
         flags = SamplerFlags(
-            all_greedy=all(p.is_greedy for p in params),
             use_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.is_greedy),
             use_min_p=any(p.min_p > 0 for p in params if not p.is_greedy),
             use_penalties=use_penalties,
@@ -256,15 +271,11 @@ class ModelRunner:
         return metadata, flags
 
     def dispatch(self, batch: StepInput, variant: StepVariant) -> "StepHandle":
-        """Launches one step on device and returns at once (JAX dispatch is asynchronous)."""
-        program = (batch.token_ids.shape[0], variant)
-        start = time.perf_counter()
-        sampled, prompt, self.kv_caches, self.last_tokens = self._step(
-            self.state, self.kv_caches, self.last_tokens, batch, variant=variant)
-        if program not in self._programs_seen:
-            self._programs_seen.add(program)
-            logger.info("compiled the step for T=%d %s in %.1f s", program[0], variant,
-                        time.perf_counter() - start)
+        """Launches one step on device and returns at once (JAX dispatch is asynchronous), once
+        the step's program is compiled."""
+        program = self.programs.get(self.program_key(batch, variant))
+        sampled, prompt, self.kv_caches, self.last_tokens = program(
+            self.state, self.kv_caches, self.last_tokens, batch)
         return StepHandle(sampled, prompt)
 
     @staticmethod
@@ -273,22 +284,27 @@ class ModelRunner:
         sampled, prompt = jax.device_get((handle.sampled, handle.prompt_logprobs))
         return StepResult(sampled, prompt)
 
-    def warmup(self) -> None:
-        """Compiles the default step programs (greedy, and plain sampling) for every bucket."""
-        start = time.perf_counter()
-        variants = [StepVariant(SamplerFlags(all_greedy=greedy), None) for greedy in (True, False)]
-        programs = [(bucket, variant) for bucket in self.buckets() for variant in variants]
+    def start_warmup(self) -> None:
+        """Starts compiling the default step program (plain sampling, which also serves greedy
+        rows) of every token bucket in the background, smallest first; returns at once."""
+        self.programs.warm(self.program_key(self.dummy_batch(*bucket), DEFAULT_VARIANT)
+                           for bucket in self.buckets())
 
-        def compile_program(program: tuple[tuple[int, int], StepVariant]) -> None:
-            bucket, variant = program
-            self._step.lower(self.state, self.kv_caches, self.last_tokens, self.dummy_batch(*bucket),
-                             variant=variant).compile()
-            self._programs_seen.add((bucket[0], variant))
+    def wait_for_warmup(self) -> dict[str, float]:
+        """Blocks until the warmup's programs are compiled; returns its {"lower_s", "compile_s"}."""
+        return self.programs.wait_for_warmup()
 
-        # XLA compiles outside the GIL: the programs compile in parallel on the host's cores.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(compile_program, programs))
-        logger.info("compiled %d step programs in %.1f s", len(programs), time.perf_counter() - start)
+    @staticmethod
+    def program_key(batch: StepInput, variant: StepVariant) -> tuple:
+        """What selects a compiled program: the variant and every input's shape and dtype (the
+        buckets, and the padded widths of penalty and banned-token lists)."""
+        leaves, treedef = jax.tree.flatten(batch)
+        return variant, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves)
+
+    def _lower_program(self, key: tuple) -> jax.stages.Lowered:
+        variant, treedef, specs = key
+        batch = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in specs])
+        return self._step.lower(self.state, self.kv_caches, self.last_tokens, batch, variant=variant)
 
     def dummy_batch(self, tokens: int, seqs: int) -> StepInput:
         """An all-padding batch of the given bucket: writes no KV, samples nothing real."""

@@ -70,7 +70,6 @@ class SamplingMetadata:
 class SamplerFlags:
     """Static (hashable) switches; each combination is one compiled variant of the step.
 
-    all_greedy:       every row is greedy: no randomness, temperature or filtering at all.
     use_top_k_top_p:  some row has top_k or top_p on (the only stage that sorts [N, V]).
     use_min_p:        some row has min_p > 0.
     use_penalties:    some row has a presence/frequency/repetition penalty on.
@@ -78,7 +77,6 @@ class SamplerFlags:
     num_logprobs:     K, the number of top logprobs returned per row (0 -> none).
     """
 
-    all_greedy: bool = False
     use_top_k_top_p: bool = False
     use_min_p: bool = False
     use_penalties: bool = False
@@ -267,20 +265,19 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags) -
     if flags.use_banned_tokens:
         x = apply_banned_tokens(x, metadata.banned_token_ids)
 
+    # Greedy rows (temperature 0) take the argmax; one program serves greedy and sampled rows
+    # alike, so an all-greedy batch needs no program of its own.
     greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    if flags.all_greedy:
-        token_ids = greedy_ids
-    else:
-        temperature = metadata.temperature.astype(jnp.float32)
-        is_greedy = temperature < GREEDY_TEMPERATURE_EPS
-        x = x / jnp.where(is_greedy, 1.0, temperature)[:, None]
-        if flags.use_min_p:
-            x = apply_min_p(x, metadata.min_p)
-        if flags.use_top_k_top_p:
-            x = apply_top_k_top_p(x, metadata.top_k, metadata.top_p)
-        keys = row_keys(metadata.seeds, metadata.sample_index, metadata.step)
-        random_ids = jnp.argmax(x + gumbel_noise(keys, v), axis=-1).astype(jnp.int32)
-        token_ids = jnp.where(is_greedy, greedy_ids, random_ids)
+    temperature = metadata.temperature.astype(jnp.float32)
+    is_greedy = temperature < GREEDY_TEMPERATURE_EPS
+    x = x / jnp.where(is_greedy, 1.0, temperature)[:, None]
+    if flags.use_min_p:
+        x = apply_min_p(x, metadata.min_p)
+    if flags.use_top_k_top_p:
+        x = apply_top_k_top_p(x, metadata.top_k, metadata.top_p)
+    keys = row_keys(metadata.seeds, metadata.sample_index, metadata.step)
+    random_ids = jnp.argmax(x + gumbel_noise(keys, v), axis=-1).astype(jnp.int32)
+    token_ids = jnp.where(is_greedy, greedy_ids, random_ids)
 
     logprobs, top_ids, top_logprobs = compute_logprobs(raw, token_ids, flags.num_logprobs)
     return SamplerOutput(

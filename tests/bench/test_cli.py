@@ -24,7 +24,7 @@ def test_throughput_parses():
     assert (args.command, args.bench_command) == ("bench", "throughput")
     assert (args.dataset, args.num_prompts) == ("chat", 5)
     assert args.backend == "both" and args.hf_cb_config == {"max_batch_tokens": 4096}
-    assert args.warmup is True and args.temperature == 1.0
+    assert args.warmup == "blocking" and args.temperature == 1.0
 
 
 def test_latency_parses_batch_sizes():
@@ -36,8 +36,8 @@ def test_latency_parses_batch_sizes():
 
 
 def test_startup_and_parity_parse():
-    args = build_parser().parse_args(["bench", "startup", *MODEL, "--no-warmup"])
-    assert args.bench_command == "startup" and args.warmup is False
+    args = build_parser().parse_args(["bench", "startup", *MODEL, "--warmup", "off"])
+    assert args.bench_command == "startup" and args.warmup == "off"
     args = build_parser().parse_args(["bench", "parity", *MODEL, "--backends", "reference,pallas"])
     assert args.bench_command == "parity" and args.backends == "reference,pallas"
 

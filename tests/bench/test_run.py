@@ -17,8 +17,8 @@ def _run(argv, path):
 
 def test_throughput_end_to_end(tmp_path, capsys):
     payload = _run(["bench", "throughput", *MODEL, *SMALL_ENGINE, "--dataset", "random", "--num-prompts", "6",
-                    "--input-len", "12", "--output-len", "5", "--num-warmup-prompts", "2"],
-                   tmp_path / "t.json")
+                    "--input-len", "12", "--output-len", "5", "--num-warmup-prompts", "2",
+                    "--profile-dir", str(tmp_path / "trace")], tmp_path / "t.json")
     assert payload["benchmark"] == "throughput" and "ratios" not in payload
     (record,) = payload["results"]
     assert RECORD_KEYS | {"dataset", "num_prompts", "total_prompt_tokens", "total_output_tokens", "elapsed_s",
@@ -27,6 +27,9 @@ def test_throughput_end_to_end(tmp_path, capsys):
     assert ENV_KEYS <= set(record["env"])
     assert record["total_prompt_tokens"] == 6 * 12 and record["total_output_tokens"] == 6 * 5
     assert record["settings"]["max_num_seqs"] == 4
+    device_time = record["device_time_s"]  # from the profiler trace of the timed run
+    assert {"attention", "matmul", "copy", "other", "total", "idle"} <= set(device_time)
+    assert device_time["total"] > 0
     assert "requests/s" in capsys.readouterr().out
 
 
@@ -51,7 +54,7 @@ def test_parity_end_to_end(tmp_path):
 
 def test_startup_end_to_end(tmp_path):
     payload = _run(["bench", "startup", *MODEL, "--max-num-seqs", "1", "--max-num-batched-tokens", "16",
-                    "--input-len", "8"], tmp_path / "s.json")
+                    "--input-len", "8", "--warmup", "background"], tmp_path / "s.json")
     (record,) = payload["results"]
     assert [run["cache"] for run in record["runs"]] == ["cold", "warm"]
     for run in record["runs"]:
@@ -59,4 +62,5 @@ def test_startup_end_to_end(tmp_path):
                 "total_s"} <= set(run)
         assert run["weights_s"] is not None and run["compile_s"] is not None  # log records were found
         assert run["total_s"] >= run["first_token_s"]
+        assert run["all_programs_s"] >= run["compile_s"] > 0 and run["num_buckets"] == 1
     assert ENV_KEYS <= set(record["env"])

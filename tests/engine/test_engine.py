@@ -7,6 +7,7 @@ import pytest
 
 import pjllm
 from pjllm import SamplingParams
+from pjllm.runner.model_runner import DEFAULT_VARIANT
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -219,3 +220,19 @@ def test_contexts_stay_within_a_sliding_window(tiny_model_path, tmp_path):
     assert pjllm.LLM(str(path), **options).engine.max_model_len == 64
     with pytest.raises(ValueError, match="max_model_len"):
         pjllm.LLM(str(path), max_model_len=128, **options)
+
+
+def test_background_warmup_serves_at_once_and_changes_no_output(make_llm):
+    prompts = [{"prompt_token_ids": p} for p in _prompts(5, seed=8)]
+    params = SamplingParams(temperature=0.7, max_tokens=6, seed=1, ignore_eos=True)
+    lazy = make_llm(warmup="off")
+    want = [o.outputs[0].token_ids for o in lazy.generate(prompts, params, use_tqdm=False)]
+    llm = make_llm(warmup="background")  # steps start while the warmup compiles
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.engine.wait_for_warmup()
+    assert got == want
+    runner = llm.engine.model_runner
+    assert all(runner.programs.is_ready(runner.program_key(runner.dummy_batch(*bucket), DEFAULT_VARIANT))
+               for bucket in runner.buckets())
+    assert len(runner.programs) == len(runner.buckets())  # the steps used the warmup's programs
+    assert llm.engine.startup_timings["compile_s"] > 0

@@ -70,7 +70,7 @@ def test_greedy_is_argmax():
     logits = rng.normal(size=(7, 50)).astype(np.float32)
     want = logits.argmax(-1)
     md = make_metadata(7, temperature=0.0)
-    out = _sample(jnp.asarray(logits), md, SamplerFlags(all_greedy=True))
+    out = _sample(jnp.asarray(logits), md, SamplerFlags())
     np.testing.assert_array_equal(out.token_ids, want)
     # Mixed path: temperature 0 and tiny temperatures are greedy rows, filters compiled in or not.
     temps = np.array([0, 1e-7, 0, 1e-6, 0, 0, 0], np.float32)
@@ -264,7 +264,7 @@ def test_penalties_match_numpy_reference():
 
 def test_penalties_change_greedy_choice():
     logits = np.array([[5.0, 4.0, 1.0, -1.0]], np.float32)
-    flags = SamplerFlags(all_greedy=True, use_penalties=True)
+    flags = SamplerFlags(use_penalties=True)
 
     def pick(**kw):
         md = make_metadata(1, temperature=0.0, **kw)
@@ -288,11 +288,11 @@ def test_banned_tokens_never_sampled():
     assert not set(got.tolist()) & set(order[:3].tolist())
     assert len(set(got.tolist())) > 15
     # Greedy rows skip to the best allowed token.
-    greedy = draws(row, 4, SamplerFlags(all_greedy=True, use_banned_tokens=True),
+    greedy = draws(row, 4, SamplerFlags(use_banned_tokens=True),
                    banned_token_ids=banned, temperature=0.0)
     assert set(greedy.tolist()) == {int(order[3])}
     # Padding-only ban lists change nothing.
-    same = draws(row, 4, SamplerFlags(all_greedy=True, use_banned_tokens=True),
+    same = draws(row, 4, SamplerFlags(use_banned_tokens=True),
                  banned_token_ids=[-1, -1], temperature=0.0)
     assert set(same.tolist()) == {int(order[0])}
 
@@ -351,7 +351,7 @@ def test_padding_rows_have_no_nan(temperature):
         prompt_token_ids=np.full((n, 2), -1),
         banned_token_ids=np.full((n, 2), -1),
     )
-    for flags in (RANDOM, ALL_ON, SamplerFlags(all_greedy=True, num_logprobs=2)):
+    for flags in (RANDOM, ALL_ON, SamplerFlags(num_logprobs=2)):
         out = _sample(logits, md, flags)
         for leaf in jax.tree_util.tree_leaves(out):
             assert np.all(np.isfinite(np.asarray(leaf))), flags
@@ -372,7 +372,3 @@ def test_sort_only_compiled_when_top_k_top_p_requested():
 
     assert not has_sort(dataclasses.replace(ALL_ON, use_top_k_top_p=False, num_logprobs=0))
     assert has_sort(SamplerFlags(use_top_k_top_p=True))
-    # all_greedy draws no random numbers at all.
-    assert "random_bits" in jaxpr(RANDOM)
-    greedy = jaxpr(SamplerFlags(all_greedy=True))
-    assert "random_bits" not in greedy and "threefry" not in greedy

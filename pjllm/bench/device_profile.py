@@ -1,0 +1,73 @@
+"""Where device time goes: GPU kernel time from a JAX profiler trace, per kernel and per kind.
+
+`jax.profiler.trace(folder)` writes a `*.trace.json.gz`; `kernel_times` sums the duration of
+every event on the GPU's timelines by kernel name, and `by_kind` groups the names into
+attention (pjllm's Pallas kernels), matmul (cuBLAS / CUTLASS / Triton GEMMs), copies and other
+(XLA's elementwise and reduction fusions: norms, rope, residuals, sampling, KV writes).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+
+KINDS = ("attention", "matmul", "copy", "other")
+_MATMUL_MARKS = ("nvjet", "gemm", "cutlass", "cublas", "sm90_xmma", "triton_gemm")
+
+
+@dataclasses.dataclass
+class KernelTime:
+    micros: float = 0.0
+    calls: int = 0
+
+
+def kernel_times(trace_dir: str) -> dict[str, KernelTime]:
+    """{kernel name: total GPU time and calls} over the newest trace under `trace_dir`.
+    On a CPU-only trace (no GPU timeline) every thread's events are summed instead."""
+    paths = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(paths[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "GPU" in str(e.get("args", {}).get("name", ""))}
+    times: dict[str, KernelTime] = collections.defaultdict(KernelTime)
+    for event in events:
+        if event.get("ph") == "X" and (not gpu_pids or event.get("pid") in gpu_pids):
+            entry = times[event["name"]]
+            entry.micros += event.get("dur", 0.0)
+            entry.calls += 1
+    return dict(times)
+
+
+def kind_of(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    if "paged" in name or "attention" in name:
+        return "attention"
+    if any(mark in name for mark in _MATMUL_MARKS):
+        return "matmul"
+    if name.startswith(("memcpy", "memset")):
+        return "copy"
+    return "other"
+
+
+def by_kind(times: dict[str, KernelTime]) -> dict[str, float]:
+    """Seconds of GPU time per kind (KINDS), plus `total`."""
+    seconds = dict.fromkeys(KINDS, 0.0)
+    for name, entry in times.items():
+        seconds[kind_of(name)] += entry.micros / 1e6
+    seconds["total"] = sum(seconds[kind] for kind in KINDS)
+    return seconds
+
+
+def top_kernels(times: dict[str, KernelTime], count: int, per: int = 1) -> list[str]:
+    """Report lines for the `count` kernels with the most time, in ms per `per` (e.g. steps)."""
+    total = sum(entry.micros for entry in times.values()) or 1.0
+    lines = [f"{'ms':>9} {'share':>6} {'calls':>8}  kernel"]
+    for name, entry in sorted(times.items(), key=lambda item: -item[1].micros)[:count]:
+        lines.append(f"{entry.micros / 1e3 / per:9.3f} {entry.micros / total:6.1%} "
+                     f"{entry.calls / per:8.1f}  {name[:110]}")
+    return lines

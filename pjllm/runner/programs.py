@@ -1,0 +1,116 @@
+"""Compiled step programs, built when first needed or ahead of time in the background.
+
+A step program is one XLA executable per (token bucket, step variant). Building one has two
+parts: tracing and lowering (Python, holds the GIL) and XLA's compile (C++, releases it). The
+background warmup lowers programs one after another on one thread and compiles each on a pool,
+so the engine can serve while they build: a step whose program is not ready waits for that one
+program only, and builds it at once if the warmup has not started on it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from typing import Callable, Hashable, Iterable
+
+import jax
+
+logger = logging.getLogger(__name__)
+
+
+def _settle(future: concurrent.futures.Future, build: Callable[[], object]) -> None:
+    try:
+        future.set_result(build())
+    except BaseException as error:  # kept for whoever waits on the program
+        future.set_exception(error)
+
+
+class ProgramCache:
+    """Compiled programs by key; `lower(key)` returns the key's `jax.stages.Lowered`."""
+
+    def __init__(self, lower: Callable[[Hashable], jax.stages.Lowered],
+                 max_compile_threads: int | None = None):
+        self._lower = lower
+        self._futures: dict[Hashable, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        # Kept open: at interpreter exit its workers finish the compile in hand and drop the rest.
+        self._compile_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_compile_threads or min(8, os.cpu_count() or 1),
+            thread_name_prefix="pjllm-compile")
+        self._warmup_thread: threading.Thread | None = None
+        self._warmup_futures: list[concurrent.futures.Future] = []
+        self.warmup_timings: dict[str, float] = {}
+
+    def _claim(self, key: Hashable) -> tuple[concurrent.futures.Future, bool]:
+        """The key's future, and whether the caller just created it (and so must build it)."""
+        with self._lock:
+            future = self._futures.get(key)
+            if future is not None:
+                return future, False
+            future = self._futures[key] = concurrent.futures.Future()
+            return future, True
+
+    def get(self, key: Hashable) -> jax.stages.Compiled:
+        """The compiled program of `key`, built in this thread if nobody has started it."""
+        future, owner = self._claim(key)
+        if owner or not future.done():
+            start = time.perf_counter()
+            if owner:
+                _settle(future, lambda: self._lower(key).compile())
+            result = future.result()
+            logger.info("waited %.1f s for the step program %s (%s)", time.perf_counter() - start,
+                        key, "compiled it" if owner else "the warmup compiled it")
+            return result
+        return future.result()
+
+    def __len__(self) -> int:
+        """Programs built or being built."""
+        return len(self._futures)
+
+    def is_ready(self, key: Hashable) -> bool:
+        future = self._futures.get(key)
+        return future is not None and future.done()
+
+    def warm(self, keys: Iterable[Hashable]) -> None:
+        """Starts building `keys` (in order) on a background thread; returns at once."""
+        keys = list(keys)
+        self._warmup_thread = threading.Thread(target=self._build_all, args=(keys,),
+                                               name="pjllm-warmup", daemon=True)
+        self._warmup_thread.start()
+
+    def _build_all(self, keys: list[Hashable]) -> None:
+        start = time.perf_counter()
+        lower_s = 0.0
+        for key in keys:
+            future, owner = self._claim(key)
+            self._warmup_futures.append(future)
+            if not owner:
+                continue
+            lower_start = time.perf_counter()
+            try:
+                lowered = self._lower(key)
+            except BaseException as error:
+                future.set_exception(error)
+                continue
+            lower_s += time.perf_counter() - lower_start
+            try:
+                self._compile_pool.submit(_settle, future, lowered.compile)
+            except RuntimeError as error:  # the interpreter is exiting
+                future.set_exception(error)
+        concurrent.futures.wait(self._warmup_futures)
+        self.warmup_timings = {"lower_s": lower_s, "compile_s": time.perf_counter() - start}
+        logger.info("compiled %d step programs in %.1f s (%.1f s tracing and lowering)",
+                    len(keys), self.warmup_timings["compile_s"], lower_s)
+
+    def wait_for_warmup(self) -> dict[str, float]:
+        """Blocks until every program of `warm` is built; raises the first build error.
+        Returns {"lower_s", "compile_s"} of the warmup ({} if none ran)."""
+        if self._warmup_thread is None:
+            return {}
+        self._warmup_thread.join()
+        for future in self._warmup_futures:
+            future.result()
+        return self.warmup_timings

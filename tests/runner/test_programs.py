@@ -1,0 +1,64 @@
+"""ProgramCache: each program is built once, whoever asks first; the warmup runs in the background."""
+
+import threading
+
+import pytest
+
+from pjllm.runner.programs import ProgramCache
+
+
+class _Lowered:
+    def __init__(self, key, gate: threading.Event | None, compiles: list):
+        self.key, self.gate, self.compiles = key, gate, compiles
+
+    def compile(self):
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        if self.key == "bad":
+            raise ValueError("no such program")
+        self.compiles.append(self.key)
+        return f"program {self.key}"
+
+
+def _cache(gate=None):
+    lowered, compiles = [], []
+
+    def lower(key):
+        lowered.append(key)
+        return _Lowered(key, gate, compiles)
+
+    return ProgramCache(lower, max_compile_threads=2), lowered, compiles
+
+
+def test_get_builds_once_and_reuses():
+    cache, lowered, compiles = _cache()
+    assert cache.get(16) == "program 16" and cache.get(16) == "program 16"
+    assert lowered == [16] and compiles == [16]
+    assert cache.is_ready(16) and not cache.is_ready(32)
+    assert cache.wait_for_warmup() == {}  # no warmup ran
+
+
+def test_warmup_in_background_shares_programs_with_get():
+    gate = threading.Event()
+    cache, lowered, compiles = _cache(gate)
+    cache.warm([16, 32, 64])
+    waiter = threading.Thread(target=lambda: results.append(cache.get(32)))
+    results = []
+    waiter.start()
+    assert not cache.is_ready(32)  # every compile is held at the gate
+    gate.set()
+    waiter.join(timeout=10)
+    timings = cache.wait_for_warmup()
+    assert results == ["program 32"]
+    assert sorted(lowered) == [16, 32, 64] and sorted(compiles) == [16, 32, 64]  # none twice
+    assert set(timings) == {"lower_s", "compile_s"} and timings["compile_s"] >= timings["lower_s"]
+
+
+def test_build_errors_reach_every_waiter():
+    cache, _, _ = _cache()
+    cache.warm(["bad", 16])
+    with pytest.raises(ValueError, match="no such program"):
+        cache.wait_for_warmup()
+    with pytest.raises(ValueError, match="no such program"):
+        cache.get("bad")
+    assert cache.get(16) == "program 16"
