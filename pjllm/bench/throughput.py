@@ -6,8 +6,7 @@ All requests are submitted at once and run to completion; the timed run is warm:
    (`--warmup blocking`), reported as `warmup_s` (weights: `load_s`);
 2. an untimed warm-up pass runs --num-warmup-prompts requests of the same dataset drawn with
    seed + 1 (outputs capped at 16 tokens), so first-call costs are paid; --warmup-full runs the
-   whole workload itself untimed instead (for --temperature 0 or --warmup off, whose programs the
-   engine warmup does not compile);
+   whole workload itself untimed instead (for --warmup off, where nothing is compiled ahead);
 3. the whole workload runs again, timed.
 
 The HF backend does the same with transformers' own warmup (CUDA graph capture) in step 1.

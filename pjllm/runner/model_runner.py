@@ -26,6 +26,7 @@ from pjllm.models.llama import LlamaForCausalLM
 from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import SamplerFlags, SamplerOutput, SamplingMetadata, compute_logprobs, sample
 
+
 def token_bucket_sizes(max_tokens: int) -> list[int]:
     """The padded token counts a step can take, up to `max_tokens`.
 
@@ -141,7 +142,7 @@ class ModelRunner:
             for _ in range(model_config.num_layers)]
         self._step = jax.jit(self._step_impl, static_argnames=("variant",), donate_argnames=("kv_caches",),
                              compiler_options=STEP_COMPILER_OPTIONS)
-        self.programs = ProgramCache(self._lower_program)
+        self.programs = ProgramCache(self._lower_program, describe=_describe_program)
 
     # ---------------------------------------------------------------- device side
     def _step_impl(self, state: nnx.State, kv_caches: list[jax.Array], last_tokens: jax.Array,
@@ -324,6 +325,11 @@ class ModelRunner:
                                         block_tables=np.zeros((seqs, self.max_pages_per_seq), np.int32)),
             logits_indices=np.zeros(seqs, np.int32), sampling=sampling,
             prompt_logprob_targets=zeros_t - 1)
+
+
+def _describe_program(key: tuple) -> str:
+    variant, _, specs = key
+    return f"T={specs[0][0][0]} {variant}"  # specs[0]: token_ids, the first leaf of StepInput
 
 
 def _next_power_of_two(value: int) -> int:

@@ -32,8 +32,9 @@ class ProgramCache:
     """Compiled programs by key; `lower(key)` returns the key's `jax.stages.Lowered`."""
 
     def __init__(self, lower: Callable[[Hashable], jax.stages.Lowered],
-                 max_compile_threads: int | None = None):
+                 max_compile_threads: int | None = None, describe: Callable[[Hashable], str] = str):
         self._lower = lower
+        self._describe = describe  # a key as logs name it
         self._futures: dict[Hashable, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         # Kept open: at interpreter exit its workers finish the compile in hand and drop the rest.
@@ -62,7 +63,7 @@ class ProgramCache:
                 _settle(future, lambda: self._lower(key).compile())
             result = future.result()
             logger.info("waited %.1f s for the step program %s (%s)", time.perf_counter() - start,
-                        key, "compiled it" if owner else "the warmup compiled it")
+                        self._describe(key), "compiled it" if owner else "the warmup compiled it")
             return result
         return future.result()
 
