@@ -6,7 +6,7 @@ chunked prefill, max_num_seqs) on a cost model of one step, without a GPU.
 A step costs max(weights / bandwidth, padded tokens x FLOP per token / matmul rate) for the
 matmuls, plus KV bytes read / attention bandwidth, plus a fixed per-step overhead. The defaults
 are Llama-3-8B on an H100 as measured (docs/perf.md); `--ideal` uses peak rates and no overhead.
-Admission stops when the KV cache is full (the engine preempts instead; chat never needs to).
+The schedule is pjllm's own `Scheduler` and page allocator, so preemption works as in the engine.
 """
 
 from __future__ import annotations
@@ -16,39 +16,44 @@ import argparse
 import numpy as np
 
 from pjllm.bench.datasets import make_workload
+from pjllm.engine.kv_cache_manager import KVCacheManager
+from pjllm.engine.scheduler import Scheduler
+from pjllm.engine.sequence import Request, Sequence
 from pjllm.runner.model_runner import token_bucket_sizes
+from pjllm.sampling_params import SamplingParams
 
 WEIGHT_BYTES = 16.06e9         # Llama-3-8B in bf16
 FLOP_PER_TOKEN = 2 * 7.5e9     # matmul parameters, lm_head included
 KV_BYTES_PER_TOKEN = 131072    # 32 layers x K,V x 8 heads x 128 x 2 bytes
 
 
-def replay(prompt_lens, output_lens, max_num_seqs: int, budget: int, kv_tokens: int) -> np.ndarray:
-    """Per step: (scheduled tokens, running sequences, KV tokens read by decodes)."""
-    waiting = [[p, o, 0, 0] for p, o in zip(prompt_lens, output_lens)][::-1]  # prompt, out, computed, made
-    running, steps = [], []
-    while waiting or running:
-        left, tokens, decode_context = budget, 0, 0
-        for seq in running:
-            count = min(seq[0] + seq[3] - seq[2], left)
-            seq[2] += count
-            left -= count
-            tokens += count
-            decode_context += seq[2] if count == 1 else 0
-        in_cache = sum(seq[0] + seq[3] for seq in running)
-        while waiting and left > 0 and len(running) < max_num_seqs and in_cache + waiting[-1][0] <= kv_tokens:
-            seq = waiting.pop()
-            running.append(seq)
-            count = min(seq[0], left)
-            seq[2] += count
-            left -= count
-            tokens += count
-            in_cache += seq[0]
-        steps.append((tokens, len(running), decode_context))
-        for seq in running:
-            if seq[2] == seq[0] + seq[3]:
-                seq[3] += 1
-        running = [seq for seq in running if seq[3] < seq[1]]
+def replay(prompt_lens, output_lens, max_num_seqs: int, budget: int, num_pages: int,
+           page_size: int) -> np.ndarray:
+    """Runs pjllm's own Scheduler (and page allocator) over the workload as the engine loop
+    would, without a model. Per step: (scheduled tokens, running sequences, KV tokens read by
+    decodes)."""
+    scheduler = Scheduler(KVCacheManager(num_pages, page_size), max_num_seqs, budget)
+    for seq_id, (prompt_len, output_len) in enumerate(zip(prompt_lens, output_lens)):
+        prompt = [0] * prompt_len
+        request = Request(str(seq_id), None, prompt, SamplingParams(max_tokens=output_len), ())
+        request.seqs.append(Sequence(seq_id, request, 0, 0, list(prompt), prompt_len,
+                                     prompt_len + output_len))
+        scheduler.add(request.seqs[0])
+    steps = []
+    while scheduler.has_unfinished():
+        out = scheduler.schedule()
+        decode_context = sum(item.seq.num_computed_tokens + 1 for item in out.scheduled
+                             if item.num_new_tokens == 1)
+        steps.append((out.num_tokens, len(out.scheduled), decode_context))
+        for item in out.scheduled:
+            samples = item.samples
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if samples:
+                item.seq.token_ids.append(0)
+                if item.seq.is_complete:
+                    scheduler.finish(item.seq, "length")
+    if scheduler.num_preemptions:
+        print(f"  ({scheduler.num_preemptions} preemptions: the KV cache filled)")
     return np.array(steps, np.float64)
 
 
@@ -58,7 +63,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--kv-tokens", type=int, default=404752, help="KV cache size in tokens")
+    parser.add_argument("--num-pages", type=int, default=25297, help="KV cache pages (H100 default)")
+    parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--matmul-tflops", type=float, default=650.0)
     parser.add_argument("--weight-tbps", type=float, default=3.0)
     parser.add_argument("--attention-tbps", type=float, default=2.7)
@@ -72,7 +78,8 @@ def main() -> None:
     workload = make_workload(args.dataset, 128256, seed=args.seed)
     prompts = [r.prompt_len for r in workload.requests]
     outputs = [r.output_len for r in workload.requests]
-    steps = replay(prompts, outputs, args.max_num_seqs, args.max_num_batched_tokens, args.kv_tokens)
+    steps = replay(prompts, outputs, args.max_num_seqs, args.max_num_batched_tokens, args.num_pages,
+                   args.page_size)
     buckets = np.array(token_bucket_sizes(args.max_num_batched_tokens))
     padded = buckets[np.searchsorted(buckets, steps[:, 0])]
     weight_bound = WEIGHT_BYTES / (args.weight_tbps * 1e12)
