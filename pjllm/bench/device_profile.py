@@ -1,9 +1,10 @@
-"""Where device time goes: GPU kernel time from a JAX profiler trace, per kernel and per kind.
+"""Where device time goes: GPU kernel time from a profiler trace, per kernel and per kind.
 
-`jax.profiler.trace(folder)` writes a `*.trace.json.gz`; `kernel_times` sums the duration of
-every event on the GPU's timelines by kernel name, and `by_kind` groups the names into
-attention (pjllm's Pallas kernels), matmul (cuBLAS / CUTLASS / Triton GEMMs), copies and other
-(XLA's elementwise and reduction fusions: norms, rope, residuals, sampling, KV writes).
+`jax.profiler.trace(folder)` and the torch profiler's `export_chrome_trace` both write a Chrome
+`*.trace.json.gz`; `kernel_times` sums the duration of every GPU event by kernel name, and
+`by_kind` groups the names into attention (pjllm's Pallas kernels, torch's flash / memory-efficient
+SDPA), matmul (cuBLAS / CUTLASS / Triton GEMMs), copies and other (elementwise and reduction
+kernels: norms, rope, residuals, sampling, KV writes, gathers).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import gzip
 import json
 
 KINDS = ("attention", "matmul", "copy", "other")
+_ATTENTION_MARKS = ("paged", "attention", "flash", "fmha")
 _MATMUL_MARKS = ("nvjet", "gemm", "cutlass", "cublas", "sm90_xmma", "triton_gemm")
+# The torch profiler marks GPU work by category; JAX's trace puts it under "GPU" processes.
+_TORCH_GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 @dataclasses.dataclass
@@ -26,7 +30,7 @@ class KernelTime:
 
 def kernel_times(trace_dir: str) -> dict[str, KernelTime]:
     """{kernel name: total GPU time and calls} over the newest trace under `trace_dir`.
-    On a CPU-only trace (no GPU timeline) every thread's events are summed instead."""
+    On a CPU-only trace (no GPU events) every thread's events are summed instead."""
     paths = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
     if not paths:
         raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
@@ -34,9 +38,16 @@ def kernel_times(trace_dir: str) -> dict[str, KernelTime]:
         events = json.load(f)["traceEvents"]
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in str(e.get("args", {}).get("name", ""))}
+    torch_gpu = any(event.get("cat") in _TORCH_GPU_CATEGORIES for event in events)
     times: dict[str, KernelTime] = collections.defaultdict(KernelTime)
     for event in events:
-        if event.get("ph") == "X" and (not gpu_pids or event.get("pid") in gpu_pids):
+        if event.get("ph") != "X":
+            continue
+        if torch_gpu:
+            on_gpu = event.get("cat") in _TORCH_GPU_CATEGORIES
+        else:
+            on_gpu = not gpu_pids or event.get("pid") in gpu_pids
+        if on_gpu:
             entry = times[event["name"]]
             entry.micros += event.get("dur", 0.0)
             entry.calls += 1
@@ -45,7 +56,7 @@ def kernel_times(trace_dir: str) -> dict[str, KernelTime]:
 
 def kind_of(kernel_name: str) -> str:
     name = kernel_name.lower()
-    if "paged" in name or "attention" in name:
+    if any(mark in name for mark in _ATTENTION_MARKS):
         return "attention"
     if any(mark in name for mark in _MATMUL_MARKS):
         return "matmul"

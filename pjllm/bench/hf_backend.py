@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 _RESULT_POLL_S = 1.0
 _MAX_IDLE_S = 600.0  # no finished request for this long: the generation loop is stuck
@@ -161,6 +162,21 @@ class HFBackend:
             done[result.request_id] = len(result.generated_tokens)
             idle_since = time.perf_counter()
         return [done[request_id] for request_id in ids]
+
+    @contextlib.contextmanager
+    def trace(self, folder: str) -> Iterator[None]:
+        """Traces with the torch profiler (GPU kernels on CUDA, ops on CPU) into
+        `folder/hf.trace.json.gz`, a Chrome trace that pjllm.bench.device_profile reads."""
+        torch, _ = _import_torch()
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as profiler:
+            yield
+            if cuda:
+                torch.cuda.synchronize()
+        os.makedirs(folder, exist_ok=True)
+        profiler.export_chrome_trace(os.path.join(folder, "hf.trace.json.gz"))
 
     def close(self) -> None:
         self._stack.close()

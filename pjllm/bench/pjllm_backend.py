@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from pjllm.bench.datasets import BenchRequest
 from pjllm.bench.options import build_llm, engine_settings
@@ -42,6 +43,15 @@ class PjllmBackend:
         prompts = [{"prompt_token_ids": request.prompt_token_ids} for request in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [len(output.outputs[0].token_ids) for output in outputs]
+
+    @contextlib.contextmanager
+    def trace(self, folder: str) -> Iterator[None]:
+        """Traces the device with the JAX profiler into `folder` (a `*.trace.json.gz` there)."""
+        import jax
+
+        with jax.profiler.trace(folder):
+            yield
+            jax.effects_barrier()
 
     def step_timings(self) -> dict[str, float]:
         return dataclasses.asdict(self.llm.engine.step_timings)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -47,8 +48,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-warmup-prompts", type=int, default=16,
                         help="requests of the untimed warm-up pass (0: none)")
     parser.add_argument("--profile-dir", default=None,
-                        help="trace the timed pjllm run with the JAX profiler into this folder and "
-                             "report its GPU time by kind (attention, matmul, copy, other, idle)")
+                        help="trace the timed run into DIR/<backend> (pjllm: JAX profiler, hf: torch "
+                             "profiler) and report its GPU time by kind (attention, matmul, copy, "
+                             "other, idle)")
     parser.add_argument("--warmup-full", action="store_true",
                         help="run the whole workload once untimed before the timed run")
     add_output_args(parser)
@@ -74,8 +76,8 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
             backend.generate(warmup)
         warmup_pass_s = time.perf_counter() - start
         timings_before = backend.step_timings() if hasattr(backend, "step_timings") else {}
-        profile_dir = args.profile_dir if backend_name == "pjllm" else None
-        with _device_trace(profile_dir):
+        profile_dir = os.path.join(args.profile_dir, backend_name) if args.profile_dir else None
+        with backend.trace(profile_dir) if profile_dir else contextlib.nullcontext():
             start = time.perf_counter()
             output_lens = backend.generate(requests)
             elapsed = time.perf_counter() - start
@@ -109,18 +111,6 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
         print(f"warning: {backend_name} generated {record['total_output_tokens']} tokens, the workload "
               f"asks for {record['expected_output_tokens']} (max_model_len too small?)")
     return record
-
-
-@contextlib.contextmanager
-def _device_trace(folder: str | None):
-    if folder is None:
-        yield
-        return
-    import jax
-
-    with jax.profiler.trace(folder):
-        yield
-        jax.effects_barrier()
 
 
 def _device_time(folder: str, elapsed: float) -> dict[str, float]:
