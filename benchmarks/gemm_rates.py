@@ -1,6 +1,7 @@
 """How fast XLA's GEMMs run at the shapes of a pjllm step: each projection of a decoder layer
 (fused QKV, O, fused gate/up, down) at several token counts M, compiled with the step's compiler
-options (cuBLAS only), timed back to back and reported as TFLOP/s and weight GB/s.
+options (cuBLAS only), timed by GPU kernel time in a profiler trace and reported as TFLOP/s and
+weight GB/s.
 
     PYTHONPATH=$PWD python benchmarks/gemm_rates.py --config benchmarks/configs/llama-3-8b.json
 
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from pjllm.bench.kernels import device_times
 from pjllm.runner.model_runner import STEP_COMPILER_OPTIONS
 
 
@@ -32,28 +33,26 @@ def projection_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:
             "down": (intermediate, hidden)}
 
 
-def time_matmul(m: int, k: int, n: int, calls: int, reps: int) -> float:
-    """Median seconds per [m, k] x [k, n] bf16 matmul, `calls` dispatched back to back per rep."""
+def time_matmul(m: int, k: int, n: int, calls: int) -> float:
+    """Seconds of GPU kernel time per [m, k] x [k, n] bf16 matmul, from a profiler trace of `calls`
+    calls (dispatch gaps left out); wall time per call where there is no GPU (CPU checks)."""
     matmul = jax.jit(lambda x, w: x @ w, compiler_options=STEP_COMPILER_OPTIONS)
     x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(1), (k, n), jnp.bfloat16) * 0.02
+    w = jax.random.normal(jax.random.key(1), (k, n), jnp.bfloat16) / k ** 0.5
     matmul(x, w).block_until_ready()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = matmul(x, w)
-        out.block_until_ready()
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+    if jax.default_backend() == "gpu":
+        return device_times(matmul, (x, w), calls=1, runs=calls)["device_ms"] / 1e3
+    start = time.perf_counter()
+    for _ in range(calls):
+        matmul(x, w).block_until_ready()
+    return (time.perf_counter() - start) / calls
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="an HF config.json")
     parser.add_argument("--tokens", default="64,256,1024,2048,4096,8192", help="token counts M")
-    parser.add_argument("--calls", type=int, default=50)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     with open(args.config) as f:
@@ -63,7 +62,7 @@ def main() -> None:
     for m in (int(t) for t in args.tokens.split(",")):
         layer_s = layer_flop = 0.0
         for name, (k, n) in shapes.items():
-            seconds = time_matmul(m, k, n, args.calls, args.reps)
+            seconds = time_matmul(m, k, n, args.calls)
             flop = 2.0 * m * k * n
             layer_s, layer_flop = layer_s + seconds, layer_flop + flop
             rows.append({"tokens": m, "matmul": name, "k": k, "n": n, "ms": seconds * 1e3,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The speed issue's measurements on one GPU, Llama-3-8B config with dummy weights, bf16.
-# Usage (repository root): bash benchmarks/run_gpu_suite.sh [engine|compare|kernels] ...
+# Usage (repository root): bash benchmarks/run_gpu_suite.sh [engine|compare|profile-hf|gemm|kernels] ...
 # Results (JSON + logs) land in $OUT when set (the device tool), else benchmarks/results/.
 set -u
 results=${OUT:-benchmarks/results}
@@ -24,9 +24,23 @@ for group in "$@"; do
         --input-len 128 --output-len 64 --num-iters 3 --output-json "$results/latency.json"
       step startup 150 "${bench[@]}" startup --model $model --load-format dummy \
         --output-json "$results/startup.json" ;;
-    compare)  # HF with its CUDA graphs; 300 prompts keep its run under 2 minutes
-      step chat-both 480 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
-        --num-prompts 300 --backend both --hf-cb-config '{"use_cuda_graph": true}' \
-        --output-json "$results/throughput-chat300-both.json" ;;
+    compare)  # HF with its CUDA graphs; its KV cache at 50% of free memory (its graphs OOM at 80-90%)
+      hf_config='{"use_cuda_graph": true, "max_memory_percent": 0.5}'
+      step latency-both 200 "${bench[@]}" latency --model $model --load-format dummy --batch-sizes 1,8 \
+        --input-len 128 --output-len 64 --num-iters 3 --backend both --hf-cb-config "$hf_config" \
+        --output-json "$results/latency-both.json"
+      # HF takes ~5.5 min on chat x 1000: run the two backends as separate steps (10 min per device call)
+      step chat-pjllm 180 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
+        --backend pjllm --output-json "$results/throughput-chat-pjllm.json"
+      step chat-hf 560 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
+        --backend hf --hf-cb-config "$hf_config" --output-json "$results/throughput-chat-hf.json" ;;
+    profile-hf)  # where HF's time goes: torch profiler over chat x 300
+      step hf-profile 300 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
+        --num-prompts 300 --backend hf --hf-cb-config '{"use_cuda_graph": true, "max_memory_percent": 0.5}' \
+        --profile-dir /tmp/pjllm-hf-profile --output-json "$results/throughput-chat300-hf-profile.json" ;;
+    gemm)  # matmul rates at the step's shapes, and whole prefill steps of the engine
+      step gemm 120 python benchmarks/gemm_rates.py --config $model --output-json "$results/gemm-rates.json"
+      step prefill-profile 200 python benchmarks/profile_steps.py --config $model --prefill --num-seqs 256 \
+        --context 512 --steps 8 --top 14 ;;
   esac
 done

@@ -193,6 +193,42 @@ class HFBackend:
                 "platform": self.device, "device": name}
 
 
+@dataclasses.dataclass
+class _OnePrompt:
+    prompt_token_ids: list[int]
+    output_len: int = 1
+
+
+def startup_child_main(up: float, spec_path: str, result_path: str) -> None:
+    """`pjllm bench startup --backend hf`, in a fresh process: import torch and transformers, build
+    the random-weight model and its continuous-batching manager (CUDA graph capture included when
+    configured), generate one token; write the phase times (wall clock, `up` = interpreter up).
+
+    The spec holds {"hf_config", "settings" (HFSettings fields), "prompt_token_ids"}."""
+    import json
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    torch, _ = _import_torch()
+    imported = time.time()
+    start = time.perf_counter()
+    prompt = _OnePrompt(spec["prompt_token_ids"])
+    backend = HFBackend(spec["hf_config"], HFSettings(**spec["settings"]), len(prompt.prompt_token_ids),
+                        prompt.output_len, 1)
+    construct_s = time.perf_counter() - start
+    start = time.perf_counter()
+    backend.generate([prompt])
+    first_token_s = time.perf_counter() - start
+    done = time.time()
+    result = {"up": up, "imported": imported, "done": done, "construct_s": construct_s,
+              "weights_s": backend.load_s, "rest_s": construct_s - backend.load_s,
+              "first_token_s": first_token_s, "device_info": backend.device_info(),
+              "settings": backend.settings_record()}
+    backend.close()
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
 def _workload_hints(max_prompt_len: int, max_output_len: int, num_requests: int):
     """transformers' WorkloadHints (sizes its cache and batches), where this version has them."""
     try:

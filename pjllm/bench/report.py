@@ -69,10 +69,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def _git_commit() -> str | None:
+    """The checkout's short commit, with `-dirty` when tracked files differ from it."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=7"],
+                             capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

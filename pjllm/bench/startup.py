@@ -13,6 +13,11 @@ child reports, from its launch (wall clock, measured by the parent):
 
 With the engine's default warmup (`auto`: in the background on GPU) the first token waits only
 for the one program its step needs. The split is the engine's own `startup_timings`.
+
+`--backend hf` (or `both`) starts the torch peer the same way, once (it compiles nothing, so it
+has no cache to warm): import is torch and transformers, weights the random-weight model built
+on the device, rest the continuous-batching manager's start (CUDA graph capture, when
+`--hf-cb-config` asks for it), then one token.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import tempfile
 import time
 from typing import Any
 
-from pjllm.bench.options import (add_engine_args, add_model_args, add_output_args, engine_kwargs,
-                                 load_hf_config, resolve_model)
+from pjllm.bench.backends import require_torch
+from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_args, add_output_args,
+                                 engine_kwargs, load_hf_config, resolve_model)
 from pjllm.bench.report import environment, print_table, write_json
 
-COLUMNS = [("cache", "compilation cache", ""), ("interpreter_s", "interpreter s", ".2f"),
+COLUMNS = [("backend", "backend", ""), ("cache", "compilation cache", ""), ("interpreter_s", "interpreter s", ".2f"),
            ("import_s", "import s", ".2f"), ("weights_s", "weights s", ".2f"),
            ("rest_s", "rest s", ".2f"), ("first_token_s", "first token s", ".3f"),
            ("total_s", "total s", ".2f"), ("all_programs_s", "all programs s", ".2f"),
@@ -39,6 +45,12 @@ COLUMNS = [("cache", "compilation cache", ""), ("interpreter_s", "interpreter s"
 # Run with `python -c`: notes when the interpreter is up, before anything of pjllm is imported.
 _CHILD_BOOTSTRAP = ("import time; up = time.time(); import sys; "
                     "from pjllm.bench.startup import child_main; child_main(up, sys.argv[1], sys.argv[2])")
+# The hf child loads hf_backend.py by path, so that neither pjllm nor jax is imported there.
+_HF_CHILD_BOOTSTRAP = ("import time; up = time.time(); import importlib.util, sys; "
+                       "spec = importlib.util.spec_from_file_location('pjllm_bench_hf_backend', sys.argv[3]); "
+                       "module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; "
+                       "spec.loader.exec_module(module); module.startup_child_main(up, sys.argv[1], sys.argv[2])")
+_HF_BACKEND_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_backend.py")
 
 
 def add_parser(subparsers) -> None:
@@ -47,6 +59,7 @@ def add_parser(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     add_engine_args(parser)
+    add_backend_args(parser)
     parser.set_defaults(warmup="auto")  # what a user's process gets
     parser.add_argument("--input-len", type=int, default=128, help="tokens of the one prompt")
     add_output_args(parser)
@@ -86,50 +99,78 @@ def child_main(up: float, spec_path: str, result_path: str) -> None:
         json.dump(result, f)
 
 
-def _run_child(spec: dict[str, Any], folder: str, label: str) -> dict[str, Any]:
+def _run_child(bootstrap: str, spec: dict[str, Any], folder: str, label: str,
+               *extra_argv: str) -> tuple[float, dict[str, Any]]:
+    """Runs one fresh child process; returns its launch time and the result it wrote."""
     spec_path = os.path.join(folder, f"{label}-spec.json")
     result_path = os.path.join(folder, f"{label}-result.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     launched = time.time()
-    completed = subprocess.run([sys.executable, "-c", _CHILD_BOOTSTRAP, spec_path, result_path])
+    completed = subprocess.run([sys.executable, "-c", bootstrap, spec_path, result_path, *extra_argv])
     if completed.returncode != 0:
         raise RuntimeError(f"the {label} startup process exited with {completed.returncode}")
     with open(result_path) as f:
-        child = json.load(f)
-    row = {"cache": label, "interpreter_s": child["up"] - launched,
-           "import_s": child["imported"] - child["up"], "weights_s": child["weights_s"],
-           "rest_s": child["rest_s"], "construct_s": child["construct_s"],
-           "first_token_s": child["first_token_s"], "total_s": child["done"] - launched,
-           "all_programs_s": child["warmed"] - launched, "compile_s": child["compile_s"],
-           "lower_s": child["lower_s"], "num_buckets": child["num_buckets"],
-           "device_info": child["device_info"]}
-    return row
+        return launched, json.load(f)
+
+
+def _row(backend: str, cache: str, launched: float, child: dict[str, Any]) -> dict[str, Any]:
+    return {"backend": backend, "cache": cache, "interpreter_s": child["up"] - launched,
+            "import_s": child["imported"] - child["up"], "weights_s": child["weights_s"],
+            "rest_s": child["rest_s"], "construct_s": child["construct_s"],
+            "first_token_s": child["first_token_s"], "total_s": child["done"] - launched,
+            "all_programs_s": child["warmed"] - launched if "warmed" in child else None,
+            "compile_s": child.get("compile_s"), "lower_s": child.get("lower_s"),
+            "num_buckets": child.get("num_buckets")}
+
+
+def _pjllm_record(args: argparse.Namespace, model: str, folder: str) -> dict[str, Any]:
+    kwargs = engine_kwargs(args, model, args.input_len + 1)
+    kwargs["compilation_cache_dir"] = os.path.join(folder, "xla-cache")
+    spec = {"engine_kwargs": kwargs, "input_len": args.input_len}
+    rows = []
+    for label in ("cold", "warm"):
+        print(f"startup: pjllm, {label} compilation cache ...", flush=True)
+        launched, child = _run_child(_CHILD_BOOTSTRAP, spec, folder, label)
+        rows.append(_row("pjllm", label, launched, child))
+        device_info = child["device_info"]
+    # The parent never touches the device (jax would take GPU memory from the children).
+    return {"backend": "pjllm", "model": model, "load_format": args.load_format, "input_len": args.input_len,
+            "runs": rows,
+            "settings": {k: v for k, v in kwargs.items() if k not in ("model", "compilation_cache_dir")},
+            "env": environment(getattr(args, "cli_argv", None), lambda: device_info)}
+
+
+def _hf_record(args: argparse.Namespace, model: str, hf_config: dict[str, Any], folder: str) -> dict[str, Any]:
+    import numpy as np
+
+    settings = {"dtype": args.dtype, "max_num_seqs": 1, "seed": args.seed,
+                "attn_implementation": args.hf_attn_implementation, "cb_overrides": args.hf_cb_config}
+    prompt = np.random.default_rng(0).integers(0, hf_config["vocab_size"], args.input_len).tolist()
+    spec = {"hf_config": hf_config, "settings": settings, "prompt_token_ids": prompt}
+    print("startup: hf ...", flush=True)
+    launched, child = _run_child(_HF_CHILD_BOOTSTRAP, spec, folder, "hf", _HF_BACKEND_PATH)
+    return {"backend": "hf", "model": model, "load_format": "dummy", "input_len": args.input_len,
+            "runs": [_row("hf", "none", launched, child)], "settings": child["settings"],
+            "env": environment(getattr(args, "cli_argv", None), lambda: child["device_info"])}
 
 
 def run(args: argparse.Namespace) -> int:
     if args.compilation_cache_dir is not None:
         raise ValueError("pjllm bench startup uses a fresh temporary compilation cache folder; "
                          "leave --compilation-cache-dir out")
+    backends = ("pjllm", "hf") if args.backend == "both" else (args.backend,)
+    if "hf" in backends:
+        require_torch()
     model = resolve_model(args)
-    load_hf_config(model)  # fail here, not in the child, on a bad path
-    rows = []
+    hf_config = load_hf_config(model)  # fail here, not in the child, on a bad path
+    results = []
     with tempfile.TemporaryDirectory(prefix="pjllm-startup-") as folder:
-        cache_dir = os.path.join(folder, "xla-cache")
-        kwargs = engine_kwargs(args, model, args.input_len + 1)
-        kwargs["compilation_cache_dir"] = cache_dir
-        spec = {"engine_kwargs": kwargs, "input_len": args.input_len}
-        for label in ("cold", "warm"):
-            print(f"startup: {label} compilation cache ...", flush=True)
-            rows.append(_run_child(spec, folder, label))
-    # The parent never touches the device (jax would take GPU memory from the children).
-    device_info = [row.pop("device_info") for row in rows][-1]
-    payload = {"benchmark": "startup", "results": [{
-        "backend": "pjllm", "model": model, "load_format": args.load_format, "input_len": args.input_len,
-        "runs": rows,
-        "settings": {k: v for k, v in kwargs.items() if k not in ("model", "compilation_cache_dir")},
-        "env": environment(getattr(args, "cli_argv", None), lambda: device_info),
-    }]}
-    print_table(f"startup to first token: {model}", rows, COLUMNS)
-    write_json(args.output_json, payload)
+        if "pjllm" in backends:
+            results.append(_pjllm_record(args, model, folder))
+        if "hf" in backends:
+            results.append(_hf_record(args, model, hf_config, folder))
+    print_table(f"startup to first token: {model}", [row for record in results for row in record["runs"]],
+                COLUMNS)
+    write_json(args.output_json, {"benchmark": "startup", "results": results})
     return 0

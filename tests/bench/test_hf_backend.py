@@ -51,3 +51,34 @@ def test_standalone_hf_backend_runs_the_same_workload():
                              exclude_ids=special_token_ids(hf_config))
     assert result["workload_digest"] == workload.digest()  # same token ids as pjllm would run
     assert result["output_tokens"] == result["expected_output_tokens"] == workload.num_output_tokens
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_startup_with_hf_backend(tmp_path):
+    from pjllm.entrypoints.cli import main
+
+    out = tmp_path / "s.json"
+    assert main(["bench", "startup", "--model", CONFIG, "--load-format", "dummy", "--backend", "hf",
+                 "--input-len", "8", "--output-json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["results"]
+    (run,) = record["runs"]
+    assert record["backend"] == run["backend"] == "hf"
+    assert run["total_s"] >= run["import_s"] + run["construct_s"] + run["first_token_s"]
+
+
+@pytest.mark.skipif(not TORCH_PYTHON, reason="PJLLM_BENCH_TORCH_PYTHON is not set")
+def test_hf_startup_child_reports_its_phases(tmp_path):
+    from pjllm.bench import startup
+
+    with open(CONFIG) as f:
+        hf_config = json.load(f)
+    spec = {"hf_config": hf_config, "settings": {"max_num_seqs": 1}, "prompt_token_ids": list(range(1, 9))}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    completed = subprocess.run([TORCH_PYTHON, "-c", startup._HF_CHILD_BOOTSTRAP, str(tmp_path / "spec.json"),
+                                str(tmp_path / "result.json"), startup._HF_BACKEND_PATH],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    child = json.loads((tmp_path / "result.json").read_text())
+    assert child["up"] <= child["imported"] <= child["done"]
+    assert child["construct_s"] >= child["weights_s"] > 0 and child["first_token_s"] > 0
+    assert "torch" in child["device_info"] and child["settings"]["continuous_batching_config"]["max_requests_per_batch"] == 1
