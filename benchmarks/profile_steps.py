@@ -34,6 +34,17 @@ def summarize(trace_dir: str, steps: int, top: int) -> dict[str, float]:
     return busy
 
 
+def trace_steps(engine, args) -> dict[str, float]:
+    """Runs --steps engine steps under the JAX profiler; prints and returns GPU time by kind."""
+    start = time.perf_counter()
+    with jax.profiler.trace(args.trace_dir):
+        for _ in range(args.steps):
+            engine.step()
+        jax.effects_barrier()
+    print(f"wall {1e3 * (time.perf_counter() - start) / args.steps:.2f} ms per step (traced)")
+    return summarize(args.trace_dir, args.steps, args.top)
+
+
 def add_requests(engine, rng, count: int, prompt_len: int, params, prefix: str) -> None:
     for i in range(count):
         prompt = rng.integers(0, engine.model_config.vocab_size, prompt_len).tolist()
@@ -53,13 +64,7 @@ def prefill_steps(engine, args, rng, params) -> None:
     abort_all(engine)
     jax.effects_barrier()
     add_requests(engine, rng, args.num_seqs, args.context, params, "")
-    start = time.perf_counter()
-    with jax.profiler.trace(args.trace_dir):
-        for _ in range(args.steps):
-            engine.step()
-        jax.effects_barrier()
-    print(f"wall {1e3 * (time.perf_counter() - start) / args.steps:.2f} ms per step (traced)")
-    busy = summarize(args.trace_dir, args.steps, args.top)
+    busy = trace_steps(engine, args)
     tokens = engine.max_num_batched_tokens
     with open(args.config) as f:
         hf_config = json.load(f)
@@ -103,13 +108,7 @@ def main() -> None:
     for _ in range(8):  # settle into steady decode
         engine.step()
     jax.effects_barrier()
-    start = time.perf_counter()
-    with jax.profiler.trace(args.trace_dir):
-        for _ in range(args.steps):
-            engine.step()
-        jax.effects_barrier()
-    print(f"wall {1e3 * (time.perf_counter() - start) / args.steps:.2f} ms per step (traced)")
-    summarize(args.trace_dir, args.steps, args.top)
+    trace_steps(engine, args)
     abort_all(engine)
 
 
