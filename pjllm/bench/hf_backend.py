@@ -209,7 +209,7 @@ def startup_child_main(up: float, spec_path: str, result_path: str) -> None:
 
     with open(spec_path) as f:
         spec = json.load(f)
-    torch, _ = _import_torch()
+    _import_torch()  # torch and transformers: the child's import time
     imported = time.time()
     start = time.perf_counter()
     prompt = _OnePrompt(spec["prompt_token_ids"])

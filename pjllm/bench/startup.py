@@ -36,9 +36,10 @@ from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_ar
                                  engine_kwargs, load_hf_config, resolve_model)
 from pjllm.bench.report import environment, print_table, write_json
 
-COLUMNS = [("backend", "backend", ""), ("cache", "compilation cache", ""), ("interpreter_s", "interpreter s", ".2f"),
-           ("import_s", "import s", ".2f"), ("weights_s", "weights s", ".2f"),
-           ("rest_s", "rest s", ".2f"), ("first_token_s", "first token s", ".3f"),
+COLUMNS = [("backend", "backend", ""), ("cache", "compilation cache", ""),
+           ("interpreter_s", "interpreter s", ".2f"), ("import_s", "import s", ".2f"),
+           ("weights_s", "weights s", ".2f"), ("rest_s", "rest s", ".2f"),
+           ("first_token_s", "first token s", ".3f"),
            ("total_s", "total s", ".2f"), ("all_programs_s", "all programs s", ".2f"),
            ("num_buckets", "programs", "d"), ("compile_s", "compile s", ".2f"),
            ("lower_s", "lowering s", ".2f")]
