@@ -168,13 +168,17 @@ class ModelRunner:
         N is tied to T (a batch of T tokens holds at most T sequences), so there is one program
         per token bucket: a few seconds of compile each for an 8B model, not tens of programs.
         """
-        return [(tokens, min(tokens, self.max_num_seqs)) for tokens in self.token_buckets]
+        return [(tokens, self.seq_bucket(tokens)) for tokens in self.token_buckets]
+
+    def seq_bucket(self, padded_tokens: int) -> int:
+        """The sequence bucket N of token bucket T: at most one sequence per token."""
+        return min(padded_tokens, self.max_num_seqs)
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[StepInput, StepVariant]:
         """Flattens the scheduled chunks into one padded ragged batch (host numpy arrays)."""
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         padded_tokens = _bucket(num_tokens, self.token_buckets)
-        padded_seqs = min(padded_tokens, self.max_num_seqs)
+        padded_seqs = self.seq_bucket(padded_tokens)
 
         token_ids = np.zeros(padded_tokens, np.int32)
         last_token_rows = np.full(padded_tokens, -1, np.int32)
