@@ -31,6 +31,8 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 from pjllm.bench.backends import require_torch
 from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_args, add_output_args,
                                  engine_kwargs, load_hf_config, resolve_model)
@@ -68,8 +70,6 @@ def add_parser(subparsers) -> None:
 
 def child_main(up: float, spec_path: str, result_path: str) -> None:
     """In the child process: build the engine, generate one token, write the phase timings."""
-    import numpy as np
-
     with open(spec_path) as f:
         spec = json.load(f)
     import pjllm
@@ -81,10 +81,8 @@ def child_main(up: float, spec_path: str, result_path: str) -> None:
     start = time.perf_counter()
     llm = pjllm.LLM(kwargs.pop("model"), **kwargs)
     timings = split_startup(llm.engine, time.perf_counter() - start)
-    vocab = llm.engine.model_config.vocab_size
-    prompt = np.random.default_rng(0).integers(0, vocab, spec["input_len"]).tolist()
     start = time.perf_counter()
-    llm.generate({"prompt_token_ids": prompt}, pjllm.SamplingParams(max_tokens=1, ignore_eos=True, seed=0),
+    llm.generate({"prompt_token_ids": spec["prompt_token_ids"]}, pjllm.SamplingParams(max_tokens=1, ignore_eos=True, seed=0),
                  use_tqdm=False)
     first_token_s = time.perf_counter() - start
     done = time.time()
@@ -125,10 +123,10 @@ def _row(backend: str, cache: str, launched: float, child: dict[str, Any]) -> di
             "num_buckets": child.get("num_buckets")}
 
 
-def _pjllm_record(args: argparse.Namespace, model: str, folder: str) -> dict[str, Any]:
+def _pjllm_record(args: argparse.Namespace, model: str, prompt: list[int], folder: str) -> dict[str, Any]:
     kwargs = engine_kwargs(args, model, args.input_len + 1)
     kwargs["compilation_cache_dir"] = os.path.join(folder, "xla-cache")
-    spec = {"engine_kwargs": kwargs, "input_len": args.input_len}
+    spec = {"engine_kwargs": kwargs, "prompt_token_ids": prompt}
     rows = []
     for label in ("cold", "warm"):
         print(f"startup: pjllm, {label} compilation cache ...", flush=True)
@@ -142,12 +140,10 @@ def _pjllm_record(args: argparse.Namespace, model: str, folder: str) -> dict[str
             "env": environment(getattr(args, "cli_argv", None), lambda: device_info)}
 
 
-def _hf_record(args: argparse.Namespace, model: str, hf_config: dict[str, Any], folder: str) -> dict[str, Any]:
-    import numpy as np
-
+def _hf_record(args: argparse.Namespace, model: str, hf_config: dict[str, Any], prompt: list[int],
+               folder: str) -> dict[str, Any]:
     settings = {"dtype": args.dtype, "max_num_seqs": 1, "seed": args.seed,
                 "attn_implementation": args.hf_attn_implementation, "cb_overrides": args.hf_cb_config}
-    prompt = np.random.default_rng(0).integers(0, hf_config["vocab_size"], args.input_len).tolist()
     spec = {"hf_config": hf_config, "settings": settings, "prompt_token_ids": prompt}
     print("startup: hf ...", flush=True)
     launched, child = _run_child(_HF_CHILD_BOOTSTRAP, spec, folder, "hf", _HF_BACKEND_PATH)
@@ -165,12 +161,14 @@ def run(args: argparse.Namespace) -> int:
         require_torch()
     model = resolve_model(args)
     hf_config = load_hf_config(model)  # fail here, not in the child, on a bad path
+    # The one prompt, the same token ids for every backend.
+    prompt = np.random.default_rng(0).integers(0, hf_config["vocab_size"], args.input_len).tolist()
     results = []
     with tempfile.TemporaryDirectory(prefix="pjllm-startup-") as folder:
         if "pjllm" in backends:
-            results.append(_pjllm_record(args, model, folder))
+            results.append(_pjllm_record(args, model, prompt, folder))
         if "hf" in backends:
-            results.append(_hf_record(args, model, hf_config, folder))
+            results.append(_hf_record(args, model, hf_config, prompt, folder))
     print_table(f"startup to first token: {model}", [row for record in results for row in record["runs"]],
                 COLUMNS)
     write_json(args.output_json, {"benchmark": "startup", "results": results})
