@@ -34,7 +34,6 @@ import numpy as np  # noqa: E402
 from pjllm.bench import kernels as bench  # noqa: E402
 from pjllm.kernels import paged_attention as pallas_attention  # noqa: E402
 from pjllm.kernels import reference  # noqa: E402
-from pjllm.kernels.testing import random_ragged_layout  # noqa: E402
 
 BlockConfig = pallas_attention.BlockConfig
 INTERPRET = jax.default_backend() == "cpu"      # smoke-testing this script off GPU
@@ -59,29 +58,16 @@ CHECK_CONFIGS = [None, BlockConfig(16, 128, 8, 3, kv_splits=4, programs_per_sm=2
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 1e-4}   # f32 dots are tf32
 
 
-def make_batch(seed, q_lens, ctx_lens, *, num_tokens, num_seqs, hq, hkv, d, ps, dtype):
-    rng = np.random.default_rng(seed)
-    width = max(-(-c // ps) for c in ctx_lens)
-    total_pages = sum(-(-c // ps) for c in ctx_lens) + 8
-    md = random_ragged_layout(rng, q_lens, [int(c) for c in ctx_lens], page_size=ps,
-                              num_tokens=num_tokens, num_seqs=num_seqs, num_pages=total_pages,
-                              width=width)
-    md = jax.tree.map(jnp.asarray, md)
-    kq, kk = jax.random.split(jax.random.key(seed))
-    q = jax.random.normal(kq, (num_tokens, hq, d), jnp.float32).astype(dtype)
-    kv = jax.random.normal(kk, (2, hkv, total_pages, ps, d), jnp.float32).astype(dtype)
-    return q, kv, md
-
-
 def check_correctness(only: str) -> bool:
     ok_all = True
     print("== correctness vs reference (rel err = ||out-ref||/||ref||) ==", flush=True)
     for name, (q_lens, ctx_lens, t, n, hq, hkv, d, ps, dtype) in CHECKS.items():
         if only and only not in name:
             continue
-        q, kv, md = make_batch(7, q_lens, ctx_lens, num_tokens=t, num_seqs=n, hq=hq, hkv=hkv,
-                               d=d, ps=ps, dtype=dtype)
-        scale = d ** -0.5
+        case = bench.Case(name, "check", tuple(q_lens), tuple(int(c) for c in ctx_lens), t, n,
+                          hq, hkv, d, ps, jnp.dtype(dtype).name)
+        inputs = bench.make_inputs(case, seed=7, on_gpu=False)     # one KV set is enough here
+        q, kv, md, scale = inputs.qs[0], inputs.kvs[0], inputs.metadata, inputs.sm_scale
         want = np.asarray(jax.jit(lambda q, kv: reference.paged_attention_reference(
             q, kv, md, sm_scale=scale))(q, kv).astype(jnp.float32))
         real = int(sum(q_lens))

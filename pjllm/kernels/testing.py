@@ -1,4 +1,5 @@
-"""Random ragged-batch layouts, shared by the kernel tests and the GPU kernel check."""
+"""Random ragged-batch layouts, shared by the kernel tests and the kernels bench (and through it
+the GPU kernel check)."""
 
 from __future__ import annotations
 
