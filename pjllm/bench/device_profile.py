@@ -18,8 +18,10 @@ import json
 KINDS = ("attention", "matmul", "copy", "other")
 _ATTENTION_MARKS = ("paged", "attention", "flash", "fmha")
 _MATMUL_MARKS = ("nvjet", "gemm", "cutlass", "cublas", "sm90_xmma", "triton_gemm")
-# The torch profiler marks GPU work by category; JAX's trace puts it under "GPU" processes.
+# The torch profiler marks GPU work by category; JAX's trace puts it under "GPU" processes, on
+# stream lines beside derived per-op / per-module lines.
 _TORCH_GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+_DERIVED_LINES = ("XLA", "Launch", "Op", "Module", "Step")
 
 
 @dataclasses.dataclass
@@ -28,29 +30,43 @@ class KernelTime:
     calls: int = 0
 
 
-def kernel_times(trace_dir: str) -> dict[str, KernelTime]:
-    """{kernel name: total GPU time and calls} over the newest trace under `trace_dir`.
-    On a CPU-only trace (no GPU events) every thread's events are summed instead."""
+def read_trace(trace_dir: str) -> list[dict]:
+    """The events of the newest `*.trace.json.gz` under `trace_dir`."""
     paths = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
     if not paths:
         raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
     with gzip.open(paths[-1]) as f:
-        events = json.load(f)["traceEvents"]
+        return json.load(f)["traceEvents"]
+
+
+def gpu_events(events: list[dict]) -> list[dict]:
+    """The complete ("X") events that ran on a GPU: the torch profiler's kernel and copy
+    categories, or the GPU processes' stream lines of a JAX trace (not its derived op and module
+    lines, which repeat the streams' work). [] when nothing ran on a GPU."""
+    complete = [e for e in events if e.get("ph") == "X"]
+    if any(e.get("cat") in _TORCH_GPU_CATEGORIES for e in complete):
+        return [e for e in complete if e.get("cat") in _TORCH_GPU_CATEGORIES]
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in str(e.get("args", {}).get("name", ""))}
-    torch_gpu = any(event.get("cat") in _TORCH_GPU_CATEGORIES for event in events)
+    line_names = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
+                  if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu_pids}
+    on_gpu = [e for e in complete if e.get("pid") in gpu_pids]
+    if any("Stream" in name for name in line_names.values()):
+        return [e for e in on_gpu if "Stream" in line_names.get((e["pid"], e.get("tid")), "")]
+    return [e for e in on_gpu  # other naming: every GPU line but the derived ones
+            if not any(w in line_names.get((e["pid"], e.get("tid")), "") for w in _DERIVED_LINES)]
+
+
+def kernel_times(trace_dir: str) -> dict[str, KernelTime]:
+    """{kernel name: total GPU time and calls} over the newest trace under `trace_dir`.
+    On a CPU-only trace (no GPU events) every thread's events are summed instead."""
+    events = read_trace(trace_dir)
+    selected = gpu_events(events) or [e for e in events if e.get("ph") == "X"]
     times: dict[str, KernelTime] = collections.defaultdict(KernelTime)
-    for event in events:
-        if event.get("ph") != "X":
-            continue
-        if torch_gpu:
-            on_gpu = event.get("cat") in _TORCH_GPU_CATEGORIES
-        else:
-            on_gpu = not gpu_pids or event.get("pid") in gpu_pids
-        if on_gpu:
-            entry = times[event["name"]]
-            entry.micros += event.get("dur", 0.0)
-            entry.calls += 1
+    for event in selected:
+        entry = times[event["name"]]
+        entry.micros += event.get("dur", 0.0)
+        entry.calls += 1
     return dict(times)
 
 

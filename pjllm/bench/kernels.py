@@ -356,11 +356,11 @@ def device_times(run: Callable, args: tuple, calls: int, runs: int = 2) -> dict[
     {"device_ms": sum of the durations of everything on the GPU streams / calls,
      "span_ms": GPU timeline from the first start to the last end / calls,
      "kernels_us": {kernel name: microseconds per call}}."""
-    import glob
-    import gzip
     import tempfile
 
     import jax
+
+    from pjllm.bench import device_profile
 
     with tempfile.TemporaryDirectory() as log_dir:
         jax.profiler.start_trace(log_dir)
@@ -369,30 +369,18 @@ def device_times(run: Callable, args: tuple, calls: int, runs: int = 2) -> dict[
                 jax.block_until_ready(run(*args))
         finally:
             jax.profiler.stop_trace()
-        [path] = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
-        with gzip.open(path, "rb") as f:
-            events = json.load(f)["traceEvents"]
-    pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-            if e.get("ph") == "M" and e.get("name") == "process_name"}
-    tids = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
-            if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    gpu_threads = {key: name for key, name in tids.items() if "GPU" in pids.get(key[0], "")}
-    streams = {key for key, name in gpu_threads.items() if "Stream" in name}
-    if not streams:     # other naming: every GPU line but the derived op / module lines
-        streams = {key for key, name in gpu_threads.items()
-                   if not any(w in name for w in ("XLA", "Launch", "Op", "Module", "Step"))}
+        events = device_profile.read_trace(log_dir)
+    gpu = device_profile.gpu_events(events)
+    if not gpu:
+        processes = sorted({str(e.get("args", {}).get("name", "")) for e in events
+                            if e.get("ph") == "M" and e.get("name") == "process_name"})
+        raise RuntimeError(f"no GPU stream events in the trace; processes {processes[:8]}")
     kernels: dict[str, float] = {}
-    first, last = math.inf, -math.inf
-    for e in events:
-        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
-            name = str(e.get("name", "?"))[:80]
-            kernels[name] = kernels.get(name, 0.0) + float(e.get("dur", 0.0))
-            first = min(first, float(e["ts"]))
-            last = max(last, float(e["ts"]) + float(e.get("dur", 0.0)))
-    if not kernels:
-        raise RuntimeError(f"no GPU stream events in the trace; processes "
-                           f"{sorted(pids.values())[:8]}, GPU lines "
-                           f"{sorted(gpu_threads.values())[:8]}")
+    for e in gpu:
+        name = str(e.get("name", "?"))[:80]
+        kernels[name] = kernels.get(name, 0.0) + float(e.get("dur", 0.0))
+    first = min(float(e["ts"]) for e in gpu)
+    last = max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in gpu)
     total = runs * calls
     # span_ms: first start to last end on the GPU per call, idle gaps between kernels included
     # (the gaps between the profiled runs too, so an upper bound).

@@ -31,6 +31,19 @@ def test_jax_trace_counts_only_gpu_processes(tmp_path):
     assert seconds["total"] == pytest.approx(1300e-6)
 
 
+def test_jax_trace_counts_stream_lines_not_their_derived_op_lines(tmp_path):
+    _write_trace(tmp_path, [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 10, "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 11, "args": {"name": "XLA Ops"}},
+        {"ph": "X", "pid": 1, "tid": 10, "name": "paged_decode_attention", "dur": 300.0, "ts": 0.0},
+        {"ph": "X", "pid": 1, "tid": 11, "name": "paged_decode_attention", "dur": 300.0, "ts": 0.0},
+    ])
+    times = device_profile.kernel_times(str(tmp_path))
+    assert times["paged_decode_attention"].calls == 1
+    assert device_profile.by_kind(times)["attention"] == pytest.approx(300e-6)
+
+
 def test_torch_trace_counts_only_gpu_categories(tmp_path):
     _write_trace(tmp_path, [
         {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "python"}},
