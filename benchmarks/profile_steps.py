@@ -65,17 +65,17 @@ def prefill_steps(engine, args, rng, params) -> None:
     jax.effects_barrier()
     add_requests(engine, rng, args.num_seqs, args.context, params, "")
     busy = trace_steps(engine, args)
-    tokens = engine.max_num_batched_tokens
+    # The tokens the traced steps computed (fewer than --steps full steps once the prompts run out).
+    tokens = sum(seq.num_computed_tokens for request in engine.requests.values() for seq in request.seqs)
     with open(args.config) as f:
         hf_config = json.load(f)
     layer_flop = 2.0 * tokens * sum(k * n for k, n in projection_shapes(hf_config).values())
-    matmul_s = busy["matmul"] / args.steps
-    if matmul_s == 0:
+    if busy["matmul"] == 0:
         print("no matmul kernels in the trace (no GPU?)")
     else:
-        print(f"decoder-layer matmuls at {tokens} tokens per step: "
-              f"{layer_flop * hf_config['num_hidden_layers'] / matmul_s / 1e12:.0f} TFLOP/s "
-              f"(all matmul kernel time, lm_head's few sampled rows included)")
+        print(f"decoder-layer matmuls over {tokens} tokens in {args.steps} steps: "
+              f"{layer_flop * hf_config['num_hidden_layers'] / busy['matmul'] / 1e12:.0f} TFLOP/s "
+              f"(all matmul kernel time, lm_head's sampled rows included)")
     abort_all(engine)
 
 
