@@ -9,10 +9,11 @@ import dataclasses
 import os
 from typing import Any
 
-_DTYPES = ("auto", "bfloat16", "float16", "float32")
-_ATTENTION_BACKENDS = ("auto", "pallas", "reference")
-_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-_WARMUP_MODES = ("auto", "background", "blocking", "off")
+# The allowed values of the string options (also the choices of the `pjllm bench` flags).
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION_BACKENDS = ("auto", "pallas", "reference")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+WARMUP_MODES = ("auto", "background", "blocking", "off")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 
@@ -142,10 +143,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a path to an HF directory, a .gguf file or a config.json")
-        _check_choice("dtype", self.dtype, _DTYPES)
-        _check_choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
-        _check_choice("load_format", self.load_format, _LOAD_FORMATS)
-        _check_choice("warmup", self.warmup, _WARMUP_MODES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        _check_choice("warmup", self.warmup, WARMUP_MODES)
         if self.page_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"page_size must be one of 8, 16, 32, 64, 128; got {self.page_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from pjllm.bench.datasets import DATASETS, Workload, make_workload, special_token_ids
-from pjllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from pjllm.config import (ATTENTION_BACKENDS, DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPES, LOAD_FORMATS,
+                          WARMUP_MODES, EngineConfig)
 
 BACKENDS = ("pjllm", "hf", "both")
 
@@ -23,9 +24,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF directory, .gguf file, or a config.json with --load-format dummy "
                              "(default: the default model, SmolLM2-135M-Instruct)")
-    parser.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "gguf", "dummy"),
+    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                         help="'dummy': random weights from the config alone")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="'auto': bfloat16 on GPU, float32 on CPU (both backends)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of sampling")
 
@@ -37,7 +38,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help=f"token budget of one step (engine default {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="default: the workload's longest prompt + output, rounded up to a page")
-    parser.add_argument("--attention-backend", default="auto", choices=("auto", "pallas", "reference"))
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=None)
@@ -45,7 +46,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="JAX persistent compilation cache (default: the engine's, "
                              "~/.cache/pjllm/xla; 'none' turns it off)")
     parser.add_argument("--warmup", default="blocking",
-                        choices=("auto", "background", "blocking", "off"),
+                        choices=WARMUP_MODES,
                         help="the engine's compile-every-bucket warmup at startup (default "
                              "blocking: construction includes it, so runs time no compiles)")
 
