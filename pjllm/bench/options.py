@@ -121,9 +121,14 @@ def _round_up(value: int, multiple: int) -> int:
 
 def build_llm(args: argparse.Namespace, model: str, max_model_len: int):
     """Creates the pjllm engine; returns (llm, seconds spent: weights + warmup compile)."""
+    return construct_llm(engine_kwargs(args, model, max_model_len))
+
+
+def construct_llm(kwargs: dict[str, Any]):
+    """`pjllm.LLM(**kwargs)`, timed: returns (llm, seconds the construction took)."""
     from pjllm.entrypoints.llm import LLM
 
-    kwargs = engine_kwargs(args, model, max_model_len)
+    kwargs = dict(kwargs)
     start = time.perf_counter()
     llm = LLM(kwargs.pop("model"), **kwargs)
     return llm, time.perf_counter() - start

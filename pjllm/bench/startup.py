@@ -35,7 +35,7 @@ import numpy as np
 
 from pjllm.bench.backends import require_torch
 from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_args, add_output_args,
-                                 engine_kwargs, load_hf_config, resolve_model)
+                                 construct_llm, engine_kwargs, load_hf_config, resolve_model)
 from pjllm.bench.report import environment, print_table, write_json
 
 COLUMNS = [("backend", "backend", ""), ("cache", "compilation cache", ""),
@@ -77,10 +77,8 @@ def child_main(up: float, spec_path: str, result_path: str) -> None:
     from pjllm.bench.timings import split_startup
 
     imported = time.time()
-    kwargs = spec["engine_kwargs"]
-    start = time.perf_counter()
-    llm = pjllm.LLM(kwargs.pop("model"), **kwargs)
-    timings = split_startup(llm.engine, time.perf_counter() - start)
+    llm, construct_s = construct_llm(spec["engine_kwargs"])
+    timings = split_startup(llm.engine, construct_s)
     start = time.perf_counter()
     llm.generate({"prompt_token_ids": spec["prompt_token_ids"]}, pjllm.SamplingParams(max_tokens=1, ignore_eos=True, seed=0),
                  use_tqdm=False)
