@@ -62,6 +62,17 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
 
+    @property
+    def max_context_len(self) -> int:
+        """The longest context the model supports: max_position_embeddings, stretched by rope
+        scaling that extends it (linear, dynamic, yarn; llama3 configs already state theirs)."""
+        scaling = self.rope_scaling or {}
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        if rope_type in ("linear", "dynamic", "yarn"):
+            original = scaling.get("original_max_position_embeddings", self.max_position_embeddings)
+            return int(original * scaling.get("factor", 1.0))
+        return self.max_position_embeddings
+
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Builds a ModelConfig from the dict of an HF `config.json`."""

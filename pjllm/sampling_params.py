@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 MAX_LOGPROBS = 20
+
+
+def _fail(field: str, allowed: str, value: object) -> None:
+    raise ValueError(f"SamplingParams.{field} must be {allowed}; got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    """A Python or numpy integer, not a bool (True is an int to Python, never a count to us)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A finite Python or numpy real number, not a bool."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 @dataclasses.dataclass
 class SamplingParams:
     """Per-request sampling settings, with vLLM's names and meanings.
 
-    temperature 0 means greedy. top_k <= 0 and top_p == 1 turn those filters off. `seed` makes the
-    request's samples reproducible whatever else shares the batch. `logprobs` / `prompt_logprobs`
-    ask for the top-N log-probabilities of each generated / prompt token (N <= 20).
+    temperature 0 means greedy. top_k <= 0 and top_p == 1 turn those filters off; a top_k at or
+    above the vocabulary size is off too. `seed` makes the request's samples reproducible
+    whatever else shares the batch. `logprobs` / `prompt_logprobs` ask for the top-N
+    log-probabilities of each generated / prompt token (N <= 20).
+
+    Every field is checked here (types, ranges, finiteness); what needs the model (vocabulary,
+    max_model_len, max_num_seqs) is checked when the request is added to an engine.
     """
 
     n: int = 1
@@ -36,45 +61,63 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        def fail(field: str, allowed: str, value: object) -> None:
-            raise ValueError(f"SamplingParams.{field} must be {allowed}; got {value!r}")
-
-        if not isinstance(self.n, int) or self.n < 1:
-            fail("n", "an integer >= 1", self.n)
-        if self.temperature < 0:
-            fail("temperature", ">= 0", self.temperature)
-        if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", "in (0, 1]", self.top_p)
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            fail("top_k", "an integer >= -1 (0 or -1 disables it)", self.top_k)
-        if not 0.0 <= self.min_p <= 1.0:
-            fail("min_p", "in [0, 1]", self.min_p)
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            fail("presence_penalty", "in [-2, 2]", self.presence_penalty)
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            fail("frequency_penalty", "in [-2, 2]", self.frequency_penalty)
-        if self.repetition_penalty <= 0.0:
-            fail("repetition_penalty", "> 0", self.repetition_penalty)
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", "an integer or None", self.seed)
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            fail("max_tokens", "an integer >= 1 or None", self.max_tokens)
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            fail("min_tokens", "an integer >= 0", self.min_tokens)
+        if not _is_int(self.n) or self.n < 1:
+            _fail("n", "an integer >= 1", self.n)
+        self._check_real("temperature", ">= 0", lambda x: x >= 0)
+        self._check_real("top_p", "in (0, 1]", lambda x: 0.0 < x <= 1.0)
+        if not _is_int(self.top_k) or self.top_k < -1:
+            _fail("top_k", "an integer >= -1 (0 or -1 disables it)", self.top_k)
+        self._check_real("min_p", "in [0, 1]", lambda x: 0.0 <= x <= 1.0)
+        self._check_real("presence_penalty", "in [-2, 2]", lambda x: -2.0 <= x <= 2.0)
+        self._check_real("frequency_penalty", "in [-2, 2]", lambda x: -2.0 <= x <= 2.0)
+        self._check_real("repetition_penalty", "> 0", lambda x: x > 0.0)
+        if self.seed is not None and not _is_int(self.seed):
+            _fail("seed", "an integer or None", self.seed)
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            _fail("max_tokens", "an integer >= 1 or None", self.max_tokens)
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            _fail("min_tokens", "an integer >= 0", self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+            _fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         for field in ("logprobs", "prompt_logprobs"):
             value = getattr(self, field)
-            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
-                fail(field, f"an integer in [0, {MAX_LOGPROBS}] or None", value)
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            fail("stop", "a non-empty string or a list of them", self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            fail("stop_token_ids", "a list of non-negative integers", self.stop_token_ids)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                _fail(field, f"an integer in [0, {MAX_LOGPROBS}] or None", value)
+        for field in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, field), bool):
+                _fail(field, "True or False", getattr(self, field))
+        self.stop = self._string_list(self.stop)
+        self.stop_token_ids = self._token_id_list(self.stop_token_ids)
+        # Plain Python ints from here on (numpy integers are accepted as input).
+        for field in ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"):
+            if getattr(self, field) is not None:
+                setattr(self, field, int(getattr(self, field)))
+        for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                      "repetition_penalty"):
+            setattr(self, field, float(getattr(self, field)))
+
+    def _check_real(self, field: str, allowed: str, in_range) -> None:
+        value = getattr(self, field)
+        if not _is_real(value) or not in_range(value):
+            _fail(field, f"a finite number {allowed}", value)
+
+    @staticmethod
+    def _string_list(stop: object) -> list[str]:
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
+            _fail("stop", "a non-empty string or a list of them", stop)
+        return list(stop)
+
+    @staticmethod
+    def _token_id_list(ids: object) -> list[int]:
+        if ids is None:
+            return []
+        if not isinstance(ids, (list, tuple)) or any(not _is_int(t) or t < 0 for t in ids):
+            _fail("stop_token_ids", "a list of non-negative integer token ids", ids)
+        return [int(t) for t in ids]
 
     @property
     def is_greedy(self) -> bool:

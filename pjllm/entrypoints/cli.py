@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The `pjllm` argument parser with every subcommand."""
     from pjllm.bench import add_bench_parser
 
+    from pjllm import __version__
+
     parser = argparse.ArgumentParser(prog="pjllm", description="LLM inference in JAX")
+    parser.add_argument("--version", action="version", version=f"pjllm {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
     download = subparsers.add_parser("download", help="fetch, verify and cache the default model")

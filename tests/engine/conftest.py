@@ -20,6 +20,13 @@ def tiny_model_path(tmp_path):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def tiny_model_path_module(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "config.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return str(path)
+
+
 @pytest.fixture
 def make_llm(tiny_model_path):
     """Builds LLMs on the tiny random model; afterwards checks that every page is free again."""

@@ -144,38 +144,6 @@ def test_pallas_backend_matches_reference_greedy(make_llm):
     assert [o.outputs[0].token_ids for o in outputs] == reference
 
 
-@pytest.mark.parametrize("params, field", [
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(temperature=-0.5), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-2), "top_k"),
-    (dict(logprobs=50), "logprobs"),
-])
-def test_bad_sampling_params_name_the_field(params, field):
-    with pytest.raises(ValueError, match=field):
-        SamplingParams(**params)
-
-
-def test_bad_requests_name_the_field(make_llm, tmp_path):
-    llm = make_llm()
-    with pytest.raises(ValueError, match="prompt"):
-        llm.generate({"prompt_token_ids": []}, GREEDY, use_tqdm=False)
-    with pytest.raises(ValueError, match="max_model_len"):
-        llm.generate({"prompt_token_ids": [5] * 200}, GREEDY, use_tqdm=False)
-    with pytest.raises(ValueError, match="prompt_token_ids"):
-        llm.generate({"prompt_token_ids": [5, 100000]}, GREEDY, use_tqdm=False)
-    # A bad prompt among good ones leaves nothing queued.
-    with pytest.raises(ValueError, match="prompt"):
-        llm.generate([{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": []}], GREEDY, use_tqdm=False)
-    with pytest.raises(ValueError, match="model"):
-        pjllm.LLM(str(tmp_path / "no-such-model"))
-    with pytest.raises(ValueError, match="dtype"):
-        make_llm(dtype="int3")
-    with pytest.raises(ValueError, match="attention_backend"):
-        make_llm(attention_backend="cuda")
-
-
 def test_async_scheduling_gives_the_same_outputs_as_one_step_at_a_time(make_llm):
     prompts = [{"prompt_token_ids": p} for p in _prompts(6, seed=6)]
     stop_token = 17
