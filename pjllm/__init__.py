@@ -2,9 +2,12 @@
 
 import os
 
-# JAX's GPU allocator claims 75% of device memory unless told otherwise; an inference engine
-# wants nearly all of it for the KV cache (gpu_memory_utilization is a fraction of this pool).
-# It takes effect only if jax has not started its GPU backend yet; a value the user set wins.
+# JAX's GPU allocator claims 75% of the device when it starts, so a second process (or a second
+# engine that wants its own gpu_memory_utilization share) would find nothing left. Allocate on
+# demand instead, up to 95% of the device in this process: each engine sizes its KV cache from
+# its share of the device's total memory (pjllm/runner/memory.py). This takes effect only if
+# jax has not started its GPU backend yet; values the user set win.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 from pjllm.config import EngineConfig, ModelConfig

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import os
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +21,14 @@ from pjllm.engine.sequence import Request, Sequence
 from pjllm.kernels import ops
 from pjllm.models.loader import build_model
 from pjllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pjllm.runner.memory import kv_cache_bytes
 from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
+from pjllm.runner.sampler import SamplerOutput, TokenLogprobs
 from pjllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pjllm")
 
 PromptType = str | dict[str, Any] | list[int]
-# Without device memory statistics (CPU), the KV cache gets at most this many bytes.
-_HOST_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -58,6 +59,13 @@ def _resolve_dtype(dtype: str) -> Any:
     if dtype == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return jnp.dtype(dtype)
+
+
+def _short_repr(values, limit: int = 8) -> str:
+    """repr of a sequence, its first `limit` items only (error messages name the bad values)."""
+    values = list(values)
+    head = ", ".join(map(repr, values[:limit]))
+    return f"[{head}{', ...' if len(values) > limit else ''}] ({len(values)} items)"
 
 
 def enable_compilation_cache(directory: str | None) -> None:
@@ -100,7 +108,8 @@ class LLMEngine:
         graphdef, state = build_model(self.model_config, self.dtype, load_format, config.model,
                                       config.seed)
         self.startup_timings["load_weights_s"] = time.perf_counter() - start
-        num_pages = config.num_pages or self._num_pages_from_memory()
+        weights_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        num_pages = config.num_pages or self._num_pages_from_memory(weights_bytes)
         if num_pages * config.page_size < self.max_model_len:
             raise ValueError(
                 f"num_pages ({num_pages}) x page_size ({config.page_size}) holds fewer tokens than "
@@ -122,6 +131,7 @@ class LLMEngine:
         self._in_flight: _InFlightStep | None = None
         self.step_timings = StepTimings()
         self._num_penalty_requests = 0
+        self.closed = False
         warmup = config.warmup
         if warmup == "auto":
             warmup = "off" if jax.default_backend() == "cpu" else "background"
@@ -136,49 +146,58 @@ class LLMEngine:
         self.startup_timings.update(self.model_runner.wait_for_warmup())
 
     def _resolve_max_model_len(self) -> int:
-        """The user's max_model_len, or the model's; never past a sliding attention window,
-        since the attention kernels attend to the whole context."""
+        """The user's max_model_len, or the model's context length; never past it (nor past a
+        sliding attention window, since the attention kernels attend to the whole context)."""
         window = self.model_config.sliding_window
+        limit = self.model_config.max_context_len
         if self.config.max_model_len is None:
-            return min(self.model_config.max_position_embeddings, window or 1 << 62)
+            return min(limit, window or limit)
+        if self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len ({self.config.max_model_len}) must be <= the model's "
+                             f"context length ({limit}, from max_position_embeddings and rope "
+                             f"scaling)")
         if window is not None and self.config.max_model_len > window:
             raise ValueError(f"max_model_len ({self.config.max_model_len}) must be <= the model's "
                              f"sliding_window ({window}): sliding-window attention is not supported")
         return self.config.max_model_len
 
-    def _num_pages_from_memory(self) -> int:
+    def _num_pages_from_memory(self, weights_bytes: int) -> int:
         cfg = self.model_config
         page_bytes = cfg.num_layers * ops.kv_cache_bytes_per_page(
             self.config.page_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
-        stats = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" in stats:
-            itemsize = jnp.dtype(self.dtype).itemsize
-            # Peak activations of one step: MLP intermediates for the token budget, plus float32
-            # logits (and their sort) for every sequence, plus a margin for XLA's workspace.
-            activations = (self.max_num_batched_tokens * cfg.intermediate_size * itemsize * 4
-                           + self.config.max_num_seqs * cfg.vocab_size * 4 * 4 + (512 << 20))
-            budget = (stats["bytes_limit"] * self.config.gpu_memory_utilization
-                      - stats.get("bytes_in_use", 0) - activations)
-        else:
-            wanted = self.config.max_num_seqs * pages_needed(self.max_model_len, self.config.page_size)
-            budget = min(wanted * page_bytes, _HOST_KV_CACHE_BYTES * self.config.gpu_memory_utilization)
-        num_pages = int(budget // page_bytes)
+        itemsize = jnp.dtype(self.dtype).itemsize
+        # Peak activations of one step: MLP intermediates for the token budget, plus float32
+        # logits (and their sort) for every sequence, plus a margin for XLA's workspace.
+        activations = (self.max_num_batched_tokens * cfg.intermediate_size * itemsize * 4
+                       + self.config.max_num_seqs * cfg.vocab_size * 4 * 4 + (512 << 20))
+        wanted = self.config.max_num_seqs * pages_needed(self.max_model_len, self.config.page_size)
+        budget = kv_cache_bytes(jax.devices()[0], utilization=self.config.gpu_memory_utilization,
+                                weights_bytes=weights_bytes, activation_bytes=activations,
+                                host_bytes_wanted=wanted * page_bytes)
+        num_pages = budget // page_bytes
         if num_pages < 1:
-            raise ValueError("no device memory is left for the KV cache; raise "
-                             "gpu_memory_utilization or give num_pages explicitly")
+            raise ValueError(f"no device memory is left for the KV cache at gpu_memory_utilization "
+                             f"{self.config.gpu_memory_utilization} (weights take "
+                             f"{weights_bytes / 2**30:.1f} GiB); raise gpu_memory_utilization, "
+                             f"free other engines (LLM.shutdown()), or give num_pages explicitly")
         return num_pages
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
-        """Validates and queues a request; it joins the running batch at the next step."""
+        """Validates and queues a request; it joins the running batch at the next step.
+
+        `request_id` must not belong to an unfinished request (a finished or aborted one's id can
+        be used again). Raises ValueError naming the field when the request cannot run.
+        """
+        self._check_open()
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string; got {type(request_id).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams; got {type(params).__name__}")
+        self._check_against_model(params)
         text, token_ids = self._tokenize(prompt)
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            raise ValueError(f"prompt_token_ids must be in [0, {vocab}); got values outside")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens; it must be shorter than "
                              f"max_model_len ({self.max_model_len})")
@@ -202,33 +221,94 @@ class LLMEngine:
         if params.uses_penalties:
             self._num_penalty_requests += 1
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            if "prompt" not in prompt:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-            prompt = prompt["prompt"]
-        if isinstance(prompt, (list, tuple)):
-            return None, [int(t) for t in prompt]
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, a token id list or a dict; got {type(prompt)}")
-        if not prompt:
-            raise ValueError("prompt must not be empty")
-        if self.tokenizer is None:
-            raise ValueError("this engine has no tokenizer (skip_tokenizer_init, or dummy weights): "
-                             "pass prompt_token_ids")
-        return prompt, self.tokenizer.encode(prompt)
+    def _check_against_model(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: limits set by the model and the engine."""
+        vocab = self.model_config.vocab_size
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"SamplingParams.n must be <= max_num_seqs ({self.config.max_num_seqs}); "
+                             f"got {params.n}")
+        for field in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, field)
+            if value is not None and value > vocab:
+                raise ValueError(f"SamplingParams.{field} must be <= the vocabulary size ({vocab}); "
+                                 f"got {value}")
+        outside = [t for t in params.stop_token_ids if t >= vocab]
+        if outside:
+            raise ValueError(f"SamplingParams.stop_token_ids must be in [0, {vocab}); got {outside}")
 
-    def abort_request(self, request_id: str) -> None:
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids), checked: ids are integers in [0, vocab_size)."""
+        text = None
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown or not prompt:
+                raise ValueError("a prompt dict takes 'prompt' (text) or 'prompt_token_ids'; got keys "
+                                 f"{sorted(map(str, prompt))}")
+            if "prompt_token_ids" not in prompt:
+                prompt = prompt["prompt"]
+            else:
+                text = prompt.get("prompt")
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"prompt must be a string; got {type(text).__name__}")
+                prompt = prompt["prompt_token_ids"]
+                if isinstance(prompt, str):
+                    raise ValueError("prompt_token_ids must be a list of integer token ids; got a string")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer (skip_tokenizer_init, or dummy weights): "
+                                 "pass prompt_token_ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise ValueError("prompt must be a string, a list of token ids, or a dict with 'prompt' or "
+                             f"'prompt_token_ids'; got {type(prompt).__name__}")
+        return text, self._check_token_ids(prompt)
+
+    def _check_token_ids(self, token_ids) -> list[int]:
+        vocab = self.model_config.vocab_size
+        if len(token_ids) == 0:
+            raise ValueError("prompt_token_ids must not be empty")
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in token_ids):
+            raise ValueError("prompt_token_ids must be a flat list of integer token ids; got "
+                             f"{_short_repr(token_ids)}")
+        ids = [int(t) for t in token_ids]
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"prompt_token_ids must be in [0, {vocab}); got {_short_repr(outside)}")
+        return ids
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request at once and frees its pages. Returns its final output (finish reason
+        "abort" for the sequences that had not finished), or None if no unfinished request has
+        this id. `step` never returns an output for an aborted request."""
         request = self.requests.get(request_id)
-        if request is not None:
-            for seq in request.seqs:
-                self.scheduler.finish(seq, "abort")
-            self._forget(request)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "abort")
+        self._forget(request)
+        return self._request_output(request)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
+
+    # ------------------------------------------------------------------ lifetime
+    def shutdown(self) -> None:
+        """Aborts every request, stops the background warmup and frees the device memory this
+        engine holds (weights, KV cache, compiled programs) at once. Idempotent; the engine
+        refuses work afterwards."""
+        if self.closed:
+            return
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        self._in_flight = None
+        self.model_runner.shutdown()
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this engine was shut down; build a new LLM to generate again")
 
     # ------------------------------------------------------------------ the step
     def step(self, include_unfinished: bool = True) -> list[RequestOutput]:
@@ -236,21 +316,28 @@ class LLMEngine:
 
         Returns the state of every request whose tokens were processed in this call (with async
         scheduling those are the previous step's), or only of those that finished when
-        `include_unfinished` is False. Finished requests are forgotten.
+        `include_unfinished` is False. Each request's final output (finished=True) is returned
+        exactly once, after which it is forgotten and its id free again. A step that fails
+        finishes the requests in it with an "error: ..." finish reason; the engine goes on.
         """
+        self._check_open()
         start = time.perf_counter()
         wait_before = self.step_timings.wait_s
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and (not self.config.async_scheduling
                                             or self._num_penalty_requests):
             # Penalties read every output token on the host: no step may run ahead.
-            outputs += self._process(self._in_flight, include_unfinished)
-            self._in_flight = None
+            previous, self._in_flight = self._in_flight, None
+            outputs += self._process_or_fail(previous, include_unfinished)
         scheduled = self.scheduler.schedule().scheduled
-        dispatched = self._dispatch(scheduled) if scheduled else None
-        if self._in_flight is not None:
-            outputs += self._process(self._in_flight, include_unfinished)
-        self._in_flight = dispatched
+        previous, self._in_flight = self._in_flight, None
+        if scheduled:
+            try:
+                self._in_flight = self._dispatch(scheduled)
+            except Exception as error:  # noqa: BLE001 - the requests get the error, the engine goes on
+                outputs += self._fail([item.seq for item in scheduled], error)
+        if previous is not None:
+            outputs += self._process_or_fail(previous, include_unfinished)
         timings = self.step_timings
         timings.steps += 1
         timings.host_s += time.perf_counter() - start - (timings.wait_s - wait_before)
@@ -269,23 +356,44 @@ class LLMEngine:
                 seq.add_pending_token(row)
         return _InFlightStep(scheduled, chunk_starts, samples, handle)
 
-    def _process(self, step: "_InFlightStep", include_unfinished: bool) -> list[RequestOutput]:
+    def _process_or_fail(self, step: "_InFlightStep", include_unfinished: bool) -> list[RequestOutput]:
+        """Processes a dispatched step's tokens. If the device failed on it, its requests finish
+        with the error, and the device state (KV cache, the step in flight after it) is rebuilt:
+        every running sequence is recomputed from its tokens."""
+        try:
+            result = self._fetch(step)
+        except Exception as error:  # noqa: BLE001 - the requests get the error, the engine goes on
+            outputs = self._fail([item.seq for item in step.scheduled], error)
+            self._restart_running()
+            self.model_runner.reset_device_state()
+            return outputs
+        return self._process(step, result, include_unfinished)
+
+    def _fetch(self, step: "_InFlightStep") -> StepResult:
         start = time.perf_counter()
-        result = self.model_runner.fetch(step.handle)
-        self.step_timings.wait_s += time.perf_counter() - start
-        touched: dict[str, Request] = {}
+        try:
+            return self.model_runner.fetch(step.handle)
+        finally:
+            self.step_timings.wait_s += time.perf_counter() - start
+
+    def _process(self, step: "_InFlightStep", result: StepResult,
+                 include_unfinished: bool) -> list[RequestOutput]:
+        touched: dict[Request, None] = {}  # by identity: an id may be reused once finished
         cursor = 0
         for row, (item, chunk_start, samples) in enumerate(zip(step.scheduled, step.chunk_starts,
                                                                step.samples)):
             seq = item.seq
-            touched[seq.request.request_id] = seq.request
-            if result.prompt_logprobs is not None:
-                self._record_prompt_logprobs(seq, chunk_start, item.num_new_tokens, cursor, result)
             cursor += item.num_new_tokens
-            if samples and not seq.is_finished:
-                self._append_token(seq, row, result)
+            if seq.is_finished:  # stopped, aborted or failed after this step was dispatched
+                continue
+            touched[seq.request] = None
+            if result.prompt_logprobs is not None:
+                self._record_prompt_logprobs(seq, chunk_start, item.num_new_tokens,
+                                             cursor - item.num_new_tokens, result.prompt_logprobs)
+            if samples:
+                self._append_token(seq, row, result.sampled)
         outputs = []
-        for request in touched.values():
+        for request in touched:
             finished = request.is_finished
             if finished or include_unfinished:
                 outputs.append(self._request_output(request))
@@ -293,47 +401,67 @@ class LLMEngine:
                 self._forget(request)
         return outputs
 
+    def _fail(self, seqs: list[Sequence], error: Exception) -> list[RequestOutput]:
+        """Finishes the requests of `seqs` with `error` as finish reason; returns their outputs."""
+        requests = {seq.request: None for seq in seqs if not seq.is_finished}
+        logger.error("a step failed; finishing requests %s with the error",
+                     [request.request_id for request in requests], exc_info=error)
+        reason = f"error: {type(error).__name__}: {error}"
+        for request in requests:
+            for seq in request.seqs:
+                self.scheduler.finish(seq, reason)
+            self._forget(request)
+        return [self._request_output(request) for request in requests]
+
+    def _restart_running(self) -> None:
+        """Forgets the step in flight and sends every running sequence back to be recomputed
+        (its sampled tokens are kept; sampling keys depend only on the seed and token count,
+        so it continues exactly as it would have)."""
+        self._in_flight = None
+        for seq in list(reversed(self.scheduler.running)):  # newest first: the oldest ends up in front
+            seq.drop_pending_tokens()
+            self.scheduler.preempt(seq)
+
     def _forget(self, request: Request) -> None:
-        if self.requests.pop(request.request_id, None) is not None and request.params.uses_penalties:
-            self._num_penalty_requests -= 1
+        """Drops a finished request, by identity: its id may already name a new request."""
+        if self.requests.get(request.request_id) is request:
+            del self.requests[request.request_id]
+            if request.params.uses_penalties:
+                self._num_penalty_requests -= 1
 
     def _record_prompt_logprobs(self, seq: Sequence, start: int, num_tokens: int, cursor: int,
-                                result: StepResult) -> None:
+                                logprobs: TokenLogprobs) -> None:
+        """Records the logprobs of the prompt tokens this chunk predicts (its rows start at
+        `cursor` in the step's token rows)."""
         request = seq.request
         if request.prompt_logprobs is None or seq.sample_index != 0:
             return
-        target_logprobs, top_ids, top_logprobs = result.prompt_logprobs
         stop = min(start + num_tokens, seq.num_prompt_tokens - 1)
         for position in range(start, stop):
-            row = cursor + position - start
-            target = seq.token_ids[position + 1]
             request.record_prompt_logprobs(position + 1, self._logprob_entry(
-                target, target_logprobs[row], top_ids[row], top_logprobs[row],
+                seq.token_ids[position + 1], logprobs, cursor + position - start,
                 request.params.prompt_logprobs))
 
-    def _logprob_entry(self, token: int, logprob: float, top_ids: np.ndarray, top_logprobs: np.ndarray,
+    def _logprob_entry(self, token: int, logprobs: TokenLogprobs, row: int,
                        num: int) -> dict[int, Logprob]:
-        top = [int(t) for t in top_ids[:num]]
-        rank = top.index(token) + 1 if token in top else None
-        entry = {token: Logprob(float(logprob), rank, self._decode_token(token))}
-        for index, candidate in enumerate(top):
-            entry.setdefault(candidate, Logprob(float(top_logprobs[index]), index + 1,
+        """{token: its Logprob, then each of the row's top `num` tokens: theirs}."""
+        entry = {token: Logprob(float(logprobs.logprobs[row]), int(logprobs.ranks[row]),
+                                self._decode_token(token))}
+        for index, candidate in enumerate(logprobs.top_ids[row, :num].tolist()):
+            entry.setdefault(candidate, Logprob(float(logprobs.top_logprobs[row, index]), index + 1,
                                                 self._decode_token(candidate)))
         return entry
 
     def _decode_token(self, token: int) -> str | None:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else None
 
-    def _append_token(self, seq: Sequence, row: int, result: StepResult) -> None:
-        sampled = result.sampled
+    def _append_token(self, seq: Sequence, row: int, sampled: SamplerOutput) -> None:
         token = int(sampled.token_ids[row])
         seq.resolve_pending_token(token)
-        logprob = float(sampled.logprobs[row])
-        seq.cumulative_logprob += logprob
+        seq.cumulative_logprob += float(sampled.logprobs.logprobs[row])
         params = seq.params
         if seq.logprobs is not None:
-            seq.logprobs.append(self._logprob_entry(token, logprob, sampled.top_logprob_ids[row],
-                                                    sampled.top_logprobs[row], params.logprobs))
+            seq.logprobs.append(self._logprob_entry(token, sampled.logprobs, row, params.logprobs))
         new_text_len = len(decode_new_text(self.tokenizer, seq)) if self.tokenizer is not None else 0
 
         past_min = seq.num_resolved_tokens - seq.num_prompt_tokens >= params.min_tokens
@@ -355,8 +483,7 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              request.prompt_logprobs, completions, request.is_finished)
 
-    def run_to_completion(self, request_ids: Iterable[str] | None = None,
-                          progress=None) -> dict[str, RequestOutput]:
+    def run_to_completion(self, progress=None) -> dict[str, RequestOutput]:
         """Steps until nothing is left; returns each request's final output by id."""
         finished: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():

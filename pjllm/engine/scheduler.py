@@ -65,8 +65,8 @@ class Scheduler:
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv_cache_manager.allocate_slots(seq, num_new):
-                victim = self.running.pop()
-                self._preempt(victim)
+                victim = self.running[-1]
+                self.preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
                     break
@@ -89,8 +89,11 @@ class Scheduler:
             budget -= num_new
         return SchedulerOutput(scheduled, preempted)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Frees a running sequence's pages and puts it at the front of the queue, to be
+        recomputed from its tokens when it is admitted again."""
         self.num_preemptions += 1
+        self.running.remove(seq)
         self.kv_cache_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING

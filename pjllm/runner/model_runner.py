@@ -11,6 +11,8 @@ prepare step N+1 while step N runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
 from typing import Any
 
 import jax
@@ -24,7 +26,8 @@ from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.llama import LlamaForCausalLM
 from pjllm.runner.programs import ProgramCache
-from pjllm.runner.sampler import SamplerFlags, SamplerOutput, SamplingMetadata, compute_logprobs, sample
+from pjllm.runner.sampler import (SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
+                                  compute_logprobs, sample)
 
 
 def token_bucket_sizes(max_tokens: int) -> list[int]:
@@ -107,7 +110,7 @@ class StepHandle:
     """Device outputs of a dispatched step, not yet waited for."""
 
     sampled: SamplerOutput
-    prompt_logprobs: tuple[jax.Array, jax.Array, jax.Array] | None
+    prompt_logprobs: TokenLogprobs | None
 
 
 @dataclasses.dataclass
@@ -115,51 +118,97 @@ class StepResult:
     """Host copies of one step's outputs (rows follow the scheduled order)."""
 
     sampled: SamplerOutput
-    prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    prompt_logprobs: TokenLogprobs | None
 
 
-class ModelRunner:
-    """Owns the weights, the KV cache and the compiled step programs."""
+def matmul_precision(dtype: Any) -> str:
+    """The matmul precision of a model in `dtype`: float32 means float32 in every dot (XLA would
+    use TF32 on NVIDIA GPUs by default); bf16 and fp16 keep the backend's default."""
+    return "highest" if jnp.dtype(dtype) == jnp.float32 else "default"
 
-    def __init__(self, model_config: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State,
-                 num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, dtype: Any, attention_backend: str):
-        self.model_config = model_config
-        self.graphdef = graphdef
-        self.state = state
-        self.page_size = page_size
-        self.num_pages = num_pages
-        self.max_pages_per_seq = -(-max_model_len // page_size)
-        self.attention_backend = attention_backend
-        self.max_num_seqs = max_num_seqs
-        self.token_buckets = token_bucket_sizes(max_num_batched_tokens)
-        # The last sampled token of every row, kept on device so the next step can read tokens
-        # the host has not seen yet (async scheduling). Fixed size, so it adds no compiled shapes.
-        self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)
-        self.kv_caches = [
-            ops.allocate_kv_pages(num_pages, page_size, model_config.num_kv_heads,
-                                  model_config.head_dim, dtype)
-            for _ in range(model_config.num_layers)]
-        self._step = jax.jit(self._step_impl, static_argnames=("variant",), donate_argnames=("kv_caches",),
-                             compiler_options=STEP_COMPILER_OPTIONS)
-        self.programs = ProgramCache(self._lower_program, describe=_describe_program)
 
-    # ---------------------------------------------------------------- device side
-    def _step_impl(self, state: nnx.State, kv_caches: list[jax.Array], last_tokens: jax.Array,
-                   batch: StepInput, variant: StepVariant):
-        model: LlamaForCausalLM = nnx.merge(self.graphdef, state)
+def run_step(state: nnx.State, kv_caches: list[jax.Array], last_tokens: jax.Array, batch: StepInput,
+             *, graphdef: nnx.GraphDef, attention_backend: str, precision: str,
+             variant: StepVariant):
+    """One engine step as a pure function: forward over the ragged batch, then sampling.
+
+    Returns (SamplerOutput, prompt TokenLogprobs or None, updated kv_caches, last_tokens i32[S]).
+    """
+    with jax.default_matmul_precision(precision):
+        model: LlamaForCausalLM = nnx.merge(graphdef, state)
         token_ids = jnp.where(batch.last_token_rows >= 0,
                               last_tokens[jnp.maximum(batch.last_token_rows, 0)], batch.token_ids)
         hidden, kv_caches = model(token_ids, batch.positions, kv_caches, batch.attention,
-                                  self.attention_backend)
+                                  attention_backend)
         logits = model.compute_logits(hidden[batch.logits_indices])
         sampled = sample(logits, batch.sampling, variant.sampler)
         prompt = None
         if variant.num_prompt_logprobs is not None:
             prompt = compute_logprobs(model.compute_logits(hidden), batch.prompt_logprob_targets,
                                       variant.num_prompt_logprobs)
-        last_tokens = jnp.zeros_like(last_tokens).at[:sampled.token_ids.shape[0]].set(sampled.token_ids)
-        return sampled, prompt, kv_caches, last_tokens
+    last_tokens = jnp.zeros_like(last_tokens).at[:sampled.token_ids.shape[0]].set(sampled.token_ids)
+    return sampled, prompt, kv_caches, last_tokens
+
+
+def _abstract(tree: Any) -> Any:
+    """The shapes, dtypes and shardings of a pytree of arrays, holding no device memory."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+class ModelRunner:
+    """Owns the weights, the KV cache and the compiled step programs.
+
+    Nothing but the runner's own fields refers to its device arrays (the jitted step is a pure
+    function, and programs are lowered from abstract shapes), so dropping the runner frees its
+    memory, and `shutdown` frees it at once.
+    """
+
+    def __init__(self, model_config: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State,
+                 num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, dtype: Any, attention_backend: str):
+        self.model_config = model_config
+        self.state = state
+        self.dtype = dtype
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.max_num_seqs = max_num_seqs
+        self.token_buckets = token_bucket_sizes(max_num_batched_tokens)
+        self.reset_device_state()
+        step = jax.jit(functools.partial(run_step, graphdef=graphdef,
+                                         attention_backend=attention_backend,
+                                         precision=matmul_precision(dtype)),
+                       static_argnames=("variant",), donate_argnames=("kv_caches",),
+                       compiler_options=STEP_COMPILER_OPTIONS)
+        device_args = _abstract((state, self.kv_caches, self.last_tokens))
+
+        def lower(key: tuple) -> jax.stages.Lowered:
+            variant, treedef, specs = key
+            batch = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype)
+                                                 for shape, dtype in specs])
+            return step.lower(*device_args, batch, variant=variant)
+
+        self.programs = ProgramCache(lower, describe=_describe_program)
+        # Dropped without shutdown (its last reference gone), the runner stops its warmup too.
+        weakref.finalize(self, self.programs.close, wait=False)
+
+    def reset_device_state(self) -> None:
+        """Fresh (zeroed) KV pages and sampled-token buffer, e.g. after a step failed on device
+        and left the donated ones unusable."""
+        cfg = self.model_config
+        self.kv_caches = [ops.allocate_kv_pages(self.num_pages, self.page_size, cfg.num_kv_heads,
+                                                cfg.head_dim, self.dtype)
+                          for _ in range(cfg.num_layers)]
+        # The last sampled token of every row, kept on device so the next step can read tokens
+        # the host has not seen yet (async scheduling). Fixed size, so it adds no compiled shapes.
+        self.last_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
+
+    def shutdown(self) -> None:
+        """Stops the warmup, drops the compiled programs and frees the weights and KV cache."""
+        self.programs.close()
+        for array in jax.tree.leaves((self.state, self.kv_caches, self.last_tokens)):
+            array.delete()
+        self.state = self.kv_caches = self.last_tokens = None
 
     # ---------------------------------------------------------------- host side
     def buckets(self) -> list[tuple[int, int]]:
@@ -240,12 +289,15 @@ class ModelRunner:
             return out
 
         params = [seq.params for seq in seqs]
+        # top_k at or above the vocabulary keeps every token: off, as vLLM treats it.
+        top_k = [p.top_k if p.top_k < self.model_config.vocab_size else 0 for p in params]
         banned = [list(seq.request.eos_token_ids) + seq.params.stop_token_ids
                   if seq.num_output_tokens < seq.params.min_tokens else [] for seq in seqs]
         use_penalties = any(p.uses_penalties for p in params)
         use_banned = any(banned)
         flags = SamplerFlags(
-            use_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.is_greedy),
+            use_top_k_top_p=any(k > 0 or p.top_p < 1.0 for p, k in zip(params, top_k)
+                                if not p.is_greedy),
             use_min_p=any(p.min_p > 0 for p in params if not p.is_greedy),
             use_penalties=use_penalties,
             use_banned_tokens=use_banned,
@@ -263,7 +315,7 @@ class ModelRunner:
             else empty
         metadata = SamplingMetadata(
             temperature=column([p.temperature for p in params], np.float32, 0.0),
-            top_k=column([p.top_k for p in params], np.int32, 0),
+            top_k=column(top_k, np.int32, 0),
             top_p=column([p.top_p for p in params], np.float32, 1.0),
             min_p=column([p.min_p for p in params], np.float32, 0.0),
             presence_penalty=column([p.presence_penalty for p in params], np.float32, 0.0),
@@ -305,11 +357,6 @@ class ModelRunner:
         buckets, and the padded widths of penalty and banned-token lists)."""
         leaves, treedef = jax.tree.flatten(batch)
         return variant, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves)
-
-    def _lower_program(self, key: tuple) -> jax.stages.Lowered:
-        variant, treedef, specs = key
-        batch = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in specs])
-        return self._step.lower(self.state, self.kv_caches, self.last_tokens, batch, variant=variant)
 
     def dummy_batch(self, tokens: int, seqs: int) -> StepInput:
         """An all-padding batch of the given bucket: writes no KV, samples nothing real."""

@@ -23,9 +23,23 @@ logger = logging.getLogger(__name__)
 
 def _settle(future: concurrent.futures.Future, build: Callable[[], object]) -> None:
     try:
-        future.set_result(build())
+        result = build()
     except BaseException as error:  # kept for whoever waits on the program
-        future.set_exception(error)
+        _resolve(future, error=error)
+    else:
+        _resolve(future, result=result)
+
+
+def _resolve(future: concurrent.futures.Future, result: object = None,
+             error: BaseException | None = None) -> None:
+    """Settles `future` unless `close` already did (a compile may finish after it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 class ProgramCache:
@@ -43,6 +57,7 @@ class ProgramCache:
             thread_name_prefix="pjllm-compile")
         self._warmup_thread: threading.Thread | None = None
         self._warmup_futures: list[concurrent.futures.Future] = []
+        self._closed = threading.Event()
         self.warmup_timings: dict[str, float] = {}
 
     def _claim(self, key: Hashable) -> tuple[concurrent.futures.Future, bool]:
@@ -67,6 +82,10 @@ class ProgramCache:
             return result
         return future.result()
 
+    def lower(self, key: Hashable) -> jax.stages.Lowered:
+        """The key's program, traced and lowered (not compiled): e.g. to read its StableHLO."""
+        return self._lower(key)
+
     def __len__(self) -> int:
         """Programs built or being built."""
         return len(self._futures)
@@ -86,6 +105,8 @@ class ProgramCache:
         start = time.perf_counter()
         lower_s = 0.0
         for key in keys:
+            if self._closed.is_set():
+                return
             future, owner = self._claim(key)
             self._warmup_futures.append(future)
             if not owner:
@@ -94,17 +115,31 @@ class ProgramCache:
             try:
                 lowered = self._lower(key)
             except BaseException as error:
-                future.set_exception(error)
+                _resolve(future, error=error)
                 continue
             lower_s += time.perf_counter() - lower_start
             try:
                 self._compile_pool.submit(_settle, future, lowered.compile)
-            except RuntimeError as error:  # the interpreter is exiting
-                future.set_exception(error)
+            except RuntimeError as error:  # closed, or the interpreter is exiting
+                _resolve(future, error=error)
         concurrent.futures.wait(self._warmup_futures)
         self.warmup_timings = {"lower_s": lower_s, "compile_s": time.perf_counter() - start}
         logger.info("compiled %d step programs in %.1f s (%.1f s tracing and lowering)",
                     len(keys), self.warmup_timings["compile_s"], lower_s)
+
+    def close(self, wait: bool = True) -> None:
+        """Stops the warmup after the program it is lowering (waiting for that when `wait`),
+        drops queued compiles and every built program; a compile already running finishes in
+        the background and is dropped."""
+        self._closed.set()
+        self._compile_pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:  # settles what the warmup thread may be waiting for
+            for future in self._futures.values():
+                _resolve(future, error=RuntimeError("the program cache was closed"))
+            self._futures.clear()
+        if wait and self._warmup_thread is not None:
+            self._warmup_thread.join()
+        self._warmup_futures = []
 
     def wait_for_warmup(self) -> dict[str, float]:
         """Blocks until every program of `warm` is built; raises the first build error.

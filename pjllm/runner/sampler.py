@@ -86,39 +86,47 @@ class SamplerFlags:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SamplerOutput:
-    """What one step sends back to the host.
+class TokenLogprobs:
+    """Log-probabilities of one chosen token per row (sampled, or the next prompt token), with
+    its rank and the row's K most likely tokens. M rows, K = the number of top logprobs asked for.
 
-    token_ids:       i32[N]     sampled token of each row.
-    logprobs:        f32[N]     log-softmax of the raw logits at token_ids.
-    top_logprob_ids: i32[N, K]  K = flags.num_logprobs most likely tokens (raw logits), descending.
-    top_logprobs:    f32[N, K]  their log-probabilities.
+    logprobs:     f32[M]     log-softmax of the raw logits at the chosen token.
+    ranks:        i32[M]     1 + the number of tokens strictly more likely than the chosen one
+                             (vLLM's rank: 1 = most likely), whether or not it is in the top K.
+    top_ids:      i32[M, K]  the K most likely tokens, descending.
+    top_logprobs: f32[M, K]  their log-probabilities.
     """
 
-    token_ids: jax.Array
     logprobs: jax.Array
-    top_logprob_ids: jax.Array
+    ranks: jax.Array
+    top_ids: jax.Array
     top_logprobs: jax.Array
 
 
-def compute_logprobs(
-    logits: jax.Array, target_ids: jax.Array, num_logprobs: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Log-softmax of `logits` at `target_ids`, plus the top-`num_logprobs` entries of each row.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    """What one step sends back to the host: token_ids i32[N], the sampled token of each row,
+    and its logprobs (TokenLogprobs over the raw logits, K = flags.num_logprobs)."""
 
-    Used for sampled tokens and for prompt logprobs alike.
+    token_ids: jax.Array
+    logprobs: TokenLogprobs
+
+
+def compute_logprobs(logits: jax.Array, target_ids: jax.Array, num_logprobs: int) -> TokenLogprobs:
+    """Log-softmax of `logits` at `target_ids`, their ranks, and the top-`num_logprobs` entries
+    of each row. Used for sampled tokens and for prompt logprobs alike.
 
     Args:
       logits:       f32/bf16[M, V] raw logits.
       target_ids:   i32[M] token per row (out-of-range ids are clamped; mask such rows yourself).
       num_logprobs: static K >= 0.
-    Returns:
-      target_logprob f32[M], top ids i32[M, K] (descending), top logprobs f32[M, K].
     """
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     target = jnp.take_along_axis(
         logprobs, target_ids.astype(jnp.int32)[:, None], axis=-1, mode="clip"
     )[:, 0]
+    ranks = 1 + jnp.sum(logprobs > target[:, None], axis=-1, dtype=jnp.int32)
     m = logits.shape[0]
     if num_logprobs > 0:
         top_vals, top_ids = jax.lax.top_k(logprobs, num_logprobs)
@@ -126,7 +134,7 @@ def compute_logprobs(
     else:
         top_vals = jnp.zeros((m, 0), jnp.float32)
         top_ids = jnp.zeros((m, 0), jnp.int32)
-    return target, top_ids, top_vals
+    return TokenLogprobs(logprobs=target, ranks=ranks, top_ids=top_ids, top_logprobs=top_vals)
 
 
 def _row_index(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
@@ -255,7 +263,7 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags) -
       metadata: per-row parameters (see SamplingMetadata).
       flags:    static switches; jit with `static_argnames="flags"` (or close over it).
     Returns:
-      SamplerOutput with token_ids i32[N], logprobs f32[N] (raw), top logprobs [N, K].
+      SamplerOutput: token_ids i32[N] and their logprobs (of the raw logits) with K top entries.
     """
     raw = logits.astype(jnp.float32)
     _, v = raw.shape
@@ -279,7 +287,5 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags) -
     random_ids = jnp.argmax(x + gumbel_noise(keys, v), axis=-1).astype(jnp.int32)
     token_ids = jnp.where(is_greedy, greedy_ids, random_ids)
 
-    logprobs, top_ids, top_logprobs = compute_logprobs(raw, token_ids, flags.num_logprobs)
-    return SamplerOutput(
-        token_ids=token_ids, logprobs=logprobs, top_logprob_ids=top_ids, top_logprobs=top_logprobs
-    )
+    return SamplerOutput(token_ids=token_ids,
+                         logprobs=compute_logprobs(raw, token_ids, flags.num_logprobs))

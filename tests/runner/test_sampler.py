@@ -317,12 +317,16 @@ def test_logprobs_are_raw_log_softmax_at_sampled_ids():
     assert isinstance(out, SamplerOutput)
     raw = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
     ids = np.asarray(out.token_ids)
-    np.testing.assert_allclose(out.logprobs, raw[np.arange(n), ids], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.logprobs.logprobs, raw[np.arange(n), ids], rtol=1e-6, atol=1e-6)
+    # Ranks: 1 + the tokens strictly more likely than the sampled one, in the top 3 or not.
+    want_ranks = 1 + (raw > raw[np.arange(n), ids][:, None]).sum(axis=-1)
+    np.testing.assert_array_equal(out.logprobs.ranks, want_ranks)
+    assert (want_ranks > 3).any()  # some sampled tokens lie outside the top 3
     # Top logprobs: sorted descending, equal to the true top-3 of the raw distribution.
-    assert out.top_logprob_ids.shape == (n, 3) and out.top_logprobs.shape == (n, 3)
-    top = np.asarray(out.top_logprobs)
+    assert out.logprobs.top_ids.shape == (n, 3) and out.logprobs.top_logprobs.shape == (n, 3)
+    top = np.asarray(out.logprobs.top_logprobs)
     assert np.all(np.diff(top, axis=-1) <= 0)
-    np.testing.assert_array_equal(out.top_logprob_ids, np.argsort(-raw, axis=-1)[:, :3])
+    np.testing.assert_array_equal(out.logprobs.top_ids, np.argsort(-raw, axis=-1)[:, :3])
     np.testing.assert_allclose(top, -np.sort(-raw, axis=-1)[:, :3], rtol=1e-6, atol=1e-6)
 
 
@@ -330,12 +334,16 @@ def test_compute_logprobs_shapes_and_bf16():
     rng = np.random.default_rng(8)
     logits = jnp.asarray(rng.normal(size=(5, 20)), jnp.bfloat16)
     targets = jnp.array([0, 3, 19, 7, 7], jnp.int32)
-    lp, ids, top = jax.jit(compute_logprobs, static_argnums=2)(logits, targets, 0)
-    assert ids.shape == (5, 0) and top.shape == (5, 0) and lp.dtype == jnp.float32
+    out = jax.jit(compute_logprobs, static_argnums=2)(logits, targets, 0)
+    assert out.top_ids.shape == (5, 0) and out.top_logprobs.shape == (5, 0)
+    assert out.logprobs.dtype == jnp.float32
     want = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[jnp.arange(5), targets]
-    np.testing.assert_allclose(lp, want, rtol=1e-6)
-    _, ids, top = compute_logprobs(logits, targets, 20)
-    assert ids.shape == (5, 20) and np.all(np.diff(np.asarray(top), axis=-1) <= 0)
+    np.testing.assert_allclose(out.logprobs, want, rtol=1e-6)
+    out = compute_logprobs(logits, targets, 20)
+    assert out.top_ids.shape == (5, 20) and np.all(np.diff(np.asarray(out.top_logprobs), axis=-1) <= 0)
+    # The rank of a token is its place in the top list (no ties among these logits).
+    for row, target in enumerate(np.asarray(targets)):
+        assert out.ranks[row] == list(np.asarray(out.top_ids[row])).index(target) + 1
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -357,7 +365,7 @@ def test_padding_rows_have_no_nan(temperature):
             assert np.all(np.isfinite(np.asarray(leaf))), flags
         ids = np.asarray(out.token_ids)
         assert np.all((ids >= 0) & (ids < v))
-        np.testing.assert_allclose(out.logprobs, -np.log(v), rtol=1e-6)
+        np.testing.assert_allclose(out.logprobs.logprobs, -np.log(v), rtol=1e-6)
 
 
 def test_sort_only_compiled_when_top_k_top_p_requested():
