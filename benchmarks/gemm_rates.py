@@ -3,7 +3,7 @@
 options (cuBLAS only), timed by GPU kernel time in a profiler trace and reported as TFLOP/s and
 weight GB/s.
 
-    PYTHONPATH=$PWD python benchmarks/gemm_rates.py --config benchmarks/configs/llama-3-8b.json
+    python -m benchmarks.gemm_rates --config benchmarks/configs/llama-3-8b.json
 
 This is the matmul rate behind the schedule model (benchmarks/schedule_model.py): the step's
 time in prefill-heavy steps is these GEMMs at M = the step's padded token count.
@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pjllm.bench.kernels import device_times
+from benchmarks.device_profile import device_times
 from pjllm.runner.model_runner import STEP_COMPILER_OPTIONS
 
 

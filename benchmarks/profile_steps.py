@@ -2,9 +2,9 @@
 or of prefill steps (`--prefill`: num-seqs prompts of --context tokens, chunked into full
 max_num_batched_tokens steps), summarized per kernel.
 
-    PYTHONPATH=$PWD python benchmarks/profile_steps.py --config benchmarks/configs/llama-3-8b.json \
+    python -m benchmarks.profile_steps --config benchmarks/configs/llama-3-8b.json \
         --num-seqs 256 --context 400 --steps 20 --trace-dir /tmp/trace
-    PYTHONPATH=$PWD python benchmarks/profile_steps.py --config benchmarks/configs/llama-3-8b.json \
+    python -m benchmarks.profile_steps --config benchmarks/configs/llama-3-8b.json \
         --prefill --num-seqs 64 --context 2048 --steps 8
 
 Prints the kernels that take the most GPU time per step, grouped by name, and the step count;
@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 import pjllm
-from gemm_rates import projection_shapes
-from pjllm.bench import device_profile
+from benchmarks import device_profile
+from benchmarks.gemm_rates import projection_shapes
 
 
 def summarize(trace_dir: str, steps: int, top: int) -> dict[str, float]:
@@ -37,10 +37,9 @@ def summarize(trace_dir: str, steps: int, top: int) -> dict[str, float]:
 def trace_steps(engine, args) -> dict[str, float]:
     """Runs --steps engine steps under the JAX profiler; prints and returns GPU time by kind."""
     start = time.perf_counter()
-    with jax.profiler.trace(args.trace_dir):
+    with device_profile.jax_trace(args.trace_dir):
         for _ in range(args.steps):
             engine.step()
-        jax.effects_barrier()
     print(f"wall {1e3 * (time.perf_counter() - start) / args.steps:.2f} ms per step (traced)")
     return summarize(args.trace_dir, args.steps, args.top)
 

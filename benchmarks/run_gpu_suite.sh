@@ -7,6 +7,7 @@ results=${OUT:-benchmarks/results}
 model=benchmarks/configs/llama-3-8b.json
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 bench=(python -m pjllm.entrypoints.cli bench)
+compare=(python -m benchmarks.compare_hf)  # pjllm beside HF transformers (needs torch)
 step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, keep the log, print its end
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" > "$results/$name.log" 2>&1
@@ -15,8 +16,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, keep the log,
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 for group in "$@"; do
   case $group in
-    kernels)
-      step kernels 120 "${bench[@]}" kernels --output-json "$results/kernels.json" ;;
+    kernels)  # pjllm bench kernels, with device time per call from the JAX profiler
+      step kernels 120 python -m benchmarks.profile_kernels --output-json "$results/kernels.json" ;;
     engine)
       step chat 180 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
         --output-json "$results/throughput-chat.json"
@@ -26,21 +27,21 @@ for group in "$@"; do
         --output-json "$results/startup.json" ;;
     compare)  # HF with its CUDA graphs; its KV cache at 50% of free memory (its graphs OOM at 80-90%)
       hf_config='{"use_cuda_graph": true, "max_memory_percent": 0.5}'
-      step latency-both 200 "${bench[@]}" latency --model $model --load-format dummy --batch-sizes 1,8 \
+      step latency-both 200 "${compare[@]}" latency --model $model --load-format dummy --batch-sizes 1,8 \
         --input-len 128 --output-len 64 --num-iters 3 --backend both --hf-cb-config "$hf_config" \
         --output-json "$results/latency-both.json"
       # HF takes ~5.5 min on chat x 1000: run the two backends as separate steps (10 min per device call)
-      step chat-pjllm 180 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
+      step chat-pjllm 180 "${compare[@]}" throughput --model $model --load-format dummy --dataset chat \
         --backend pjllm --output-json "$results/throughput-chat-pjllm.json"
-      step chat-hf 560 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
+      step chat-hf 560 "${compare[@]}" throughput --model $model --load-format dummy --dataset chat \
         --backend hf --hf-cb-config "$hf_config" --output-json "$results/throughput-chat-hf.json" ;;
     profile-hf)  # where HF's time goes: torch profiler over chat x 300
-      step hf-profile 300 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
+      step hf-profile 300 "${compare[@]}" throughput --model $model --load-format dummy --dataset chat \
         --num-prompts 300 --backend hf --hf-cb-config '{"use_cuda_graph": true, "max_memory_percent": 0.5}' \
         --profile-dir /tmp/pjllm-hf-profile --output-json "$results/throughput-chat300-hf-profile.json" ;;
     gemm)  # matmul rates at the step's shapes, and whole prefill steps of the engine
-      step gemm 120 python benchmarks/gemm_rates.py --config $model --output-json "$results/gemm-rates.json"
-      step prefill-profile 200 python benchmarks/profile_steps.py --config $model --prefill --num-seqs 256 \
+      step gemm 120 python -m benchmarks.gemm_rates --config $model --output-json "$results/gemm-rates.json"
+      step prefill-profile 200 python -m benchmarks.profile_steps --config $model --prefill --num-seqs 256 \
         --context 512 --steps 8 --top 14 ;;
   esac
 done

@@ -10,7 +10,7 @@
    versions named by --versions, e.g. the previous kernel file given by --baseline, each with
    its default tiles, plus any --configs.
 
-    PYTHONPATH=$PWD python scripts/gpu_kernel_check.py [--baseline old_paged_attention.py]
+    python scripts/gpu_kernel_check.py [--baseline old_paged_attention.py]
         [--configs 'decode:16,64,4,3,2;...'] [--only decode]
 """
 
@@ -31,9 +31,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.device_profile import device_times  # noqa: E402
 from pjllm.bench import kernels as bench  # noqa: E402
 from pjllm.kernels import paged_attention as pallas_attention  # noqa: E402
-from pjllm.kernels import reference  # noqa: E402
 
 BlockConfig = pallas_attention.BlockConfig
 INTERPRET = jax.default_backend() == "cpu"      # smoke-testing this script off GPU
@@ -68,8 +68,7 @@ def check_correctness(only: str) -> bool:
                           hq, hkv, d, ps, jnp.dtype(dtype).name)
         inputs = bench.make_inputs(case, seed=7, on_gpu=False)     # one KV set is enough here
         q, kv, md, scale = inputs.qs[0], inputs.kvs[0], inputs.metadata, inputs.sm_scale
-        want = np.asarray(jax.jit(lambda q, kv: reference.paged_attention_reference(
-            q, kv, md, sm_scale=scale))(q, kv).astype(jnp.float32))
+        want = bench.reference_output(inputs)
         real = int(sum(q_lens))
         for cfg in CHECK_CONFIGS:
             fn = jax.jit(lambda q, kv, cfg=cfg: pallas_attention.paged_attention(
@@ -128,9 +127,7 @@ def ab_timing(versions: dict, configs, only: str, budget: float, profile: bool,
         if wanted and not any(w in case.name for w in wanted):
             continue
         inputs = bench.make_inputs(case, seed=0, on_gpu=True)
-        want = np.asarray(jax.jit(lambda q, kv: reference.paged_attention_reference(
-            q, kv, inputs.metadata, sm_scale=inputs.sm_scale))(inputs.qs[0], inputs.kvs[0])
-            .astype(jnp.float32))
+        want = bench.reference_output(inputs)
         same = None
         if same_config:       # every version on the current table's tiles for this shape
             same = pallas_attention.select_config(
@@ -150,11 +147,11 @@ def ab_timing(versions: dict, configs, only: str, budget: float, profile: bool,
                   mod.paged_attention(q, kv, md, sm_scale=scale, **kw))
             try:
                 timing = bench.time_calls(fn, inputs.qs[0], inputs.kvs, reps=20, min_reps=5,
-                                          seconds=0.4, profile=profile)
+                                          seconds=0.4, device_timer=device_times if profile else None)
                 out = np.asarray(timing.pop("first_out").astype(jnp.float32))
                 rel = float(np.linalg.norm(out - want) / np.linalg.norm(want))
                 row = {"case": case.name, "version": vname, "cfg": _short(cfg),
-                       **timing, **bench._metrics(case, timing["time_ms"]), "rel_err": rel}
+                       **timing, **case.rates(timing["time_ms"]), "rel_err": rel}
             except Exception as exc:  # noqa: BLE001
                 row = {"case": case.name, "version": vname, "cfg": _short(cfg),
                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}

@@ -4,11 +4,15 @@ Each subcommand lives in its own module, `pjllm.bench.<name>`, which provides
 `add_parser(subparsers)` (registers the subcommand called `<name>`) and `run(args) -> int`.
 A module listed in SUBCOMMANDS that is not present (yet) is simply not offered.
 
-    throughput  offline requests/s and tokens/s on a synthetic dataset (pjllm, hf, or both)
+    throughput  offline requests/s and tokens/s on a synthetic dataset
     latency     time to first token and time per output token at small batch sizes
     startup     process start to first token, cold and warm compilation cache
     parity      greedy tokens of two attention backends through the whole engine
     kernels     attention kernels at fixed shapes (pjllm.bench.kernels)
+
+These measure pjllm and need nothing beyond its own dependencies. The comparison with HF
+transformers (torch), the kernel tuner and the profilers are tools beside the package, in the
+repository's benchmarks/ folder; they build on these modules.
 """
 
 from __future__ import annotations

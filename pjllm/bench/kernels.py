@@ -5,7 +5,7 @@ Cases (Llama-3-8B attention: Hq 32, Hkv 8, head_dim 128, page 16, bf16):
   prefill one chunk of 512 or 2048 tokens at offset 0 and at a cached offset (T = chunk, N = 8,
           seven padding sequences, as the engine pads).
 Implementations on the same inputs:
-  pallas       pjllm.kernels.paged_attention (tiles from its tuning table, or --tune's candidates)
+  pallas       pjllm.kernels.paged_attention (tiles from its tuning table)
   reference    pjllm.kernels.reference.paged_attention_reference (pure XLA: page gathers in a loop)
   jax_bundled  jax.experimental.pallas.ops.gpu.paged_attention (decode only; its defaults, K and V
                pages as two arrays and block tables padded to a power of 2 of pages, as it needs)
@@ -16,38 +16,43 @@ Implementations on the same inputs:
 Timing: one jitted executable runs a chain of calls (each output is the next call's q, so XLA can
 neither merge nor reorder them) in a fori_loop, rotating through enough copies of the KV pages that
 they do not sit in L2, with about --target-ms of device work per rep; each rep is synchronized
-(block_until_ready) and time_ms is the median over reps of rep time / calls. On GPU a second pass
-under the JAX profiler reports device_ms: GPU busy time per call (all kernels of the call, the
-split-KV combine included), without host gaps. Metadata preparation that does not depend on q
-(the ragged kernel's work list) is hoisted out of the loop by XLA, as it is shared by the layers
-of one engine step.
+(block_until_ready) and time_ms is the median over reps of rep time / calls. Metadata preparation
+that does not depend on q (the ragged kernel's work list) is hoisted out of the loop by XLA, as it
+is shared by the layers of one engine step.
 Metrics: time (ms), KV GB/s = K and V bytes of every sequence's context / time (each read once),
 TFLOP/s = 4 * head_dim * Hq * (query, key) pairs inside the causal mask / time, and the error of
 each output against the reference (max abs, and ||out - ref|| / ||ref||).
 
---tune sweeps the Pallas kernel's tiles (then its KV split count) for each case, prints the
-winners as tuning-table entries, and merges them into pjllm/kernels/paged_attention_tuning.json
-(or --tune-output). On CPU (or with --small) tiny shapes run in Pallas interpret mode, so that the
-command and its JSON can be tested anywhere.
+On CPU (or with --small) tiny shapes run in Pallas interpret mode, so that the command and its
+JSON can be tested anywhere.
+
+Tools beside the package build on this module: benchmarks/tune_kernels.py sweeps the Pallas
+kernel's tiles and writes its tuning table; benchmarks/profile_kernels.py runs this benchmark with
+device time per call from the JAX profiler (`run(args, device_timer=...)`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import math
-import os
 import statistics
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from pjllm.bench.report import environment, format_table, jax_device_info, write_json
+
+if TYPE_CHECKING:
+    from pjllm.kernels.paged_attention import BlockConfig
+
 IMPLS = ("pallas", "reference", "jax_bundled", "cudnn")
+# (the timed executable, its arguments, calls per execution) -> extra record fields, such as the
+# device time per call that benchmarks/device_profile.py reads from a profiler trace.
+DeviceTimer = Callable[[Callable, tuple, int], dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,11 @@ class Case:
     def flops(self) -> int:
         pairs = sum(sum(c - q + k + 1 for k in range(q)) for q, c in zip(self.q_lens, self.ctx_lens))
         return 4 * self.head_dim * self.num_q_heads * pairs
+
+    def rates(self, time_ms: float) -> dict[str, float]:
+        """KV GB/s and attention TFLOP/s at `time_ms` per call."""
+        seconds = time_ms * 1e-3
+        return {"kv_gbps": self.kv_bytes() / seconds / 1e9, "tflops": self.flops() / seconds / 1e12}
 
     def shape(self) -> dict[str, Any]:
         return {"num_tokens": self.num_tokens, "num_seqs": self.num_seqs,
@@ -121,37 +131,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "kernels", help="time the paged attention kernels against XLA, jax's bundled Pallas op "
                         "and cuDNN", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser)
+    return parser
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `pjllm bench kernels`."""
+    add_case_args(parser)
+    parser.add_argument("--impls", default=",".join(IMPLS),
+                        help=f"comma-separated subset of {','.join(IMPLS)}")
+    add_timing_args(parser)
+    parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
+
+
+def add_case_args(parser: argparse.ArgumentParser) -> None:
+    """Which cases run, and the seed of their random inputs."""
     parser.add_argument("--small", action="store_true",
                         help="tiny shapes (the default on CPU, where Pallas runs interpreted)")
     parser.add_argument("--cases", default="",
                         help="comma-separated substrings; run the cases whose name has one")
-    parser.add_argument("--impls", default=",".join(IMPLS),
-                        help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_timing_args(parser: argparse.ArgumentParser) -> None:
+    """How `time_calls` times one (case, implementation)."""
     parser.add_argument("--target-ms", type=float, default=4.0,
                         help="device work per timed rep; sets the number of chained calls")
     parser.add_argument("--max-calls", type=int, default=512, help="most calls per timed rep")
     parser.add_argument("--unroll", type=int, default=16,
                         help="calls per loop iteration of the timed executable")
-    parser.add_argument("--no-profile", action="store_true",
-                        help="skip the JAX-profiler pass that reports device_ms per call")
     parser.add_argument("--reps", type=int, default=30, help="most timed reps per measurement")
     parser.add_argument("--min-reps", type=int, default=None,
                         help="fewest timed reps (default 5 on GPU, 1 on CPU)")
     parser.add_argument("--time-per-measurement", type=float, default=1.0,
                         help="seconds of timed reps to aim for per (case, implementation)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tune", action="store_true",
-                        help="sweep the Pallas kernel's tiles per case and write the winners into "
-                             "its tuning table")
-    parser.add_argument("--tune-cases", default=None,
-                        help="like --cases, for the sweep only (default: the cases run)")
-    parser.add_argument("--tune-budget", type=float, default=600.0,
-                        help="seconds the whole sweep may take; it stops early past this")
-    parser.add_argument("--tune-output", default=None,
-                        help="tuning table to merge the winners into (default: the kernel's own "
-                             "table, except with --small; 'none' = print only)")
-    parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
-    return parser
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -198,10 +211,23 @@ def make_inputs(case: Case, *, seed: int, on_gpu: bool) -> Inputs:
     return Inputs(md, qs, kvs, case.head_dim ** -0.5, {})
 
 
+def reference_output(inputs: Inputs) -> np.ndarray:
+    """The pure-jnp reference's output on the first q and KV set, in float32: the yardstick."""
+    import jax
+    import jax.numpy as jnp
+
+    from pjllm.kernels import reference
+
+    out = jax.jit(lambda q, kv: reference.paged_attention_reference(
+        q, kv, inputs.metadata, sm_scale=inputs.sm_scale))(inputs.qs[0], inputs.kvs[0])
+    return np.asarray(out.astype(jnp.float32))
+
+
 # ----------------------------------------------------------------------------- implementations
 
 
-def _pallas_fn(case: Case, inputs: Inputs, interpret: bool, config=None) -> Callable:
+def pallas_fn(case: Case, inputs: Inputs, interpret: bool, config: BlockConfig | None = None) -> Callable:
+    """The Pallas kernel on the case's metadata, as fn(q, kv); `config` overrides its table."""
     from pjllm.kernels import paged_attention as pallas_attention
 
     md, scale = inputs.metadata, inputs.sm_scale
@@ -284,7 +310,7 @@ def _cudnn_fn(case: Case, inputs: Inputs, on_gpu: bool) -> tuple[Callable, list,
 
 def time_calls(fn: Callable, q, kvs: list, *, reps: int, min_reps: int, seconds: float,
                target_ms: float = 4.0, max_calls: int = 512, unroll: int = 8,
-               profile: bool = False, iters: int | None = None) -> dict[str, Any]:
+               device_timer: DeviceTimer | None = None, iters: int | None = None) -> dict[str, Any]:
     """Per-call time of fn(q, kv), in ms.
 
     One jitted executable runs a chain of calls (each call's output is the next call's q, so XLA
@@ -292,8 +318,8 @@ def time_calls(fn: Callable, q, kvs: list, *, reps: int, min_reps: int, seconds:
     through the KV sets; the iteration count is chosen so that one rep holds about `target_ms` of
     device work (or `iters` iterations, when given). Each rep is synchronized; time_ms = median
     over reps of rep time / calls.
-    With profile=True the same executable also runs under the JAX profiler and device_ms = GPU
-    busy time per call from the trace (kernels_us: per kernel name), host gaps excluded.
+    A `device_timer` is then given the same executable, e.g. to run it under a profiler; its fields
+    join the result (an exception becomes `device_timer_error`).
     Returns {"time_ms", "min_ms", "spread_ms", "reps", "calls", "first_out", ...}.
     """
     import jax
@@ -343,60 +369,23 @@ def time_calls(fn: Callable, q, kvs: list, *, reps: int, min_reps: int, seconds:
               if len(times_ms) >= 4 else None)
     out = {"time_ms": statistics.median(times_ms), "min_ms": times_ms[0], "reps": len(times),
            "spread_ms": spread, "calls": calls, "iters": iters, "first_out": first_out}
-    if profile:
+    if device_timer is not None:
         try:
-            out.update(device_times(run, (q, kvs), calls))
-        except Exception as exc:  # noqa: BLE001 - the profiler is a bonus, not a requirement
-            out["profile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            out.update(device_timer(run, (q, kvs), calls))
+        except Exception as exc:  # noqa: BLE001 - device time is a bonus, not a requirement
+            out["device_timer_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     return out
 
 
-def device_times(run: Callable, args: tuple, calls: int, runs: int = 2) -> dict[str, Any]:
-    """GPU busy time per call from a JAX profiler trace of `runs` executions of `run(*args)`:
-    {"device_ms": sum of the durations of everything on the GPU streams / calls,
-     "span_ms": GPU timeline from the first start to the last end / calls,
-     "kernels_us": {kernel name: microseconds per call}}."""
-    import tempfile
-
-    import jax
-
-    from pjllm.bench import device_profile
-
-    with tempfile.TemporaryDirectory() as log_dir:
-        jax.profiler.start_trace(log_dir)
-        try:
-            for _ in range(runs):
-                jax.block_until_ready(run(*args))
-        finally:
-            jax.profiler.stop_trace()
-        events = device_profile.read_trace(log_dir)
-    gpu = device_profile.gpu_events(events)
-    if not gpu:
-        processes = sorted({str(e.get("args", {}).get("name", "")) for e in events
-                            if e.get("ph") == "M" and e.get("name") == "process_name"})
-        raise RuntimeError(f"no GPU stream events in the trace; processes {processes[:8]}")
-    kernels: dict[str, float] = {}
-    for e in gpu:
-        name = str(e.get("name", "?"))[:80]
-        kernels[name] = kernels.get(name, 0.0) + float(e.get("dur", 0.0))
-    first = min(float(e["ts"]) for e in gpu)
-    last = max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in gpu)
-    total = runs * calls
-    # span_ms: first start to last end on the GPU per call, idle gaps between kernels included
-    # (the gaps between the profiled runs too, so an upper bound).
-    return {"device_ms": sum(kernels.values()) / total / 1e3,
-            "span_ms": (last - first) / total / 1e3,
-            "kernels_us": {k: v / total for k, v in sorted(kernels.items(),
-                                                           key=lambda kv: -kv[1])}}
-
-
-def _timing_opts(args, on_gpu: bool) -> dict[str, Any]:
+def timing_options(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
+    """`time_calls` keywords from the timing options."""
     if not on_gpu:                       # interpret mode: one call per rep is plenty
         return {"target_ms": 0.0, "max_calls": 1, "unroll": 1}
     return {"target_ms": args.target_ms, "max_calls": args.max_calls, "unroll": args.unroll}
 
 
-def _errors(out, want) -> dict[str, float]:
+def output_errors(out, want: np.ndarray) -> dict[str, float]:
+    """Max abs and relative (||out - want|| / ||want||) error; NaN when out is not finite."""
     out = np.asarray(out, np.float32).reshape(want.shape)
     diff = out - want
     finite = bool(np.isfinite(out).all())
@@ -408,49 +397,24 @@ def _errors(out, want) -> dict[str, float]:
 # ----------------------------------------------------------------------------- driver
 
 
-def _device_env(argv) -> dict[str, Any]:
-    import jax
-
-    try:
-        from pjllm.bench import report
-
-        env = report.environment(argv, report.jax_device_info)
-    except Exception:  # noqa: BLE001 - the report module is optional for this command
-        env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-               "command": " ".join(["pjllm", *(argv or sys.argv[1:])]), "jax": jax.__version__,
-               "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
-    return env
-
-
-def _select_cases(args) -> list[Case]:
-    import jax
-
-    small = args.small or jax.default_backend() == "cpu"
+def select_cases(names: str, small: bool) -> list[Case]:
+    """The cases (SMALL_CASES if `small`, else FULL_CASES) whose name has one of the
+    comma-separated substrings in `names` (all of them when it is empty)."""
     cases = SMALL_CASES if small else FULL_CASES
-    wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
-    if wanted:
-        cases = [c for c in cases if any(w in c.name for w in wanted)]
-    return cases
+    wanted = [w.strip() for w in names.split(",") if w.strip()]
+    return [c for c in cases if any(w in c.name for w in wanted)] if wanted else cases
 
 
-def _metrics(case: Case, time_ms: float) -> dict[str, float]:
-    seconds = time_ms * 1e-3
-    return {"kv_gbps": case.kv_bytes() / seconds / 1e9, "tflops": case.flops() / seconds / 1e12}
-
-
-def measure_case(case: Case, impls: list[str], args, *, on_gpu: bool, min_reps: int) -> list[dict[str, Any]]:
+def measure_case(case: Case, impls: list[str], args: argparse.Namespace, *, on_gpu: bool,
+                 min_reps: int, device_timer: DeviceTimer | None = None) -> list[dict[str, Any]]:
     """Every implementation on one case; the reference's output is the yardstick."""
-    import jax
     import jax.numpy as jnp
 
     from pjllm.kernels import paged_attention as pallas_attention
-    from pjllm.kernels import reference
 
     interpret = not on_gpu
     inputs = make_inputs(case, seed=args.seed, on_gpu=on_gpu)
-    want = np.asarray(jax.jit(lambda q, kv: reference.paged_attention_reference(
-        q, kv, inputs.metadata, sm_scale=inputs.sm_scale))(inputs.qs[0], inputs.kvs[0])
-        .astype(jnp.float32))
+    want = reference_output(inputs)
     real = int(sum(case.q_lens))
     records = []
     for impl in impls:
@@ -461,8 +425,8 @@ def measure_case(case: Case, impls: list[str], args, *, on_gpu: bool, min_reps: 
         try:
             qs, kvs, yardstick = inputs.qs, inputs.kvs, want
             if impl == "pallas":
-                fn = _pallas_fn(case, inputs, interpret)
-                rec["config"] = dataclasses.asdict(_resolved_config(case))
+                fn = pallas_fn(case, inputs, interpret)
+                rec["config"] = dataclasses.asdict(launch_config(case))
                 rec["kernel"] = pallas_attention.kernel_mode(case.num_tokens, case.num_seqs)
             elif impl == "reference":
                 fn = _reference_fn(case, inputs, interpret)
@@ -474,17 +438,17 @@ def measure_case(case: Case, impls: list[str], args, *, on_gpu: bool, min_reps: 
             else:
                 raise ValueError(f"unknown implementation {impl!r}")
             timing = time_calls(fn, qs[0], kvs, reps=args.reps, min_reps=min_reps,
-                                seconds=args.time_per_measurement, **_timing_opts(args, on_gpu),
-                                profile=on_gpu and not args.no_profile)
+                                seconds=args.time_per_measurement, **timing_options(args, on_gpu),
+                                device_timer=device_timer)
             out = timing.pop("first_out")
             if impl != "cudnn":
                 out = np.asarray(out.astype(jnp.float32))[:real]
                 yardstick = yardstick[:real]
-            rec.update(_errors(np.asarray(out, np.float32), yardstick))
+            rec.update(output_errors(np.asarray(out, np.float32), yardstick))
             rec.update(timing)
-            rec.update(_metrics(case, rec["time_ms"]))
+            rec.update(case.rates(rec["time_ms"]))
             if "device_ms" in rec:
-                rec.update({"device_" + k: v for k, v in _metrics(case, rec["device_ms"]).items()})
+                rec.update({"device_" + k: v for k, v in case.rates(rec["device_ms"]).items()})
         except NotImplementedError:
             continue
         except Exception as exc:  # noqa: BLE001 - one failing implementation must not stop the run
@@ -498,25 +462,14 @@ def measure_case(case: Case, impls: list[str], args, *, on_gpu: bool, min_reps: 
     return records
 
 
-def _resolved_config(case: Case, config=None):
-    """The Pallas kernel's BlockConfig for a case, with its split count resolved."""
+def launch_config(case: Case, config: BlockConfig | None = None) -> BlockConfig:
+    """The Pallas kernel's BlockConfig for a case (`config`, else its table's), as it launches it."""
     from pjllm.kernels import paged_attention as pa
 
-    cfg = config or pa.select_config(case.num_tokens, case.num_seqs, case.head_dim,
-                                     num_q_heads=case.num_q_heads,
-                                     num_kv_heads=case.num_kv_heads, page_size=case.page_size,
-                                     max_context=case.max_pages * case.page_size)
-    if cfg.kv_splits is None:
-        group_pad = pa._next_pow2(case.num_q_heads // case.num_kv_heads)
-        rows = max(cfg.block_rows, group_pad, 16)
-        if pa.kernel_mode(case.num_tokens, case.num_seqs) == "decode":
-            programs = case.num_seqs
-        else:
-            bq = rows // group_pad
-            programs = (case.num_tokens + case.num_seqs * (bq - 1)) // bq + 1
-        cfg = dataclasses.replace(cfg, kv_splits=pa.num_kv_splits(
-            cfg, programs, case.num_kv_heads, case.max_pages * case.page_size))
-    return cfg
+    return pa.launch_config(case.num_tokens, case.num_seqs, num_q_heads=case.num_q_heads,
+                            num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
+                            page_size=case.page_size, max_context=case.max_pages * case.page_size,
+                            config=config)
 
 
 def _one_line(rec: dict[str, Any]) -> str:
@@ -526,110 +479,9 @@ def _one_line(rec: dict[str, Any]) -> str:
             f"{rec['kv_gbps']:8.1f} GB/s {rec['tflops']:7.2f} TFLOP/s rel_err {rec['rel_err']:.1e}")
 
 
-# ----------------------------------------------------------------------------- tuning
-
-
-def tune_candidates(case: Case, stage: int, best=None) -> list:
-    """Stage 0: tiles; stage 1: KV split counts (and a persistent grid) around the best tile."""
-    from pjllm.kernels.paged_attention import BlockConfig, kernel_mode
-
-    if kernel_mode(case.num_tokens, case.num_seqs) == "decode":
-        if stage == 0:
-            tiles = [(64, 4, 4), (128, 8, 3), (64, 4, 2), (128, 8, 4), (32, 4, 4)]
-            return [BlockConfig(16, bk, w, st, kv_splits=None) for bk, w, st in tiles]
-        return ([dataclasses.replace(best, kv_splits=s) for s in (1, 2, 4, 8)]
-                + [dataclasses.replace(best, kv_splits=None, programs_per_sm=2)])
-    if stage == 0:
-        tiles = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3),
-                 (64, 128, 4, 3)]
-        return [BlockConfig(br, bk, w, st, kv_splits=1) for br, bk, w, st in tiles]
-    return []           # prefill: the split combine (f32 partials through XLA) costs more
-
-
-def tune_case(case: Case, args, *, on_gpu: bool, min_reps: int,
-              deadline: float, small: bool) -> dict[str, Any]:
-    """Times the candidate configs of one case; returns {"best", "candidates", ...}."""
-    import jax
-    import jax.numpy as jnp
-
-    from pjllm.kernels import reference
-
-    inputs = make_inputs(case, seed=args.seed + 1, on_gpu=on_gpu)
-    want = np.asarray(jax.jit(lambda q, kv: reference.paged_attention_reference(
-        q, kv, inputs.metadata, sm_scale=inputs.sm_scale))(inputs.qs[0], inputs.kvs[0])
-        .astype(jnp.float32))
-    real = int(sum(case.q_lens))
-    tol = 2e-2 if case.dtype == "bfloat16" else 1e-4
-    results: list[dict[str, Any]] = []
-    best = None
-    iters = None                 # loop length of the first candidate's timing, reused after
-    for stage in (0, 1):
-        cands = tune_candidates(case, stage, best["config_obj"] if best else None)
-        if small:
-            cands = cands[:2]
-        for cfg in cands:
-            if any(r["config_obj"] == cfg for r in results):
-                continue
-            if time.perf_counter() > deadline:
-                break
-            rec: dict[str, Any] = {"config_obj": cfg}
-            try:
-                fn = _pallas_fn(case, inputs, not on_gpu, cfg)
-                timing = time_calls(fn, inputs.qs[0], inputs.kvs, reps=max(min_reps, 10),
-                                    min_reps=min_reps, seconds=0.3, iters=iters,
-                                    **_timing_opts(args, on_gpu))
-                iters = timing["iters"]
-                out = np.asarray(timing.pop("first_out").astype(jnp.float32))[:real]
-                rec.update(_errors(out, want[:real]))
-                rec.update(timing)
-                rec["resolved"] = dataclasses.asdict(_resolved_config(case, cfg))
-                ok = rec["rel_err"] <= tol
-                rec["ok"] = ok
-                if ok and (best is None or rec["time_ms"] < best["time_ms"]):
-                    best = rec
-            except Exception as exc:  # noqa: BLE001
-                rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            results.append(rec)
-            print(f"    tune {case.name:22s} {cfg} -> "
-                  + (f"{rec['time_ms']:.4f} ms rel_err {rec['rel_err']:.1e}" if "time_ms" in rec
-                     else rec.get("error", "?")), flush=True)
-        if best is None:
-            break
-    clean = [{k: v for k, v in r.items() if k != "config_obj"}
-             | {"config": dataclasses.asdict(r["config_obj"])} for r in results]
-    return {"case": case.name, "candidates": clean,
-            "best": dataclasses.asdict(best["config_obj"]) if best else None,
-            "best_time_ms": best["time_ms"] if best else None}
-
-
-def _table_key(case: Case) -> str:
-    from pjllm.kernels import paged_attention as pa
-
-    return pa.shape_key(pa.kernel_mode(case.num_tokens, case.num_seqs), case.num_q_heads,
-                        case.num_kv_heads, case.head_dim, case.page_size, case.num_tokens,
-                        case.num_seqs, case.max_pages * case.page_size)
-
-
-def write_tuning_table(path: str, entries: dict[str, dict], env: dict[str, Any]) -> None:
-    """Merges {shape_key: config dict} into the JSON tuning table at `path`."""
-    from pjllm.kernels import paged_attention as pa
-
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except FileNotFoundError:
-        table = {}
-    table.setdefault("about", "Pallas paged attention tiles by shape, written by `pjllm bench "
-                              "kernels --tune`; see pjllm/kernels/paged_attention.py:select_config")
-    configs = table.setdefault("configs", {})
-    for key, cfg in entries.items():
-        configs[key] = dict(cfg, device=env.get("device"), date=env.get("date"))
-    table["configs"] = dict(sorted(configs.items()))
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1)
-        f.write("\n")
-    pa.load_tuning_table.cache_clear()
-    print(f"wrote {len(entries)} entries to {path}")
+def tolerance(case: Case) -> float:
+    """The largest relative error against the reference that counts as correct."""
+    return 2e-2 if case.dtype == "bfloat16" else 1e-4
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -641,17 +493,14 @@ COLUMNS = [("case", "case", ""), ("impl", "impl", ""), ("time_ms", "ms", ".4f"),
            ("error", "error", "")]
 
 
-def _format_table(rows, columns) -> str:
-    try:
-        from pjllm.bench.report import format_table
-    except ImportError:  # pragma: no cover
-        def format_table(rows, columns):
-            return "\n".join(" ".join(str(r.get(k, "-")) for k, _, _ in columns) for r in rows)
-    return format_table(rows, columns)
+def device_env(argv: list[str] | None) -> dict[str, Any]:
+    """The record's env block (date, versions, command) with the jax device."""
+    return environment(argv, jax_device_info)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs the benchmark (and --tune); prints a table; returns the exit status."""
+def run(args: argparse.Namespace, device_timer: DeviceTimer | None = None) -> int:
+    """Runs the benchmark; prints a table; returns the exit status (1 if the Pallas kernel failed
+    or differs from the reference). On GPU, `device_timer` adds fields to every timing."""
     import jax
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -663,85 +512,42 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown implementations: {sorted(unknown)}", file=sys.stderr)
         return 2
-    cases = _select_cases(args)
+    cases = select_cases(args.cases, small)
     if not cases:
         print("no case matches --cases", file=sys.stderr)
         return 2
-    argv = getattr(args, "argv", None) or getattr(args, "cli_argv", None)
-    env = _device_env(argv)
+    env = device_env(getattr(args, "cli_argv", None))
     print(f"device: {env.get('device')} | jax {jax.__version__} | "
           f"{'interpret mode, small shapes' if not on_gpu else ('small shapes' if small else 'Llama-3-8B shapes')}",
           flush=True)
-    payload: dict[str, Any] = {"benchmark": "kernels", "env": env, "small": small,
-                               "results": [], "tuning": None}
+    payload: dict[str, Any] = {"benchmark": "kernels", "env": env, "small": small, "results": []}
     status = 0
-    if args.tune:
-        start = time.perf_counter()
-        # Each case may spend up to its share of the budget plus what earlier cases left over.
-        tune_cases = cases
-        if args.tune_cases is not None:
-            wanted = [w.strip() for w in args.tune_cases.split(",") if w.strip()]
-            tune_cases = [c for c in cases if any(w in c.name for w in wanted)]
-        tuned = [tune_case(c, args, on_gpu=on_gpu, min_reps=min_reps,
-                           deadline=start + args.tune_budget * (i + 1) / len(tune_cases),
-                           small=small)
-                 for i, c in enumerate(tune_cases)]
-        entries = {_table_key(c): t["best"] for c, t in zip(tune_cases, tuned) if t["best"]}
-        print("\nproposed tuning table (shape key -> BlockConfig):")
-        print(json.dumps(entries, indent=1))
-        out_path = args.tune_output
-        if out_path is None and not small:
-            from pjllm.kernels.paged_attention import TUNING_FILE
-            out_path = TUNING_FILE
-        if out_path and out_path.lower() != "none":
-            write_tuning_table(out_path, entries, env)
-        payload["tuning"] = {"entries": entries, "cases": tuned, "written_to": out_path,
-                             "seconds": time.perf_counter() - start}
     for case in cases:
         print(f"{case.name}:", flush=True)
-        recs = measure_case(case, impls, args, on_gpu=on_gpu, min_reps=min_reps)
+        recs = measure_case(case, impls, args, on_gpu=on_gpu, min_reps=min_reps,
+                            device_timer=device_timer if on_gpu else None)
         for rec in recs:
             rec["env"] = env
         payload["results"].extend(recs)
         if any("error" in r and r["impl"] == "pallas" for r in recs):
             status = 1
-        if any(r["impl"] == "pallas" and r.get("rel_err", 0) > (2e-2 if case.dtype == "bfloat16"
-                                                               else 1e-4) for r in recs):
+        if any(r["impl"] == "pallas" and r.get("rel_err", 0) > tolerance(case) for r in recs):
             print(f"  pallas output of {case.name} differs from the reference", flush=True)
             status = 1
-        _write_payload(args.output_json, payload)       # partial results survive a kill
+        write_json(args.output_json, payload)       # after each case: partial results survive a kill
     print(f"\n== bench kernels: {env.get('device')}, {env.get('date')} ==")
-    print(_format_table(payload["results"], COLUMNS))
-    if args.output_json:
-        _write_payload(args.output_json, payload)
-        print(f"wrote {args.output_json}")
+    print(format_table(payload["results"], COLUMNS))
     return status
-
-
-def _write_payload(path: str | None, payload: dict[str, Any]) -> None:
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1, default=_jsonable)
-        f.write("\n")
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pjllm.bench.kernels ...` (the same options as `pjllm bench kernels`)."""
-    parser = argparse.ArgumentParser(prog="pjllm bench")
-    add_parser(parser.add_subparsers(dest="bench", required=True))
+    parser = argparse.ArgumentParser(prog="python -m pjllm.bench.kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser)
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(["kernels", *argv])
-    args.argv = ["bench", "kernels", *argv]
+    args = parser.parse_args(argv)
+    args.cli_argv = ["bench", "kernels", *argv]
     return run(args)
 
 

@@ -5,7 +5,8 @@ once with max_tokens=1 (its wall time is the time to first token, TTFT: prefill 
 and once with max_tokens=--output-len L (end-to-end time E). Time per output token is
 TPOT = (E - TTFT) / (L - 1), the decode step time at batch B. Medians over --num-iters
 iterations, after --num-iters-warmup untimed ones. Prompts differ between every submission, so a
-prefix cache could not shorten a prefill.
+prefix cache could not shorten a prefill. benchmarks/compare_hf.py runs the same measurement on HF
+transformers beside pjllm.
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from pjllm.bench.backends import open_backend, ratios, measure_backends
+from pjllm.bench.backends import Backend, OpenBackend, WorkloadSize
 from pjllm.bench.datasets import BenchRequest, allowed_token_ids, random_requests, special_token_ids
-from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_args, add_output_args,
-                                 load_hf_config, resolve_model)
+from pjllm.bench.options import (add_engine_args, add_model_args, add_output_args, load_hf_config,
+                                 resolve_model)
+from pjllm.bench.pjllm_backend import open_pjllm_backend
 from pjllm.bench.report import environment, print_table, write_json
 
 COLUMNS = [("backend", "backend", ""), ("batch_size", "batch", ""), ("ttft_ms", "TTFT ms", ".2f"),
            ("tpot_ms", "TPOT ms", ".3f"), ("e2e_ms", "end-to-end ms", ".1f"),
            ("decode_tokens_per_s", "decode tok/s", ".1f")]
-RATIO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -37,14 +38,13 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "latency", help="time to first token and time per output token per batch size",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     add_engine_args(parser)
     parser.set_defaults(max_num_seqs=None)  # default: the largest batch size
-    add_backend_args(parser)
     parser.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 4, 16])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -52,15 +52,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-iters-warmup", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=1.0)
     add_output_args(parser)
+    return parser
 
 
-def _timed(backend, requests: list[BenchRequest]) -> float:
+def _timed(backend: Backend, requests: list[BenchRequest]) -> float:
     start = time.perf_counter()
     backend.generate(requests)
     return time.perf_counter() - start
 
 
-def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
+def measure(args: argparse.Namespace, open_backend: OpenBackend = open_pjllm_backend) -> dict[str, Any]:
     """One backend's record: a row of medians per batch size."""
     if args.output_len < 2:
         raise ValueError(f"--output-len must be >= 2 to time decode steps; got {args.output_len}")
@@ -71,8 +72,8 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
     largest = max(args.batch_sizes)
     if args.max_num_seqs is None:
         args.max_num_seqs = largest
-    backend = open_backend(backend_name, args, model, hf_config, args.input_len, args.output_len,
-                           args.input_len + args.output_len, largest, args.temperature)
+    size = WorkloadSize(args.input_len, args.output_len, args.input_len + args.output_len, largest)
+    backend = open_backend(args, model, hf_config, size, args.temperature)
     rows = []
     try:
         for batch_size in args.batch_sizes:
@@ -91,7 +92,7 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
                          "e2e_ms": e2e * 1e3,
                          "decode_tokens_per_s": batch_size / tpot if tpot > 0 else None,
                          "ttft_ms_all": [t * 1e3 for t in ttfts], "e2e_ms_all": [t * 1e3 for t in e2es]})
-        record = {"backend": backend_name, "model": model, "load_format": args.load_format,
+        record = {"backend": backend.name, "model": model, "load_format": args.load_format,
                   "input_len": args.input_len, "output_len": args.output_len,
                   "num_iters": args.num_iters, "num_iters_warmup": args.num_iters_warmup,
                   "seed": args.seed, "load_s": backend.load_s, "warmup_s": getattr(backend, "warmup_s", None),
@@ -102,21 +103,16 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
     return record
 
 
-def run(args: argparse.Namespace) -> int:
-    results = measure_backends(args, measure)
-    payload: dict[str, Any] = {"benchmark": "latency", "results": results}
-    by_backend = {r["backend"]: r for r in results}
-    if "pjllm" in by_backend and "hf" in by_backend:
-        hf_rows = {row["batch_size"]: row for row in by_backend["hf"]["rows"]}
-        payload["ratios"] = {"pjllm_over_hf": [
-            {"batch_size": row["batch_size"], **ratios(row, hf_rows[row["batch_size"]], RATIO_KEYS)}
-            for row in by_backend["pjllm"]["rows"] if row["batch_size"] in hf_rows]}
+def print_results(results: Sequence[dict[str, Any]]) -> None:
+    """One table row per backend and batch size."""
     table = [{"backend": r["backend"], **row} for r in results for row in r["rows"]]
     first = results[0]
     title = f"latency: {first['input_len']} in, {first['output_len']} out, {first['model']}"
     print_table(title, table, COLUMNS)
-    for ratio in payload.get("ratios", {}).get("pjllm_over_hf", []):
-        print(f"pjllm / hf at batch {ratio['batch_size']}: "
-              + ", ".join(f"{key} x{value:.2f}" for key, value in ratio.items() if key != "batch_size"))
-    write_json(args.output_json, payload)
+
+
+def run(args: argparse.Namespace) -> int:
+    record = measure(args)
+    print_results([record])
+    write_json(args.output_json, {"benchmark": "latency", "results": [record]})
     return 0

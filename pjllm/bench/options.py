@@ -1,13 +1,12 @@
 """Command-line options shared by the `pjllm bench` subcommands, and what they build.
 
 Model and engine options mirror `pjllm generate` and `pjllm.EngineConfig`; workload options
-select a dataset from `pjllm.bench.datasets`; backend options pick pjllm, HF transformers, or both.
+select a dataset from `pjllm.bench.datasets`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -17,9 +16,6 @@ from pjllm.bench.datasets import DATASETS, Workload, make_workload, special_toke
 from pjllm.config import (ATTENTION_BACKENDS, DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPES, LOAD_FORMATS,
                           WARMUP_MODES, EngineConfig)
 
-BACKENDS = ("pjllm", "hf", "both")
-
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF directory, .gguf file, or a config.json with --load-format dummy "
@@ -27,12 +23,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                         help="'dummy': random weights from the config alone")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="'auto': bfloat16 on GPU, float32 on CPU (both backends)")
+                        help="'auto': bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of sampling")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """pjllm engine options (EngineConfig fields); the HF backend maps the batch limits too."""
+    """pjllm engine options (EngineConfig fields)."""
     parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help=f"token budget of one step (engine default {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
@@ -58,18 +54,6 @@ def add_workload_args(parser: argparse.ArgumentParser, default_dataset: str = "r
     parser.add_argument("--num-prompts", type=int, default=None, help="override the dataset's count")
     parser.add_argument("--input-len", type=int, default=None, help="random dataset: prompt tokens")
     parser.add_argument("--output-len", type=int, default=None, help="random dataset: output tokens")
-
-
-def add_backend_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="pjllm", choices=BACKENDS,
-                        help="'hf': HF transformers continuous batching (needs torch); 'both': pjllm "
-                             "then hf, each in its own process, and their ratio")
-    parser.add_argument("--hf-attn-implementation", default=None,
-                        help="attn_implementation for the HF model (default: transformers' choice; "
-                             "continuous batching makes it paged)")
-    parser.add_argument("--hf-cb-config", type=json.loads, default=None,
-                        help="JSON object of extra transformers ContinuousBatchingConfig fields, "
-                             "e.g. '{\"max_batch_tokens\": 8192}'")
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:

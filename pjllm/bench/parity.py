@@ -22,7 +22,7 @@ COLUMNS = [("backends", "backends", ""), ("dtype", "dtype", ""), ("num_prompts",
            ("identical_sequences", "identical sequences", ""), ("first_divergence_min", "first diff at", "")]
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "parity", help="greedy token parity between two attention backends",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +36,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     add_output_args(parser)
+    return parser
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int | None:

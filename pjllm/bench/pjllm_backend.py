@@ -1,12 +1,12 @@
-"""The pjllm side of a benchmark: an `LLM` behind the same small interface as the HF backend."""
+"""The pjllm side of a benchmark: an `LLM` behind the small interface of `backends.Backend`."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
+from pjllm.bench.backends import WorkloadSize
 from pjllm.bench.datasets import BenchRequest
 from pjllm.bench.options import build_llm, engine_settings
 from pjllm.bench.report import jax_device_info
@@ -44,15 +44,6 @@ class PjllmBackend:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [len(output.outputs[0].token_ids) for output in outputs]
 
-    @contextlib.contextmanager
-    def trace(self, folder: str) -> Iterator[None]:
-        """Traces the device with the JAX profiler into `folder` (a `*.trace.json.gz` there)."""
-        import jax
-
-        with jax.profiler.trace(folder):
-            yield
-            jax.effects_barrier()
-
     def step_timings(self) -> dict[str, float]:
         return dataclasses.asdict(self.llm.engine.step_timings)
 
@@ -67,3 +58,10 @@ class PjllmBackend:
 
     def close(self) -> None:
         del self.llm
+
+
+def open_pjllm_backend(args: argparse.Namespace, model: str, hf_config: dict[str, Any],
+                       size: WorkloadSize, temperature: float) -> PjllmBackend:
+    """The `backends.OpenBackend` of pjllm: an engine from the bench options, its max_model_len
+    the workload's longest request (unless --max-model-len says)."""
+    return PjllmBackend(args, model, size.max_total_len, temperature)

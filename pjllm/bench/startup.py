@@ -13,11 +13,7 @@ child reports, from its launch (wall clock, measured by the parent):
 
 With the engine's default warmup (`auto`: in the background on GPU) the first token waits only
 for the one program its step needs. The split is the engine's own `startup_timings`.
-
-`--backend hf` (or `both`) starts the torch peer the same way, once (it compiles nothing, so it
-has no cache to warm): import is torch and transformers, weights the random-weight model built
-on the device, rest the continuous-batching manager's start (CUDA graph capture, when
-`--hf-cb-config` asks for it), then one token.
+benchmarks/compare_hf.py starts HF transformers the same way beside pjllm.
 """
 
 from __future__ import annotations
@@ -29,13 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from pjllm.bench.backends import require_torch
-from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_args, add_output_args,
-                                 construct_llm, engine_kwargs, load_hf_config, resolve_model)
+from pjllm.bench.options import (add_engine_args, add_model_args, add_output_args, construct_llm,
+                                 engine_kwargs, load_hf_config, resolve_model)
 from pjllm.bench.report import environment, print_table, write_json
 
 COLUMNS = [("backend", "backend", ""), ("cache", "compilation cache", ""),
@@ -48,24 +43,18 @@ COLUMNS = [("backend", "backend", ""), ("cache", "compilation cache", ""),
 # Run with `python -c`: notes when the interpreter is up, before anything of pjllm is imported.
 _CHILD_BOOTSTRAP = ("import time; up = time.time(); import sys; "
                     "from pjllm.bench.startup import child_main; child_main(up, sys.argv[1], sys.argv[2])")
-# The hf child loads hf_backend.py by path, so that neither pjllm nor jax is imported there.
-_HF_CHILD_BOOTSTRAP = ("import time; up = time.time(); import importlib.util, sys; "
-                       "spec = importlib.util.spec_from_file_location('pjllm_bench_hf_backend', sys.argv[3]); "
-                       "module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; "
-                       "spec.loader.exec_module(module); module.startup_child_main(up, sys.argv[1], sys.argv[2])")
-_HF_BACKEND_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_backend.py")
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "startup", help="process start to first token, split into import, weights, compile, first step",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     add_engine_args(parser)
-    add_backend_args(parser)
     parser.set_defaults(warmup="auto")  # what a user's process gets
     parser.add_argument("--input-len", type=int, default=128, help="tokens of the one prompt")
     add_output_args(parser)
+    return parser
 
 
 def child_main(up: float, spec_path: str, result_path: str) -> None:
@@ -96,22 +85,23 @@ def child_main(up: float, spec_path: str, result_path: str) -> None:
         json.dump(result, f)
 
 
-def _run_child(bootstrap: str, spec: dict[str, Any], folder: str, label: str,
-               *extra_argv: str) -> tuple[float, dict[str, Any]]:
-    """Runs one fresh child process; returns its launch time and the result it wrote."""
+def run_child(bootstrap: str, spec: dict[str, Any], folder: str, label: str) -> tuple[float, dict[str, Any]]:
+    """Runs `python -c bootstrap SPEC_PATH RESULT_PATH` in a fresh process, with `spec` written to
+    SPEC_PATH in `folder`; returns its launch time and the result it wrote to RESULT_PATH."""
     spec_path = os.path.join(folder, f"{label}-spec.json")
     result_path = os.path.join(folder, f"{label}-result.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     launched = time.time()
-    completed = subprocess.run([sys.executable, "-c", bootstrap, spec_path, result_path, *extra_argv])
+    completed = subprocess.run([sys.executable, "-c", bootstrap, spec_path, result_path])
     if completed.returncode != 0:
         raise RuntimeError(f"the {label} startup process exited with {completed.returncode}")
     with open(result_path) as f:
         return launched, json.load(f)
 
 
-def _row(backend: str, cache: str, launched: float, child: dict[str, Any]) -> dict[str, Any]:
+def table_row(backend: str, cache: str, launched: float, child: dict[str, Any]) -> dict[str, Any]:
+    """One run's phases from its child's result (wall clock times, `launched` by the parent)."""
     return {"backend": backend, "cache": cache, "interpreter_s": child["up"] - launched,
             "import_s": child["imported"] - child["up"], "weights_s": child["weights_s"],
             "rest_s": child["rest_s"], "construct_s": child["construct_s"],
@@ -121,15 +111,25 @@ def _row(backend: str, cache: str, launched: float, child: dict[str, Any]) -> di
             "num_buckets": child.get("num_buckets")}
 
 
-def _pjllm_record(args: argparse.Namespace, model: str, prompt: list[int], folder: str) -> dict[str, Any]:
+def one_prompt(hf_config: dict[str, Any], input_len: int) -> list[int]:
+    """The one prompt's token ids: the same for every engine that is started."""
+    return np.random.default_rng(0).integers(0, hf_config["vocab_size"], input_len).tolist()
+
+
+def pjllm_record(args: argparse.Namespace, model: str, prompt: list[int], folder: str) -> dict[str, Any]:
+    """pjllm started twice in fresh processes, with an empty and then the filled compilation cache
+    in `folder`."""
+    if args.compilation_cache_dir is not None:
+        raise ValueError("pjllm bench startup uses a fresh temporary compilation cache folder; "
+                         "leave --compilation-cache-dir out")
     kwargs = engine_kwargs(args, model, args.input_len + 1)
     kwargs["compilation_cache_dir"] = os.path.join(folder, "xla-cache")
     spec = {"engine_kwargs": kwargs, "prompt_token_ids": prompt}
     rows = []
     for label in ("cold", "warm"):
         print(f"startup: pjllm, {label} compilation cache ...", flush=True)
-        launched, child = _run_child(_CHILD_BOOTSTRAP, spec, folder, label)
-        rows.append(_row("pjllm", label, launched, child))
+        launched, child = run_child(_CHILD_BOOTSTRAP, spec, folder, label)
+        rows.append(table_row("pjllm", label, launched, child))
         device_info = child["device_info"]
     # The parent never touches the device (jax would take GPU memory from the children).
     return {"backend": "pjllm", "model": model, "load_format": args.load_format, "input_len": args.input_len,
@@ -138,36 +138,16 @@ def _pjllm_record(args: argparse.Namespace, model: str, prompt: list[int], folde
             "env": environment(getattr(args, "cli_argv", None), lambda: device_info)}
 
 
-def _hf_record(args: argparse.Namespace, model: str, hf_config: dict[str, Any], prompt: list[int],
-               folder: str) -> dict[str, Any]:
-    settings = {"dtype": args.dtype, "max_num_seqs": 1, "seed": args.seed,
-                "attn_implementation": args.hf_attn_implementation, "cb_overrides": args.hf_cb_config}
-    spec = {"hf_config": hf_config, "settings": settings, "prompt_token_ids": prompt}
-    print("startup: hf ...", flush=True)
-    launched, child = _run_child(_HF_CHILD_BOOTSTRAP, spec, folder, "hf", _HF_BACKEND_PATH)
-    return {"backend": "hf", "model": model, "load_format": "dummy", "input_len": args.input_len,
-            "runs": [_row("hf", "none", launched, child)], "settings": child["settings"],
-            "env": environment(getattr(args, "cli_argv", None), lambda: child["device_info"])}
+def print_results(model: str, results: Sequence[dict[str, Any]]) -> None:
+    print_table(f"startup to first token: {model}", [row for record in results for row in record["runs"]],
+                COLUMNS)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compilation_cache_dir is not None:
-        raise ValueError("pjllm bench startup uses a fresh temporary compilation cache folder; "
-                         "leave --compilation-cache-dir out")
-    backends = ("pjllm", "hf") if args.backend == "both" else (args.backend,)
-    if "hf" in backends:
-        require_torch()
     model = resolve_model(args)
     hf_config = load_hf_config(model)  # fail here, not in the child, on a bad path
-    # The one prompt, the same token ids for every backend.
-    prompt = np.random.default_rng(0).integers(0, hf_config["vocab_size"], args.input_len).tolist()
-    results = []
     with tempfile.TemporaryDirectory(prefix="pjllm-startup-") as folder:
-        if "pjllm" in backends:
-            results.append(_pjllm_record(args, model, prompt, folder))
-        if "hf" in backends:
-            results.append(_hf_record(args, model, hf_config, prompt, folder))
-    print_table(f"startup to first token: {model}", [row for record in results for row in record["runs"]],
-                COLUMNS)
+        results = [pjllm_record(args, model, one_prompt(hf_config, args.input_len), folder)]
+    print_results(model, results)
     write_json(args.output_json, {"benchmark": "startup", "results": results})
     return 0

@@ -9,25 +9,24 @@ All requests are submitted at once and run to completion; the timed run is warm:
    whole workload itself untimed instead (for --warmup off, where nothing is compiled ahead);
 3. the whole workload runs again, timed.
 
-The HF backend does the same with transformers' own warmup (CUDA graph capture) in step 1.
+benchmarks/compare_hf.py runs the same measurement on HF transformers (with transformers' own
+warmup, CUDA graph capture, in step 1) beside pjllm, and can profile the timed run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import time
-from typing import Any
+from typing import Any, Callable, ContextManager, Sequence
 
-from pjllm.bench import device_profile
-from pjllm.bench.backends import open_backend, ratios, measure_backends
-from pjllm.bench.options import (add_backend_args, add_engine_args, add_model_args, add_output_args,
-                                 add_workload_args, build_workload, load_hf_config, resolve_model)
+from pjllm.bench.backends import Backend, OpenBackend, WorkloadSize
+from pjllm.bench.options import (add_engine_args, add_model_args, add_output_args, add_workload_args,
+                                 build_workload, load_hf_config, resolve_model)
+from pjllm.bench.pjllm_backend import open_pjllm_backend
 from pjllm.bench.report import environment, print_table, write_json
 
 WARMUP_OUTPUT_LEN = 16
-RATE_KEYS = ("requests_per_s", "total_tokens_per_s", "output_tokens_per_s")
 COLUMNS = [("backend", "backend", ""), ("num_prompts", "requests", ""),
            ("total_prompt_tokens", "prompt tok", ""), ("total_output_tokens", "output tok", ""),
            ("elapsed_s", "time s", ".2f"), ("requests_per_s", "req/s", ".2f"),
@@ -35,36 +34,34 @@ COLUMNS = [("backend", "backend", ""), ("num_prompts", "requests", ""),
            ("load_s", "load s", ".1f"), ("warmup_s", "warmup s", ".1f")]
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "throughput", help="offline throughput: requests/s and tokens/s on a synthetic workload",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     add_workload_args(parser)
     add_engine_args(parser)
-    add_backend_args(parser)
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature (1.0, as vllm; 0 is greedy)")
     parser.add_argument("--num-warmup-prompts", type=int, default=16,
                         help="requests of the untimed warm-up pass (0: none)")
-    parser.add_argument("--profile-dir", default=None,
-                        help="trace the timed run into DIR/<backend> (pjllm: JAX profiler, hf: torch "
-                             "profiler) and report its GPU time by kind (attention, matmul, copy, "
-                             "other, idle)")
     parser.add_argument("--warmup-full", action="store_true",
                         help="run the whole workload once untimed before the timed run")
     add_output_args(parser)
+    return parser
 
 
-def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
-    """One backend's result record for the workload the options describe."""
+def measure(args: argparse.Namespace, open_backend: OpenBackend = open_pjllm_backend,
+            timed_run: Callable[[Backend], ContextManager] | None = None) -> dict[str, Any]:
+    """One backend's result record for the workload the options describe; `timed_run(backend)`
+    wraps the timed run when given (a profiler, say)."""
     model = resolve_model(args)
     hf_config = load_hf_config(model)
     workload = build_workload(args, hf_config)
     requests = workload.requests
-    backend = open_backend(backend_name, args, model, hf_config,
-                           max(r.prompt_len for r in requests), max(r.output_len for r in requests),
-                           workload.max_total_len, len(requests), args.temperature)
+    size = WorkloadSize(max(r.prompt_len for r in requests), max(r.output_len for r in requests),
+                        workload.max_total_len, len(requests))
+    backend = open_backend(args, model, hf_config, size, args.temperature)
     try:
         if args.warmup_full:
             warmup = requests
@@ -76,14 +73,13 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
             backend.generate(warmup)
         warmup_pass_s = time.perf_counter() - start
         timings_before = backend.step_timings() if hasattr(backend, "step_timings") else {}
-        profile_dir = os.path.join(args.profile_dir, backend_name) if args.profile_dir else None
-        with backend.trace(profile_dir) if profile_dir else contextlib.nullcontext():
+        with timed_run(backend) if timed_run else contextlib.nullcontext():
             start = time.perf_counter()
             output_lens = backend.generate(requests)
             elapsed = time.perf_counter() - start
         timings_after = backend.step_timings() if hasattr(backend, "step_timings") else {}
         record: dict[str, Any] = {
-            "backend": backend_name, "model": model, "load_format": args.load_format,
+            "backend": backend.name, "model": model, "load_format": args.load_format,
             "dataset": workload.name, "num_prompts": len(requests), "seed": args.seed,
             "workload_digest": workload.digest(),
             "total_prompt_tokens": workload.num_prompt_tokens,
@@ -101,35 +97,19 @@ def measure(args: argparse.Namespace, backend_name: str) -> dict[str, Any]:
             # Engine loop split (pjllm): host work vs waiting on the device, over the timed run.
             "step_timings": ({key: timings_after[key] - timings_before[key] for key in timings_after}
                              if timings_after else None),
-            "device_time_s": _device_time(profile_dir, elapsed) if profile_dir else None,
             "settings": backend.settings_record(),
             "env": environment(getattr(args, "cli_argv", None), backend.device_info),
         }
     finally:
         backend.close()
     if record["total_output_tokens"] != record["expected_output_tokens"]:
-        print(f"warning: {backend_name} generated {record['total_output_tokens']} tokens, the workload "
+        print(f"warning: {backend.name} generated {record['total_output_tokens']} tokens, the workload "
               f"asks for {record['expected_output_tokens']} (max_model_len too small?)")
     return record
 
 
-def _device_time(folder: str, elapsed: float) -> dict[str, float]:
-    """GPU kernel seconds of the timed run by kind, and the idle rest of its wall time."""
-    times = device_profile.kernel_times(folder)
-    seconds = device_profile.by_kind(times)
-    print("\n".join(["device time of the timed run, top kernels:"]
-                    + device_profile.top_kernels(times, 12)))
-    return {**seconds, "idle": max(elapsed - seconds["total"], 0.0)}
-
-
-def run(args: argparse.Namespace) -> int:
-    results = measure_backends(args, measure)
-    payload: dict[str, Any] = {"benchmark": "throughput", "results": results}
-    by_backend = {r["backend"]: r for r in results}
-    if "pjllm" in by_backend and "hf" in by_backend:
-        if by_backend["pjllm"]["workload_digest"] != by_backend["hf"]["workload_digest"]:
-            raise RuntimeError("pjllm and hf ran different workloads (digests differ)")
-        payload["ratios"] = {"pjllm_over_hf": ratios(by_backend["pjllm"], by_backend["hf"], RATE_KEYS)}
+def print_results(results: Sequence[dict[str, Any]]) -> None:
+    """The results table, then one summary line per backend."""
     first = results[0]
     title = f"throughput: {first['dataset']} x {first['num_prompts']}, {first['model']}"
     print_table(title, results, COLUMNS)
@@ -137,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{record['backend']}: Throughput: {record['requests_per_s']:.2f} requests/s, "
               f"{record['total_tokens_per_s']:.2f} total tokens/s, "
               f"{record['output_tokens_per_s']:.2f} output tokens/s")
-    if "ratios" in payload:
-        ratio = payload["ratios"]["pjllm_over_hf"]
-        print("pjllm / hf: " + ", ".join(f"{key} x{value:.2f}" for key, value in ratio.items()))
-    write_json(args.output_json, payload)
+
+
+def run(args: argparse.Namespace) -> int:
+    record = measure(args)
+    print_results([record])
+    write_json(args.output_json, {"benchmark": "throughput", "results": [record]})
     return 0

@@ -24,8 +24,9 @@ Layout (see reference.py): kv_pages [2, Hkv, P, page_size, D]. The kernels view 
 [2, Hkv, P * page_size, D] (a free reshape) and gather key rows `page * page_size + offset`
 through the block table, so block_kv does not have to match page_size.
 
-Tile sizes come from a table beside this file (paged_attention_tuning.json, written by
-`pjllm bench kernels --tune`), keyed by shape; see `select_config`.
+Tile sizes come from a table beside this file (TUNING_FILE, paged_attention_tuning.json, written
+by the tuner `benchmarks/tune_kernels.py`), keyed by shape; see `select_config`. `launch_config`
+and `num_work_items` say what a call launches, for tools that report or tune it.
 """
 
 from __future__ import annotations
@@ -154,6 +155,16 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def num_work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
+    """The ragged kernel's work items (its grid's first axis) for T tokens of N sequences cut into
+    blocks of block_q query tokens: floor((T + N * (block_q - 1)) / block_q) + 1.
+
+    That leaves items for the padding tokens too: the real items number sum_i ceil(q_i / block_q)
+    <= (Q + N * (block_q - 1)) / block_q for Q = query_start_loc[N], so the rest number more than
+    (T - Q) / block_q, hence at least ceil((T - Q) / block_q)."""
+    return (num_tokens + num_seqs * (block_q - 1)) // block_q + 1
+
+
 def _work_items(metadata: AttentionMetadata, num_tokens: int,
                 block_q: int) -> tuple[jax.Array, int]:
     """Splits each sequence's query tokens into blocks of block_q tokens, for the ragged kernel.
@@ -162,16 +173,14 @@ def _work_items(metadata: AttentionMetadata, num_tokens: int,
     (exclusive), absolute position of the first token, and the number of keys the block reads
     (its last token's position + 1). Items past the real ones cover the padding tokens
     [query_start_loc[N], T) block_q at a time with 0 keys, so the kernel writes their zeros.
-    I = floor((T + N * (block_q - 1)) / block_q) + 1 leaves enough of them: the real items number
-    sum_i ceil(q_i / block_q) <= (Q + N * (block_q - 1)) / block_q for Q = query_start_loc[N], so
-    the rest number more than (T - Q) / block_q, hence at least ceil((T - Q) / block_q).
+    I = num_work_items(T, N, block_q).
     """
     qsl = metadata.query_start_loc.astype(jnp.int32)
     n = qsl.shape[0] - 1
     q_lens = qsl[1:] - qsl[:-1]
     blocks = (q_lens + block_q - 1) // block_q
     ends = jnp.cumsum(blocks)
-    num_items = (num_tokens + n * (block_q - 1)) // block_q + 1
+    num_items = num_work_items(num_tokens, n, block_q)
     item = jnp.arange(num_items, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, item, side="right", method="compare_all")
                       .astype(jnp.int32), n - 1)          # one fusion, no loop
@@ -399,6 +408,28 @@ def num_kv_splits(config: BlockConfig, num_items: int, num_kv_heads: int,
            and max_context >= 2 * splits * 4 * config.block_kv):
         splits *= 2
     return splits
+
+
+def launch_config(num_tokens: int, num_seqs: int, *, num_q_heads: int, num_kv_heads: int,
+                  head_dim: int, page_size: int, max_context: int,
+                  config: BlockConfig | None = None) -> BlockConfig:
+    """The tiles `paged_attention` runs a shape with -- `config`, or else the tuning table's
+    choice -- with the KV split count it resolves when the config leaves it to the grid size.
+    For tools that report or tune the kernel's configuration."""
+    if config is None:
+        config = select_config(num_tokens, num_seqs, head_dim, num_q_heads=num_q_heads,
+                               num_kv_heads=num_kv_heads, page_size=page_size,
+                               max_context=max_context)
+    if config.kv_splits is not None:
+        return config
+    if kernel_mode(num_tokens, num_seqs) == "decode":
+        programs = num_seqs
+    else:  # as paged_attention sizes a work item: block_rows rows of (token, head-in-group)
+        group_pad = _next_pow2(num_q_heads // num_kv_heads)
+        block_q = max(config.block_rows, group_pad, 16) // group_pad
+        programs = num_work_items(num_tokens, num_seqs, block_q)
+    return dataclasses.replace(
+        config, kv_splits=num_kv_splits(config, programs, num_kv_heads, max_context))
 
 
 def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Array:

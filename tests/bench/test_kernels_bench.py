@@ -36,33 +36,13 @@ def test_bench_kernels_table_and_json(tmp_path, capsys):
         assert rec["time_ms"] > 0 and rec["rel_err"] < 2e-2, rec
     assert records[("decode B2 ctx33", "pallas")]["kernel"] == "decode"
     assert records[("prefill 24 @0", "pallas")]["kernel"] == "prefill"
+    # The tiles as launched: the split count the kernel resolves, not the table's "choose" (None).
+    assert records[("decode B2 ctx33", "pallas")]["config"]["kv_splits"] >= 1
     # bf16 inputs: 2 * 2 * 33 tokens * 2 kv heads * 64 * 2 bytes of KV; 4 * 64 * 8 * 33 flops.
     assert records[("decode B2 ctx33", "pallas")]["kv_bytes"] == 2 * 2 * 33 * 2 * 64 * 2
     assert records[("decode B2 ctx33", "pallas")]["flops"] == 2 * 4 * 64 * 8 * 33
     table = capsys.readouterr().out
     assert "KV GB/s" in table and "jax_bundled" in table and "cudnn" in table
-
-
-def test_bench_kernels_tune_writes_table(tmp_path):
-    table_path = tmp_path / "tuning.json"
-    out = tmp_path / "kernels.json"
-    status = bench_kernels.run(_args("--cases", "B4 ", "--impls", "pallas", "--tune",
-                                     "--reps", "1", "--time-per-measurement", "0",
-                                     "--tune-output", str(table_path), "--output-json", str(out)))
-    assert status == 0
-    table = json.loads(table_path.read_text())
-    [(key, cfg)] = table["configs"].items()
-    assert key == "decode:hq8:hkv2:d64:ps16:t4:n4:ctx80"
-    assert {"block_rows", "block_kv", "num_warps", "num_stages", "kv_splits"} <= set(cfg)
-    tuning = json.loads(out.read_text())["tuning"]
-    assert tuning["entries"][key]["block_kv"] == cfg["block_kv"]
-    assert all("time_ms" in c or "error" in c for c in tuning["cases"][0]["candidates"])
-    # The written table is what select_config reads.
-    from pjllm.kernels import paged_attention as pa
-
-    loaded = pa.load_tuning_table(str(table_path))
-    assert pa.select_config(4, 4, 64, num_q_heads=8, num_kv_heads=2, page_size=16,
-                            max_context=80, table=loaded) == pa.BlockConfig.from_json(cfg)
 
 
 def test_bench_kernels_rejects_unknown_impl():

@@ -17,8 +17,8 @@ def _run(argv, path):
 
 def test_throughput_end_to_end(tmp_path, capsys):
     payload = _run(["bench", "throughput", *MODEL, *SMALL_ENGINE, "--dataset", "random", "--num-prompts", "6",
-                    "--input-len", "12", "--output-len", "5", "--num-warmup-prompts", "2",
-                    "--profile-dir", str(tmp_path / "trace")], tmp_path / "t.json")
+                    "--input-len", "12", "--output-len", "5", "--num-warmup-prompts", "2"],
+                   tmp_path / "t.json")
     assert payload["benchmark"] == "throughput" and "ratios" not in payload
     (record,) = payload["results"]
     assert RECORD_KEYS | {"dataset", "num_prompts", "total_prompt_tokens", "total_output_tokens", "elapsed_s",
@@ -27,9 +27,6 @@ def test_throughput_end_to_end(tmp_path, capsys):
     assert ENV_KEYS <= set(record["env"])
     assert record["total_prompt_tokens"] == 6 * 12 and record["total_output_tokens"] == 6 * 5
     assert record["settings"]["max_num_seqs"] == 4
-    device_time = record["device_time_s"]  # from the profiler trace of the timed run
-    assert {"attention", "matmul", "copy", "other", "total", "idle"} <= set(device_time)
-    assert device_time["total"] > 0
     assert "requests/s" in capsys.readouterr().out
 
 

@@ -1,8 +1,8 @@
 """The torch peer backend (HF transformers continuous batching) on a tiny random model, CPU.
 
-torch is optional: with torch importable here the `pjllm bench` commands run with `--backend hf`;
+pjllm does not need torch: with torch importable here, `benchmarks/compare_hf.py` runs its hf side;
 otherwise, if PJLLM_BENCH_TORCH_PYTHON names a Python that has torch and transformers (it needs no
-jax), `pjllm/bench/hf_backend.py` runs there standalone. Without either the tests are skipped.
+jax), `benchmarks/hf_backend.py` runs there standalone. Without either the tests are skipped.
 """
 
 import importlib.util
@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from benchmarks import compare_hf
 from pjllm.bench.datasets import make_workload, special_token_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,17 +23,15 @@ TORCH_PYTHON = os.environ.get("PJLLM_BENCH_TORCH_PYTHON")
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 def test_throughput_and_latency_with_hf_backend(tmp_path):
-    from pjllm.entrypoints.cli import main
-
     model = ["--model", CONFIG, "--load-format", "dummy", "--backend", "hf", "--max-num-seqs", "4"]
     out = tmp_path / "t.json"
-    assert main(["bench", "throughput", *model, "--dataset", "random", "--num-prompts", "5",
+    assert compare_hf.main(["throughput", *model, "--dataset", "random", "--num-prompts", "5",
                  "--input-len", "12", "--output-len", "6", "--output-json", str(out)]) == 0
     (record,) = json.loads(out.read_text())["results"]
     assert record["backend"] == "hf" and record["total_output_tokens"] == 30
     assert {"torch", "transformers", "device"} <= set(record["env"])
     out = tmp_path / "l.json"
-    assert main(["bench", "latency", *model, "--batch-sizes", "1,2", "--input-len", "8",
+    assert compare_hf.main(["latency", *model, "--batch-sizes", "1,2", "--input-len", "8",
                  "--output-len", "3", "--num-iters", "1", "--output-json", str(out)]) == 0
     (record,) = json.loads(out.read_text())["results"]
     assert [row["batch_size"] for row in record["rows"]] == [1, 2]
@@ -40,7 +39,7 @@ def test_throughput_and_latency_with_hf_backend(tmp_path):
 
 @pytest.mark.skipif(not TORCH_PYTHON, reason="PJLLM_BENCH_TORCH_PYTHON is not set")
 def test_standalone_hf_backend_runs_the_same_workload():
-    command = [TORCH_PYTHON, os.path.join(ROOT, "pjllm", "bench", "hf_backend.py"), "--config", CONFIG,
+    command = [TORCH_PYTHON, os.path.join(ROOT, "benchmarks", "hf_backend.py"), "--config", CONFIG,
                "--dataset", "chat", "--num-prompts", "6", "--max-num-seqs", "4", "--seed", "3"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -54,12 +53,11 @@ def test_standalone_hf_backend_runs_the_same_workload():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
-def test_startup_with_hf_backend(tmp_path):
-    from pjllm.entrypoints.cli import main
-
+def test_startup_with_hf_backend(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the hf child imports benchmarks.hf_backend from the repository root
     out = tmp_path / "s.json"
-    assert main(["bench", "startup", "--model", CONFIG, "--load-format", "dummy", "--backend", "hf",
-                 "--input-len", "8", "--output-json", str(out)]) == 0
+    assert compare_hf.main(["startup", "--model", CONFIG, "--load-format", "dummy", "--backend", "hf",
+                            "--input-len", "8", "--output-json", str(out)]) == 0
     (record,) = json.loads(out.read_text())["results"]
     (run,) = record["runs"]
     assert record["backend"] == run["backend"] == "hf"
@@ -68,15 +66,13 @@ def test_startup_with_hf_backend(tmp_path):
 
 @pytest.mark.skipif(not TORCH_PYTHON, reason="PJLLM_BENCH_TORCH_PYTHON is not set")
 def test_hf_startup_child_reports_its_phases(tmp_path):
-    from pjllm.bench import startup
-
     with open(CONFIG) as f:
         hf_config = json.load(f)
     spec = {"hf_config": hf_config, "settings": {"max_num_seqs": 1}, "prompt_token_ids": list(range(1, 9))}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    completed = subprocess.run([TORCH_PYTHON, "-c", startup._HF_CHILD_BOOTSTRAP, str(tmp_path / "spec.json"),
-                                str(tmp_path / "result.json"), startup._HF_BACKEND_PATH],
-                               capture_output=True, text=True, timeout=300)
+    completed = subprocess.run([TORCH_PYTHON, "-c", compare_hf._HF_STARTUP_BOOTSTRAP, str(tmp_path / "spec.json"),
+                                str(tmp_path / "result.json")],
+                               capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     child = json.loads((tmp_path / "result.json").read_text())
     assert child["up"] <= child["imported"] <= child["done"]

@@ -5,15 +5,22 @@
 `by_kind` groups the names into attention (pjllm's Pallas kernels, torch's flash / memory-efficient
 SDPA), matmul (cuBLAS / CUTLASS / Triton GEMMs), copies and other (elementwise and reduction
 kernels: norms, rope, residuals, sampling, KV writes, gathers).
+
+`jax_trace` traces a block of JAX work into a folder; `device_times` profiles a jitted callable
+and returns its GPU busy time per call (the kernels timing's `device_timer`, gemm_rates.py).
+jax is imported only by those two, so the readers also serve torch traces where jax is absent.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import gzip
 import json
+import tempfile
+from typing import Any, Callable, Iterator
 
 KINDS = ("attention", "matmul", "copy", "other")
 _ATTENTION_MARKS = ("paged", "attention", "flash", "fmha")
@@ -98,3 +105,50 @@ def top_kernels(times: dict[str, KernelTime], count: int, per: int = 1) -> list[
         lines.append(f"{entry.micros / 1e3 / per:9.3f} {entry.micros / total:6.1%} "
                      f"{entry.calls / per:8.1f}  {name[:110]}")
     return lines
+
+
+@contextlib.contextmanager
+def jax_trace(folder: str) -> Iterator[None]:
+    """Traces the JAX work done inside the block into `folder` (a `*.trace.json.gz` there)."""
+    import jax
+
+    with jax.profiler.trace(folder):
+        yield
+        jax.effects_barrier()
+
+
+def device_times(run: Callable, args: tuple, calls: int, runs: int = 2) -> dict[str, Any]:
+    """GPU busy time per call from a JAX profiler trace of `runs` executions of `run(*args)`, each
+    of which makes `calls` calls:
+    {"device_ms": sum of the durations of everything on the GPU streams / calls,
+     "span_ms": GPU timeline from the first start to the last end / calls,
+     "kernels_us": {kernel name: microseconds per call}}.
+    Raises RuntimeError when nothing ran on a GPU."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as log_dir:
+        jax.profiler.start_trace(log_dir)
+        try:
+            for _ in range(runs):
+                jax.block_until_ready(run(*args))
+        finally:
+            jax.profiler.stop_trace()
+        events = read_trace(log_dir)
+    gpu = gpu_events(events)
+    if not gpu:
+        processes = sorted({str(e.get("args", {}).get("name", "")) for e in events
+                            if e.get("ph") == "M" and e.get("name") == "process_name"})
+        raise RuntimeError(f"no GPU stream events in the trace; processes {processes[:8]}")
+    kernels: dict[str, float] = {}
+    for e in gpu:
+        name = str(e.get("name", "?"))[:80]
+        kernels[name] = kernels.get(name, 0.0) + float(e.get("dur", 0.0))
+    first = min(float(e["ts"]) for e in gpu)
+    last = max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in gpu)
+    total = runs * calls
+    # span_ms: first start to last end on the GPU per call, idle gaps between kernels included
+    # (the gaps between the profiled runs too, so an upper bound).
+    return {"device_ms": sum(kernels.values()) / total / 1e3,
+            "span_ms": (last - first) / total / 1e3,
+            "kernels_us": {k: v / total for k, v in sorted(kernels.items(),
+                                                           key=lambda kv: -kv[1])}}

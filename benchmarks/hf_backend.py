@@ -1,14 +1,16 @@
-"""The torch peer backend: HF transformers' continuous batching on a random-weight model.
+r"""The torch peer backend: HF transformers' continuous batching on a random-weight model.
 
 The model is built from the same HF config as pjllm's (`AutoModelForCausalLM.from_config`, random
 weights, on CUDA when available) and runs the same requests (token ids, output lengths, EOS
 ignored) through `model.continuous_batching_context_manager(...)`: a paged KV cache, requests
 joining and leaving the batch at every step, CUDA graphs where transformers decides to use them.
 
-torch is an optional dependency: it is imported here only, and this file imports nothing from
-pjllm, so it also runs where jax is absent. Standalone (a CPU check of this backend):
+It implements `pjllm.bench.backends.Backend`, so benchmarks/compare_hf.py drives it through
+pjllm's own throughput and latency measurements. torch is needed here only (pjllm does not depend
+on it), and this file imports nothing from pjllm, so it also runs where jax is absent.
+Standalone (a CPU check of this backend, reading pjllm's numpy-only datasets.py by path):
 
-    python pjllm/bench/hf_backend.py --config tests/golden/llama3/config.json \
+    python benchmarks/hf_backend.py --config tests/golden/llama3/config.json \
         --num-prompts 4 --input-len 16 --output-len 8
 """
 
@@ -166,7 +168,7 @@ class HFBackend:
     @contextlib.contextmanager
     def trace(self, folder: str) -> Iterator[None]:
         """Traces with the torch profiler (GPU kernels on CUDA, ops on CPU) into
-        `folder/hf.trace.json.gz`, a Chrome trace that pjllm.bench.device_profile reads."""
+        `folder/hf.trace.json.gz`, a Chrome trace that benchmarks/device_profile.py reads."""
         torch, _ = _import_torch()
         from torch.profiler import ProfilerActivity, profile
 
@@ -200,7 +202,7 @@ class _OnePrompt:
 
 
 def startup_child_main(up: float, spec_path: str, result_path: str) -> None:
-    """`pjllm bench startup --backend hf`, in a fresh process: import torch and transformers, build
+    """`compare_hf startup`'s hf side, in a fresh process: import torch and transformers, build
     the random-weight model and its continuous-batching manager (CUDA graph capture included when
     configured), generate one token; write the phase times (wall clock, `up` = interpreter up).
 
@@ -247,11 +249,10 @@ def _standalone_main() -> None:
     import os
     import sys
 
-    # Run as a script, this file's folder heads sys.path; its datasets.py would shadow HF `datasets`.
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    # By path: importing pjllm.bench.datasets would import pjllm, and with it jax.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location(
-        "pjllm_bench_datasets", os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets.py"))
+        "pjllm_bench_datasets", os.path.join(root, "pjllm", "bench", "datasets.py"))
     datasets = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = datasets  # dataclasses look their module up there
     spec.loader.exec_module(datasets)

@@ -1,11 +1,12 @@
-"""GPU time by kernel and kind from the two trace formats `--profile-dir` writes (JAX and torch)."""
+"""GPU time by kernel and kind from the two trace formats `compare_hf throughput --profile-dir` writes
+(JAX and torch)."""
 
 import gzip
 import json
 
 import pytest
 
-from pjllm.bench import device_profile
+from benchmarks import device_profile
 
 
 def _write_trace(folder, events):
