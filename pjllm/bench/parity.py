@@ -8,7 +8,6 @@ sequence by sequence. On CPU the same check is a test (Pallas in interpret mode)
 from __future__ import annotations
 
 import argparse
-import gc
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the longest prompt plus output")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     add_output_args(parser)
@@ -59,16 +59,16 @@ def run(args: argparse.Namespace) -> int:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
     params = pjllm.SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     tokens: dict[str, list[list[int]]] = {}
+    max_model_len = args.max_model_len or args.input_len + args.output_len
     for backend in backends:
-        llm = pjllm.LLM(model, load_format=args.load_format, dtype=args.dtype,
-                        max_model_len=args.max_model_len, max_num_seqs=args.num_prompts,
-                        max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=backend,
-                        warmup="off", compilation_cache_dir=None,
-                        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
-        dtype = np.dtype(llm.engine.dtype).name
-        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        del llm
-        gc.collect()
+        with pjllm.LLM(model, load_format=args.load_format, dtype=args.dtype,
+                       max_model_len=max_model_len, max_num_seqs=args.num_prompts,
+                       max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=backend,
+                       warmup="off", compilation_cache_dir=None,
+                       gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed) as llm:
+            dtype = np.dtype(llm.engine.dtype).name
+            tokens[backend] = [o.outputs[0].token_ids
+                               for o in llm.generate(prompts, params, use_tqdm=False)]
     a, b = (tokens[name] for name in backends)
     divergence = [_first_divergence(x, y) for x, y in zip(a, b)]
     diverged = [d for d in divergence if d is not None]

@@ -28,7 +28,8 @@ def _add_generate_parser(subparsers) -> None:
     parser.add_argument("--stop", action="append", default=None)
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the model's context length")
     parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=None)
