@@ -63,6 +63,9 @@ TINY_MODELS = {
     # Llama with tied embeddings and MQA (one KV head).
     "llama_tied_mqa": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=1,
                                   head_dim=16, rope_theta=10000.0, tie_word_embeddings=True),
+    # head_dim 80 (Phi-2, GPT-NeoX 2.7B): not a power of two, which the Pallas kernels pad inside.
+    "llama_hd80": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=80,
+                              rope_theta=10000.0, tie_word_embeddings=False),
 }
 
 
@@ -234,11 +237,14 @@ def main() -> None:
     parser.add_argument("--gguf", help="path of SmolLM2-135M-Instruct.Q4_1.gguf "
                         "(default: pjllm's cached download)")
     parser.add_argument("--skip-gguf", action="store_true")
+    parser.add_argument("--only", action="append", choices=sorted(TINY_MODELS),
+                        help="write only this tiny model's goldens (repeatable)")
     args = parser.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
     torch.set_num_threads(4)
     for name, config in TINY_MODELS.items():
-        make_tiny(name, config)
+        if args.only is None or name in args.only:
+            make_tiny(name, config)
     if not args.skip_gguf:
         gguf_path = args.gguf
         if gguf_path is None:
