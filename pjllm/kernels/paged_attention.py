@@ -30,6 +30,8 @@ which add nothing to q.k or p.v) and stores skip them; q, the pages, the output 
 partials keep the real D, so no KV memory is spent on padding. For a power-of-two D the kernels
 have no column mask at all.
 
+Float32 inputs run their dots at Precision.HIGHEST: the Triton lowering would otherwise use TF32.
+
 Tile sizes come from a table beside this file (paged_attention_tuning.json, written by
 `pjllm bench kernels --tune`), keyed by shape; see `select_config`.
 """
@@ -234,6 +236,9 @@ def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale
     max_pages = tables_ref.shape[1]
     key_iota = lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
     scale = sm_scale * LOG2E
+    # The Triton lowering runs float32 dots as TF32 unless asked for HIGHEST (IEEE fp32);
+    # 16-bit inputs keep the default.
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(j, carry, masked: bool):
         m, l, acc = carry
@@ -243,7 +248,7 @@ def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale
         rows = pages * page_size + key_pos % page_size
         k = _load_rows(kv_ref, (0, head), rows)                             # [BK, D_pad]
         v = _load_rows(kv_ref, (1, head), rows)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * scale     # [BR, BK]
         if masked:
             mask = key_pos[None, :] <= q_pos[:, None]
@@ -255,7 +260,7 @@ def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale
             p = jnp.where(mask, p, 0.0)
         l = l * alpha + jnp.sum(p, axis=1)
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+                             precision=precision, preferred_element_type=jnp.float32)
         acc = acc * alpha[:, None] + pv
         return m_new, l, acc
 

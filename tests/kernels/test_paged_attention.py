@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -293,6 +294,48 @@ def test_triton_lowering_for_hopper(num_tokens, num_seqs, num_q_heads, num_kv_he
     q, kv, md = lowering_inputs(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim)
     text = lower_for_gpu(q, kv, md, config).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def triton_modules(lowered) -> list[str]:
+    """The Triton IR (generic op form) of each Pallas kernel in a lowered computation: the
+    bytecode that the custom call carries in its backend config, parsed back with the Triton
+    dialect that jax's lowering registers."""
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    modules = []
+
+    def visit(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "stablehlo.custom_call":
+                        config = ir.DictAttr(child.operation.attributes["mhlo.backend_config"])
+                        bytecode = ir.StringAttr(config["ir"]).value_bytes
+                        with triton_lowering._new_ir_context():
+                            module = ir.Module.parse(bytecode)
+                            modules.append(module.operation.get_asm(print_generic_op_form=True))
+                    visit(child.operation)
+
+    visit(lowered.compiler_ir("stablehlo").operation)
+    return modules
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("num_tokens,num_seqs", [(8, 8), (64, 4)])        # decode, ragged kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float32_dots_are_ieee_not_tf32(dtype, num_tokens, num_seqs, head_dim):
+    """Triton runs a float32 dot as TF32 (10-bit mantissa) unless the dot asks for HIGHEST: the
+    kernels must, so that float32 engines get float32 attention. 16-bit dots are left as they
+    were (the lowering's default, TF32, which Triton ignores for 16-bit inputs)."""
+    from jax._src.pallas.triton.lowering import tt_dialect
+
+    q, kv, md = lowering_inputs(num_tokens, num_seqs, 8, 2, head_dim, dtype)
+    (module,) = triton_modules(lower_for_gpu(q, kv, md))
+    precisions = re.findall(r'"tt\.dot".*?inputPrecision = (\d+)', module)
+    want = (tt_dialect.InputPrecision.IEEE if dtype == jnp.float32
+            else tt_dialect.InputPrecision.TF32)
+    assert precisions and set(precisions) == {str(int(want))}, precisions
 
 
 @pytest.mark.parametrize("page_size,num_q_heads,num_kv_heads,head_dim", [(8, 4, 4, 64),
