@@ -469,7 +469,7 @@ def launch_config(case: Case, config: BlockConfig | None = None) -> BlockConfig:
     return pa.launch_config(case.num_tokens, case.num_seqs, num_q_heads=case.num_q_heads,
                             num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
                             page_size=case.page_size, max_context=case.max_pages * case.page_size,
-                            config=config)
+                            dtype=case.dtype, config=config)
 
 
 def _one_line(rec: dict[str, Any]) -> str:

@@ -24,6 +24,14 @@ Layout (see reference.py): kv_pages [2, Hkv, P, page_size, D]. The kernels view 
 [2, Hkv, P * page_size, D] (a free reshape) and gather key rows `page * page_size + offset`
 through the block table, so block_kv does not have to match page_size.
 
+Head dims: Triton tensors must have power-of-two sizes, so the kernels compute on
+D_pad = next_pow2(D) columns (80, 96, 112 -> 128). Loads mask the columns >= D (read as zeros,
+which add nothing to q.k or p.v) and stores skip them; q, the pages, the output and the split-KV
+partials keep the real D, so no KV memory is spent on padding. For a power-of-two D the kernels
+have no column mask at all.
+
+Float32 inputs run their dots at Precision.HIGHEST: the Triton lowering would otherwise use TF32.
+
 Tile sizes come from a table beside this file (TUNING_FILE, paged_attention_tuning.json, written
 by the tuner `benchmarks/tune_kernels.py`), keyed by shape; see `select_config`. `launch_config`
 and `num_work_items` say what a call launches, for tools that report or tune it.
@@ -127,11 +135,14 @@ def kernel_mode(num_tokens: int, num_seqs: int) -> str:
 def select_config(num_tokens: int, num_seqs: int, head_dim: int, *,
                   num_q_heads: int | None = None, num_kv_heads: int | None = None,
                   page_size: int | None = None, max_context: int | None = None,
-                  table: dict[str, BlockConfig] | None = None) -> BlockConfig:
+                  dtype=None, table: dict[str, BlockConfig] | None = None) -> BlockConfig:
     """The tile configuration for a shape: the tuning-table entry of the same mode, head_dim and
     page size (and, preferably, heads) whose (T, N, W * page_size) is nearest in log scale; else
-    DEFAULT_CONFIGS[mode]."""
+    DEFAULT_CONFIGS[mode]. The table is tuned for 16-bit inputs: float32 inputs take the
+    defaults, since the table's larger tiles can need more shared memory than a block has."""
     mode = kernel_mode(num_tokens, num_seqs)
+    if dtype is not None and jnp.dtype(dtype).itemsize > 2:
+        return DEFAULT_CONFIGS[mode]
     table = load_tuning_table() if table is None else table
     best, best_dist = None, math.inf
     for key, cfg in table.items():
@@ -204,20 +215,42 @@ def _work_items(metadata: AttentionMetadata, num_tokens: int,
 LOG2E = 1.4426950408889634
 
 
+def _head_cols(head_dim: int):
+    """Column ids [1, D_pad] of the head dim padded to a power of 2 (Triton tensors have
+    power-of-two sizes), and which of them are real columns: None when head_dim already is a
+    power of 2, so that those kernels carry no mask at all."""
+    cols = lax.broadcasted_iota(jnp.int32, (1, _next_pow2(head_dim)), 1)
+    return cols, (cols < head_dim if cols.shape[1] != head_dim else None)
+
+
+def _load_rows(ref, index, rows):
+    """ref[*index, rows, :] as [len(rows), D_pad], the padding columns as zeros (masked: never
+    read from memory, where they would be the next row's first columns)."""
+    head_dim = ref.shape[-1]
+    if head_dim == _next_pow2(head_dim):
+        return ref[(*index, rows, slice(None))]
+    cols, col_ok = _head_cols(head_dim)
+    return plgpu.load(ref.at[(*index, rows[:, None], cols)], mask=col_ok, other=0.0)
+
+
 def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale: float,
             page_size: int, block_kv: int):
-    """Online softmax of q [BR, D] over key blocks [lo, hi) of sequence `seq`, kv head `head`.
+    """Online softmax of q [BR, D_pad] over key blocks [lo, hi) of sequence `seq`, kv head `head`.
 
     Keys past q_pos are masked. Blocks before `n_full` are known to be visible to every row, so
     they run in a loop without the mask; the rest (the causal diagonal, the end of the context)
     in a second, masked loop. Scores are kept in base 2 (log2(e) folded into the scale, exp2 is a
     single instruction where exp is a libdevice call).
 
-    Returns (m [BR], l [BR], acc [BR, D]) in float32, m in log2 units, acc unnormalised.
+    K and V tiles are loaded like q (_load_rows: padding columns are zeros).
+    Returns (m [BR], l [BR], acc [BR, D_pad]) in float32, m in log2 units, acc unnormalised.
     """
     max_pages = tables_ref.shape[1]
     key_iota = lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
     scale = sm_scale * LOG2E
+    # The Triton lowering runs float32 dots as TF32 unless asked for HIGHEST (IEEE fp32);
+    # 16-bit inputs keep the default.
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(j, carry, masked: bool):
         m, l, acc = carry
@@ -225,9 +258,9 @@ def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale
         page_idx = jnp.minimum(key_pos // page_size, max_pages - 1)
         pages = tables_ref[seq, page_idx]                                   # [BK] gather
         rows = pages * page_size + key_pos % page_size
-        k = kv_ref[0, head, rows, :]                                        # [BK, D]
-        v = kv_ref[1, head, rows, :]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+        k = _load_rows(kv_ref, (0, head), rows)                             # [BK, D_pad]
+        v = _load_rows(kv_ref, (1, head), rows)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * scale     # [BR, BK]
         if masked:
             mask = key_pos[None, :] <= q_pos[:, None]
@@ -239,7 +272,7 @@ def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale
             p = jnp.where(mask, p, 0.0)
         l = l * alpha + jnp.sum(p, axis=1)
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+                             precision=precision, preferred_element_type=jnp.float32)
         acc = acc * alpha[:, None] + pv
         return m_new, l, acc
 
@@ -262,21 +295,30 @@ def _split_range(num_blocks, split, num_splits: int):
 
 
 def _store(out_refs, rows, row_ok, m, l, acc, split, num_splits: int):
-    """Writes a block's rows: normalised output (1 split) or the split's partials."""
+    """Writes a block's rows: normalised output (1 split) or the split's partials.
+
+    acc is [BR, D_pad]; only the real head_dim columns are written (outputs and partials have
+    the real head_dim, so the split combine needs no slicing)."""
     # Row scatter with both indices as arrays (the interpreter has no mixed array/slice store).
     # Masked rows point one past the end: never touched on GPU, dropped by the interpreter (an
-    # in-range dummy row would be written back with stale data by the interpreter's scatter).
-    cols = lax.broadcasted_iota(jnp.int32, (1, acc.shape[1]), 1)
+    # in-range dummy row would be written back with stale data by the interpreter's scatter);
+    # padding columns are past the end of their row too, dropped the same way.
+    cols, col_ok = _head_cols(out_refs[0].shape[-1])
     num_rows = out_refs[0].shape[-2]
     rows = jnp.where(row_ok, rows, num_rows)
+
+    # Built at each store, after its value: a power-of-two head_dim then lowers to op-for-op the
+    # IR of a kernel without column masks.
+    def mask():
+        return row_ok[:, None] if col_ok is None else row_ok[:, None] & col_ok
+
     if num_splits == 1:
         (out_ref,) = out_refs
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-        plgpu.store(out_ref.at[rows[:, None], cols], out.astype(out_ref.dtype),
-                    mask=row_ok[:, None])
+        plgpu.store(out_ref.at[rows[:, None], cols], out.astype(out_ref.dtype), mask=mask())
     else:
         acc_ref, m_ref, l_ref = out_refs
-        plgpu.store(acc_ref.at[split, rows[:, None], cols], acc, mask=row_ok[:, None])
+        plgpu.store(acc_ref.at[split, rows[:, None], cols], acc, mask=mask())
         plgpu.store(m_ref.at[split, rows], m, mask=row_ok)
         plgpu.store(l_ref.at[split, rows], l, mask=row_ok)
 
@@ -339,7 +381,7 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
         tok = first + b * block_q + tok_off                                 # [BR]
         row_ok = (tok < end) & head_ok
         rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
-        q = q_ref[rows, :]                                                  # [BR, D] gather
+        q = _load_rows(q_ref, (), rows)                                     # [BR, D_pad]
         q_pos = kv_len - q_len + b * block_q + tok_off
         n_keys = jnp.minimum(kv_len - q_len + (b + 1) * block_q, kv_len)
         lo, hi = _split_range((n_keys + block_kv - 1) // block_kv, split, num_splits)
@@ -352,7 +394,7 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
 
     # Padding tokens t >= query_start_loc[N]: sequence `seq` zeroes tokens seq, seq + N, ...
     total = qsl_ref[num_seqs]
-    head_dim = q_ref.shape[1]
+    head_dim_pad = _next_pow2(q_ref.shape[1])
 
     def zero_token(i, carry):
         t = seq + i * num_seqs
@@ -360,7 +402,7 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
         rows = jnp.where(row_ok, t * num_q_heads + q_head, 0)
         _store(out_refs, rows, row_ok, jnp.full((block_rows,), MASK_VALUE, jnp.float32),
                jnp.zeros((block_rows,), jnp.float32),
-               jnp.zeros((block_rows, head_dim), jnp.float32), split, num_splits)
+               jnp.zeros((block_rows, head_dim_pad), jnp.float32), split, num_splits)
         return carry
 
     lax.fori_loop(0, (num_tokens - seq + num_seqs - 1) // num_seqs, zero_token, 0)
@@ -382,7 +424,7 @@ def _ragged_kernel(items_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: fl
     tok = first + tok_off
     row_ok = (tok < end) & head_ok
     rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
-    q = q_ref[rows, :]                                                      # [BR, D] gather
+    q = _load_rows(q_ref, (), rows)                                         # [BR, D_pad]
     split = pl.program_id(2) if num_splits > 1 else 0
     lo, hi = _split_range((n_keys + block_kv - 1) // block_kv, split, num_splits)
     m, l, acc = _attend(q, pos0 + tok_off, kv_ref, tables_ref, seq, head, lo, hi,
@@ -411,15 +453,14 @@ def num_kv_splits(config: BlockConfig, num_items: int, num_kv_heads: int,
 
 
 def launch_config(num_tokens: int, num_seqs: int, *, num_q_heads: int, num_kv_heads: int,
-                  head_dim: int, page_size: int, max_context: int,
+                  head_dim: int, page_size: int, max_context: int, dtype=None,
                   config: BlockConfig | None = None) -> BlockConfig:
     """The tiles `paged_attention` runs a shape with -- `config`, or else the tuning table's
-    choice -- with the KV split count it resolves when the config leaves it to the grid size.
-    For tools that report or tune the kernel's configuration."""
+    choice -- with the KV split count resolved when the config leaves it to the grid size."""
     if config is None:
         config = select_config(num_tokens, num_seqs, head_dim, num_q_heads=num_q_heads,
                                num_kv_heads=num_kv_heads, page_size=page_size,
-                               max_context=max_context)
+                               max_context=max_context, dtype=dtype)
     if config.kv_splits is not None:
         return config
     if kernel_mode(num_tokens, num_seqs) == "decode":
@@ -458,10 +499,10 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     group = num_q_heads // num_kv_heads
     group_pad = _next_pow2(group)
     mode = kernel_mode(num_tokens, num_seqs)
-    if config is None:
-        config = select_config(num_tokens, num_seqs, head_dim, num_q_heads=num_q_heads,
-                               num_kv_heads=num_kv_heads, page_size=page_size,
-                               max_context=max_pages * page_size)
+    config = launch_config(num_tokens, num_seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                           head_dim=head_dim, page_size=page_size, max_context=max_pages * page_size,
+                           dtype=q.dtype, config=config)
+    splits = config.kv_splits
     block_rows = max(config.block_rows, group_pad, 16)
     block_kv = max(config.block_kv, 16)
     q_rows = q.reshape(num_tokens * num_q_heads, head_dim)                  # free reshapes
@@ -471,7 +512,6 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
                   page_size=page_size, block_rows=block_rows, block_kv=block_kv)
 
     if mode == "decode":
-        splits = num_kv_splits(config, num_seqs, num_kv_heads, max_pages * page_size)
         units = num_seqs * num_kv_heads * splits
         persistent = config.programs_per_sm > 0 and units > config.programs_per_sm * _num_sms()
         kernel = functools.partial(_decode_kernel, num_splits=splits, persistent=persistent,
@@ -484,7 +524,6 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     else:
         block_q = block_rows // group_pad
         items, num_items = _work_items(metadata, num_tokens, block_q)
-        splits = num_kv_splits(config, num_items, num_kv_heads, max_pages * page_size)
         kernel = functools.partial(_ragged_kernel, num_splits=splits, **common)
         grid = (num_items, num_kv_heads) + ((splits,) if splits > 1 else ())
         args = (items, tables, q_rows, kv_flat)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,43 @@ def test_decode_kernel_mixed_bucket(data, config):
                                naive_attention(batch, 0.125), atol=2e-5, rtol=2e-5)
 
 
+# name: (q_lens, ctx_lens, T bucket, N bucket, tiles) -- each kernel on each kind of batch, with
+# one KV split and with several (block_kv 16: several key blocks per split).
+PADDED_HEAD_DIM_BATCHES = {
+    "decode": ([1] * 6, [80, 1, 17, 33, 64, 5], 8, 8, BlockConfig(16, 16, 4, 2, kv_splits=1)),
+    "decode split": ([1] * 6, [80, 1, 17, 33, 64, 5], 8, 8, BlockConfig(16, 16, 4, 2,
+                                                                          kv_splits=3)),
+    "small bucket mixed": ([9, 1, 1], [40, 80, 33], 16, 4, BlockConfig(16, 16, 4, 2,
+                                                                      kv_splits=2)),
+    "prefill": ([24, 17], [24, 60], 48, 4, BlockConfig(32, 16, 4, 2, kv_splits=1)),
+    "mixed split": ([1, 20, 1, 9], [70, 20, 33, 50], 48, 5, BlockConfig(32, 16, 4, 2,
+                                                                        kv_splits=2)),
+}
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(80, jnp.float32), (96, jnp.float32),
+                                             (112, jnp.float32), (256, jnp.float32),
+                                             (80, jnp.bfloat16), (112, jnp.bfloat16)])
+@pytest.mark.parametrize("batch_name", list(PADDED_HEAD_DIM_BATCHES))
+def test_pallas_non_power_of_two_head_dim(batch_name, dtype, head_dim):
+    """Head dims the kernels pad to a power of 2 inside (the pages keep the real head_dim): the
+    padding columns must neither change the scores nor leak into the output or the split-KV
+    partials. 256 (no padding) rides along for its large tiles. GQA group of 7, padded to 8."""
+    q_lens, ctx_lens, num_tokens, num_seqs, config = PADDED_HEAD_DIM_BATCHES[batch_name]
+    rng = np.random.default_rng(head_dim)
+    num_pages = num_seqs * MAX_PAGES + 3
+    md = random_ragged_layout(rng, q_lens, ctx_lens, page_size=16, num_tokens=num_tokens,
+                              num_seqs=num_seqs, num_pages=num_pages, width=MAX_PAGES)
+    q = rng.standard_normal((num_tokens, 7, head_dim)).astype(np.float32)
+    kv = rng.standard_normal((2, 1, num_pages, 16, head_dim)).astype(np.float32)
+    batch = Batch(q, kv, md, q_lens, ctx_lens)
+    sm_scale = head_dim ** -0.5
+    got = run_pallas(batch, dtype, sm_scale, config)
+    np.testing.assert_allclose(got, run_reference(batch, dtype, sm_scale),
+                               atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    np.testing.assert_array_equal(got[sum(q_lens):], 0.0)
+
+
 def test_select_config_nearest_table_entry():
     key = pallas_attention.shape_key
     fast = BlockConfig(16, 128, 8, 3, kv_splits=2)
@@ -208,36 +246,100 @@ def test_select_config_nearest_table_entry():
     assert select(512, 8, max_context=1024) == prefill_short
     assert select(512, 8, max_context=4096, page_size=32) == pallas_attention.DEFAULT_CONFIGS[
         "prefill"]
+    # The table is tuned for 16-bit inputs; float32 takes the defaults (its tiles may not fit).
+    assert select(2048, 8, max_context=4096, dtype=jnp.float32) == pallas_attention.DEFAULT_CONFIGS[
+        "prefill"]
+    assert select(2048, 8, max_context=4096, dtype=jnp.bfloat16) == prefill
     # The file beside the kernel parses (when there is one).
     for cfg in pallas_attention.load_tuning_table().values():
         assert isinstance(cfg, BlockConfig)
 
 
-@pytest.mark.parametrize("num_tokens,num_seqs,config", [
-    (8, 8, None),
-    (8, 8, BlockConfig(16, 64, 4, 3, kv_splits=4)),
-    (16, 8, BlockConfig(16, 128, 8, 2, kv_splits=2, programs_per_sm=1)),
-    (64, 4, None),
-    (64, 4, BlockConfig(64, 32, 4, 2, kv_splits=2)),
-])
-def test_triton_lowering_for_hopper(num_tokens, num_seqs, config):
-    """The kernels lower to Triton for an H100 (no GPU needed; compiling needs one)."""
+def lower_for_gpu(q, kv, md: AttentionMetadata, config=None):
+    """jit(paged_attention).lower for CUDA on an abstract H200 (no GPU needed; compiling needs
+    one): the Triton lowering of the kernels runs, with its own checks."""
     from jax.sharding import AbstractDevice, AbstractMesh
 
+    fn = jax.jit(lambda q, kv, md: pallas_attention.paged_attention(q, kv, md, sm_scale=0.1,
+                                                                    config=config))
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        return fn.trace(q, kv, md).lower(lowering_platforms=("cuda",))
+
+
+def lowering_inputs(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim,
+                    dtype=jnp.bfloat16):
+    """(q, kv_pages, metadata) of a small batch: T // N query tokens per sequence."""
     rng = np.random.default_rng(0)
     q_lens = [num_tokens // num_seqs] * num_seqs
     md = random_ragged_layout(rng, q_lens, [50 + q for q in q_lens], page_size=16,
                               num_tokens=num_tokens, num_seqs=num_seqs, num_pages=64, width=8)
-    q = jnp.zeros((num_tokens, 32, 128), jnp.bfloat16)
-    kv = jnp.zeros((2, 8, 64, 16, 128), jnp.bfloat16)
-    md = to_device(md)
-    fn = jax.jit(lambda q, kv, md: pallas_attention.paged_attention(q, kv, md, sm_scale=0.1,
-                                                                    config=config))
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = fn.trace(q, kv, md).lower(lowering_platforms=("cuda",)).as_text()
+    return (jnp.zeros((num_tokens, num_q_heads, head_dim), dtype),
+            jnp.zeros((2, num_kv_heads, 64, 16, head_dim), dtype), to_device(md))
+
+
+# (T, N, Hq, Hkv, config): both kernels, with and without KV splits, GQA groups of 4 and 7.
+LOWERING_CASES = [
+    (8, 8, 32, 8, None),
+    (8, 8, 28, 4, BlockConfig(16, 64, 4, 3, kv_splits=4)),
+    (16, 8, 32, 8, BlockConfig(16, 128, 8, 2, kv_splits=2, programs_per_sm=1)),
+    (64, 4, 28, 4, None),
+    (64, 4, 32, 8, BlockConfig(64, 32, 4, 2, kv_splits=2)),
+]
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 112, 128, 256])
+@pytest.mark.parametrize("num_tokens,num_seqs,num_q_heads,num_kv_heads,config", LOWERING_CASES)
+def test_triton_lowering_for_hopper(num_tokens, num_seqs, num_q_heads, num_kv_heads, config,
+                                    head_dim):
+    """The kernels lower to Triton for every head_dim a model may have, power of two or not
+    (Triton tensors must have power-of-two sizes; interpret mode does not check that)."""
+    q, kv, md = lowering_inputs(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim)
+    text = lower_for_gpu(q, kv, md, config).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def triton_modules(lowered) -> list[str]:
+    """The Triton IR (generic op form) of each Pallas kernel in a lowered computation: the
+    bytecode that the custom call carries in its backend config, parsed back with the Triton
+    dialect that jax's lowering registers."""
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    modules = []
+
+    def visit(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "stablehlo.custom_call":
+                        config = ir.DictAttr(child.operation.attributes["mhlo.backend_config"])
+                        bytecode = ir.StringAttr(config["ir"]).value_bytes
+                        with triton_lowering._new_ir_context():
+                            module = ir.Module.parse(bytecode)
+                            modules.append(module.operation.get_asm(print_generic_op_form=True))
+                    visit(child.operation)
+
+    visit(lowered.compiler_ir("stablehlo").operation)
+    return modules
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("num_tokens,num_seqs", [(8, 8), (64, 4)])        # decode, ragged kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float32_dots_are_ieee_not_tf32(dtype, num_tokens, num_seqs, head_dim):
+    """Triton runs a float32 dot as TF32 (10-bit mantissa) unless the dot asks for HIGHEST: the
+    kernels must, so that float32 engines get float32 attention. 16-bit dots are left as they
+    were (the lowering's default, TF32, which Triton ignores for 16-bit inputs)."""
+    from jax._src.pallas.triton.lowering import tt_dialect
+
+    q, kv, md = lowering_inputs(num_tokens, num_seqs, 8, 2, head_dim, dtype)
+    (module,) = triton_modules(lower_for_gpu(q, kv, md))
+    precisions = re.findall(r'"tt\.dot".*?inputPrecision = (\d+)', module)
+    want = (tt_dialect.InputPrecision.IEEE if dtype == jnp.float32
+            else tt_dialect.InputPrecision.TF32)
+    assert precisions and set(precisions) == {str(int(want))}, precisions
 
 
 @pytest.mark.parametrize("page_size,num_q_heads,num_kv_heads,head_dim", [(8, 4, 4, 64),
