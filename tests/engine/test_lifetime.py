@@ -68,7 +68,9 @@ def test_kv_budget_is_the_engines_share_of_the_device():
 def test_every_dot_of_a_step_runs_at_the_dtypes_precision(tiny_model_path, dtype, precision):
     """float32 means float32 in every matmul and attention dot (no TF32 on GPUs); bf16 keeps
     the backend default."""
-    with pjllm.LLM(tiny_model_path, **{**OPTIONS, "dtype": dtype}) as llm:
+    # The reference attention path: its dots are XLA's (the Pallas kernels' own float32 dots are
+    # checked in tests/kernels).
+    with pjllm.LLM(tiny_model_path, attention_backend="reference", **{**OPTIONS, "dtype": dtype}) as llm:
         runner = llm.engine.model_runner
         for tokens in (16, 64):  # a decode and a prefill bucket
             key = runner.program_key(runner.dummy_batch(tokens, runner.seq_bucket(tokens)),
