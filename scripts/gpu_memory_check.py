@@ -117,6 +117,8 @@ def main() -> None:
     if args.child:
         child(args.config)
         return
+    import pjllm  # noqa: F401 - before jax starts its GPU backend: pjllm sets its allocator options
+
     records = []
     # Two processes first: a process keeps the memory its JAX allocator grew to (free for its own
     # later arrays, not for other processes), so this parent must not have used the GPU yet.
