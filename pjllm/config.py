@@ -9,17 +9,26 @@ import dataclasses
 import os
 from typing import Any
 
+from pjllm.validation import as_float32, is_int
+
 # The allowed values of the string options (also the choices of the `pjllm bench` flags).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "pallas", "reference")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 WARMUP_MODES = ("auto", "background", "blocking", "off")
+PAGE_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 
-def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _check_choice(field: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{field} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _check_int(field: str, value: Any, minimum: int | None, or_none: bool = False) -> None:
+    if not is_int(value) or (minimum is not None and value < minimum):
+        allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        raise ValueError(f"{field} must be {allowed}{' or None' if or_none else ''}; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +73,11 @@ class ModelConfig:
 
     @property
     def max_context_len(self) -> int:
-        """The longest context the model supports: max_position_embeddings, stretched by rope
-        scaling that extends it (linear, dynamic, yarn; llama3 configs already state theirs)."""
+        """The longest context the model supports: max_position_embeddings, stretched by linear
+        rope scaling (llama3 configs already state their extended length)."""
         scaling = self.rope_scaling or {}
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-        if rope_type in ("linear", "dynamic", "yarn"):
-            original = scaling.get("original_max_position_embeddings", self.max_position_embeddings)
-            return int(original * scaling.get("factor", 1.0))
+        if scaling.get("rope_type", scaling.get("type")) == "linear":
+            return int(self.max_position_embeddings * scaling.get("factor", 1.0))
         return self.max_position_embeddings
 
     @classmethod
@@ -154,20 +161,26 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a path to an HF directory, a .gguf file or a config.json")
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            raise ValueError(f"tokenizer must be a path or None; got {self.tokenizer!r}")
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("warmup", self.warmup, WARMUP_MODES)
-        if self.page_size not in (8, 16, 32, 64, 128):
-            raise ValueError(f"page_size must be one of 8, 16, 32, 64, 128; got {self.page_size}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]; "
-                             f"got {self.gpu_memory_utilization}")
-        if self.num_pages is not None and self.num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1; got {self.num_pages}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}")
+        _check_int("page_size", self.page_size, 1)
+        _check_choice("page_size", self.page_size, PAGE_SIZES)
+        for name, minimum in (("max_num_seqs", 1), ("seed", None)):
+            _check_int(name, getattr(self, name), minimum)
+        for name in ("max_model_len", "num_pages", "max_num_batched_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1, or_none=True)
+        utilization = as_float32(self.gpu_memory_utilization)
+        if utilization is None or not 0.0 < utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be a number in (0, 1]; "
+                             f"got {self.gpu_memory_utilization!r}")
+        for name in ("skip_tokenizer_init", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if self.compilation_cache_dir is not None and not isinstance(self.compilation_cache_dir, str):
+            raise ValueError("compilation_cache_dir must be a path or None; "
+                             f"got {self.compilation_cache_dir!r}")

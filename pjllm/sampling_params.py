@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
+
+from pjllm.validation import as_float32, is_int
 
 MAX_LOGPROBS = 20
 
 
 def _fail(field: str, allowed: str, value: object) -> None:
     raise ValueError(f"SamplingParams.{field} must be {allowed}; got {value!r}")
-
-
-def _is_int(value: object) -> bool:
-    """A Python or numpy integer, not a bool (True is an int to Python, never a count to us)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    """A finite Python or numpy real number, not a bool."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an integer too large for a float
-        return False
 
 
 @dataclasses.dataclass
@@ -61,27 +46,27 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
+        if not is_int(self.n) or self.n < 1:
             _fail("n", "an integer >= 1", self.n)
         self._check_real("temperature", ">= 0", lambda x: x >= 0)
         self._check_real("top_p", "in (0, 1]", lambda x: 0.0 < x <= 1.0)
-        if not _is_int(self.top_k) or self.top_k < -1:
+        if not is_int(self.top_k) or self.top_k < -1:
             _fail("top_k", "an integer >= -1 (0 or -1 disables it)", self.top_k)
         self._check_real("min_p", "in [0, 1]", lambda x: 0.0 <= x <= 1.0)
         self._check_real("presence_penalty", "in [-2, 2]", lambda x: -2.0 <= x <= 2.0)
         self._check_real("frequency_penalty", "in [-2, 2]", lambda x: -2.0 <= x <= 2.0)
         self._check_real("repetition_penalty", "> 0", lambda x: x > 0.0)
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             _fail("seed", "an integer or None", self.seed)
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             _fail("max_tokens", "an integer >= 1 or None", self.max_tokens)
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
             _fail("min_tokens", "an integer >= 0", self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         for field in ("logprobs", "prompt_logprobs"):
             value = getattr(self, field)
-            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 _fail(field, f"an integer in [0, {MAX_LOGPROBS}] or None", value)
         for field in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, field), bool):
@@ -92,14 +77,14 @@ class SamplingParams:
         for field in ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"):
             if getattr(self, field) is not None:
                 setattr(self, field, int(getattr(self, field)))
-        for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                      "repetition_penalty"):
-            setattr(self, field, float(getattr(self, field)))
 
     def _check_real(self, field: str, allowed: str, in_range) -> None:
+        """Checks the value the device will see (float32); keeps it as a Python float."""
         value = getattr(self, field)
-        if not _is_real(value) or not in_range(value):
-            _fail(field, f"a finite number {allowed}", value)
+        on_device = as_float32(value)
+        if on_device is None or not in_range(on_device):
+            _fail(field, f"a finite number {allowed} (in float32)", value)
+        setattr(self, field, float(value))
 
     @staticmethod
     def _string_list(stop: object) -> list[str]:
@@ -115,7 +100,7 @@ class SamplingParams:
     def _token_id_list(ids: object) -> list[int]:
         if ids is None:
             return []
-        if not isinstance(ids, (list, tuple)) or any(not _is_int(t) or t < 0 for t in ids):
+        if not isinstance(ids, (list, tuple)) or any(not is_int(t) or t < 0 for t in ids):
             _fail("stop_token_ids", "a list of non-negative integer token ids", ids)
         return [int(t) for t in ids]
 

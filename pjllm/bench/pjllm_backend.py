@@ -57,7 +57,7 @@ class PjllmBackend:
         return jax_device_info()
 
     def close(self) -> None:
-        del self.llm
+        self.llm.shutdown()
 
 
 def open_pjllm_backend(args: argparse.Namespace, model: str, hf_config: dict[str, Any],

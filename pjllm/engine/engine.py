@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
 import os
 import time
 from typing import Any
@@ -25,6 +24,7 @@ from pjllm.runner.memory import kv_cache_bytes
 from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
 from pjllm.runner.sampler import SamplerOutput, TokenLogprobs
 from pjllm.sampling_params import SamplingParams
+from pjllm.validation import is_int
 
 logger = logging.getLogger("pjllm")
 
@@ -238,38 +238,40 @@ class LLMEngine:
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, token ids), checked: ids are integers in [0, vocab_size)."""
-        text = None
         if isinstance(prompt, dict):
             unknown = set(prompt) - {"prompt", "prompt_token_ids"}
             if unknown or not prompt:
                 raise ValueError("a prompt dict takes 'prompt' (text) or 'prompt_token_ids'; got keys "
                                  f"{sorted(map(str, prompt))}")
-            if "prompt_token_ids" not in prompt:
-                prompt = prompt["prompt"]
-            else:
-                text = prompt.get("prompt")
-                if text is not None and not isinstance(text, str):
-                    raise ValueError(f"prompt must be a string; got {type(text).__name__}")
-                prompt = prompt["prompt_token_ids"]
-                if isinstance(prompt, str):
-                    raise ValueError("prompt_token_ids must be a list of integer token ids; got a string")
+            text = prompt.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"prompt must be a string; got {type(text).__name__}")
+            if "prompt_token_ids" in prompt:
+                return text, self._check_token_ids(prompt["prompt_token_ids"])
+            prompt = text
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer (skip_tokenizer_init, or dummy weights): "
                                  "pass prompt_token_ids")
-            return prompt, self.tokenizer.encode(prompt)
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self._check_token_ids(self.tokenizer.encode(prompt))
         if not isinstance(prompt, (list, tuple, np.ndarray)):
             raise ValueError("prompt must be a string, a list of token ids, or a dict with 'prompt' or "
                              f"'prompt_token_ids'; got {type(prompt).__name__}")
-        return text, self._check_token_ids(prompt)
+        return None, self._check_token_ids(prompt)
 
-    def _check_token_ids(self, token_ids) -> list[int]:
+    def _check_token_ids(self, token_ids: object) -> list[int]:
+        """The ids as plain ints; each must be an integer in [0, vocab_size) (a tokenizer's too:
+        one with added tokens past the model's vocabulary would be read out of bounds)."""
         vocab = self.model_config.vocab_size
+        if not isinstance(token_ids, (list, tuple)) and not (
+                isinstance(token_ids, np.ndarray) and token_ids.ndim == 1):
+            raise ValueError("prompt_token_ids must be a flat list of integer token ids; got "
+                             f"{type(token_ids).__name__}")
         if len(token_ids) == 0:
             raise ValueError("prompt_token_ids must not be empty")
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in token_ids):
+        if not all(is_int(t) for t in token_ids):
             raise ValueError("prompt_token_ids must be a flat list of integer token ids; got "
                              f"{_short_repr(token_ids)}")
         ids = [int(t) for t in token_ids]
@@ -291,7 +293,7 @@ class LLMEngine:
         return self._request_output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return bool(self.requests)
 
     # ------------------------------------------------------------------ lifetime
     def shutdown(self) -> None:
@@ -324,20 +326,32 @@ class LLMEngine:
         start = time.perf_counter()
         wait_before = self.step_timings.wait_s
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and (not self.config.async_scheduling
-                                            or self._num_penalty_requests):
-            # Penalties read every output token on the host: no step may run ahead.
+        try:
+            if self._in_flight is not None and (not self.config.async_scheduling
+                                                or self._num_penalty_requests):
+                # Penalties read every output token on the host: no step may run ahead.
+                previous, self._in_flight = self._in_flight, None
+                outputs += self._process_or_fail(previous, include_unfinished)
+            scheduled = self.scheduler.schedule().scheduled
             previous, self._in_flight = self._in_flight, None
-            outputs += self._process_or_fail(previous, include_unfinished)
-        scheduled = self.scheduler.schedule().scheduled
-        previous, self._in_flight = self._in_flight, None
-        if scheduled:
-            try:
-                self._in_flight = self._dispatch(scheduled)
-            except Exception as error:  # noqa: BLE001 - the requests get the error, the engine goes on
-                outputs += self._fail([item.seq for item in scheduled], error)
-        if previous is not None:
-            outputs += self._process_or_fail(previous, include_unfinished)
+            device_lost = False
+            if scheduled:
+                try:
+                    self._in_flight = self._dispatch(scheduled)
+                except Exception as error:  # noqa: BLE001 - its requests get the error
+                    outputs += self._fail([item.seq for item in scheduled], error)
+                    # A launch that failed after taking the donated KV cache leaves none.
+                    device_lost = self.model_runner.device_state_lost()
+            if previous is not None:
+                outputs += self._process_or_fail(previous, include_unfinished)
+            if device_lost:
+                self._recover_device()
+        except BaseException:
+            # Interrupted (Ctrl-C while compiling or waiting for the device): the steps in hand
+            # may be half processed, so every running sequence is recomputed from the tokens
+            # the host has; what this call would have returned is lost.
+            self._restart_running()
+            raise
         timings = self.step_timings
         timings.steps += 1
         timings.host_s += time.perf_counter() - start - (timings.wait_s - wait_before)
@@ -357,16 +371,14 @@ class LLMEngine:
         return _InFlightStep(scheduled, chunk_starts, samples, handle)
 
     def _process_or_fail(self, step: "_InFlightStep", include_unfinished: bool) -> list[RequestOutput]:
-        """Processes a dispatched step's tokens. If the device failed on it, its requests finish
-        with the error, and the device state (KV cache, the step in flight after it) is rebuilt:
-        every running sequence is recomputed from its tokens."""
+        """Processes a dispatched step's tokens. If the device failed on it, the device state is
+        rebuilt (the KV cache it was given is spoilt; every running sequence is recomputed) and
+        the step's requests finish with the error."""
         try:
             result = self._fetch(step)
-        except Exception as error:  # noqa: BLE001 - the requests get the error, the engine goes on
-            outputs = self._fail([item.seq for item in step.scheduled], error)
-            self._restart_running()
-            self.model_runner.reset_device_state()
-            return outputs
+        except Exception as error:  # noqa: BLE001 - its requests get the error
+            self._recover_device()
+            return self._fail([item.seq for item in step.scheduled], error)
         return self._process(step, result, include_unfinished)
 
     def _fetch(self, step: "_InFlightStep") -> StepResult:
@@ -378,6 +390,7 @@ class LLMEngine:
 
     def _process(self, step: "_InFlightStep", result: StepResult,
                  include_unfinished: bool) -> list[RequestOutput]:
+        outputs = []
         touched: dict[Request, None] = {}  # by identity: an id may be reused once finished
         cursor = 0
         for row, (item, chunk_start, samples) in enumerate(zip(step.scheduled, step.chunk_starts,
@@ -387,12 +400,15 @@ class LLMEngine:
             if seq.is_finished:  # stopped, aborted or failed after this step was dispatched
                 continue
             touched[seq.request] = None
-            if result.prompt_logprobs is not None:
-                self._record_prompt_logprobs(seq, chunk_start, item.num_new_tokens,
-                                             cursor - item.num_new_tokens, result.prompt_logprobs)
-            if samples:
-                self._append_token(seq, row, result.sampled)
-        outputs = []
+            try:
+                if result.prompt_logprobs is not None:
+                    self._record_prompt_logprobs(seq, chunk_start, item.num_new_tokens,
+                                                 cursor - item.num_new_tokens, result.prompt_logprobs)
+                if samples:
+                    self._append_token(seq, row, result.sampled)
+            except Exception as error:  # noqa: BLE001 - e.g. detokenizing; its request gets it
+                del touched[seq.request]
+                outputs += self._fail([seq], error)
         for request in touched:
             finished = request.is_finished
             if finished or include_unfinished:
@@ -416,11 +432,17 @@ class LLMEngine:
     def _restart_running(self) -> None:
         """Forgets the step in flight and sends every running sequence back to be recomputed
         (its sampled tokens are kept; sampling keys depend only on the seed and token count,
-        so it continues exactly as it would have)."""
+        so it continues exactly as it would have). Tokens still on the device are dropped."""
         self._in_flight = None
         for seq in list(reversed(self.scheduler.running)):  # newest first: the oldest ends up in front
-            seq.drop_pending_tokens()
             self.scheduler.preempt(seq)
+        for seq in self.scheduler.waiting:
+            seq.drop_pending_tokens()
+
+    def _recover_device(self) -> None:
+        """After a step failed on the device: fresh KV cache, every running sequence recomputed."""
+        self._restart_running()
+        self.model_runner.reset_device_state()
 
     def _forget(self, request: Request) -> None:
         """Drops a finished request, by identity: its id may already name a new request."""

@@ -456,19 +456,21 @@ def launch_config(num_tokens: int, num_seqs: int, *, num_q_heads: int, num_kv_he
                   head_dim: int, page_size: int, max_context: int, dtype=None,
                   config: BlockConfig | None = None) -> BlockConfig:
     """The tiles `paged_attention` runs a shape with -- `config`, or else the tuning table's
-    choice -- with the KV split count resolved when the config leaves it to the grid size."""
+    choice -- as it launches them: block_rows at least the padded GQA group and 16, block_kv at
+    least 16, and the KV split count resolved when the config leaves it to the grid size."""
     if config is None:
         config = select_config(num_tokens, num_seqs, head_dim, num_q_heads=num_q_heads,
                                num_kv_heads=num_kv_heads, page_size=page_size,
                                max_context=max_context, dtype=dtype)
+    group_pad = _next_pow2(num_q_heads // num_kv_heads)
+    config = dataclasses.replace(config, block_rows=max(config.block_rows, group_pad, 16),
+                                 block_kv=max(config.block_kv, 16))
     if config.kv_splits is not None:
         return config
     if kernel_mode(num_tokens, num_seqs) == "decode":
         programs = num_seqs
-    else:  # as paged_attention sizes a work item: block_rows rows of (token, head-in-group)
-        group_pad = _next_pow2(num_q_heads // num_kv_heads)
-        block_q = max(config.block_rows, group_pad, 16) // group_pad
-        programs = num_work_items(num_tokens, num_seqs, block_q)
+    else:  # one work item per block_rows rows of (token, head-in-group)
+        programs = num_work_items(num_tokens, num_seqs, config.block_rows // group_pad)
     return dataclasses.replace(
         config, kv_splits=num_kv_splits(config, programs, num_kv_heads, max_context))
 
@@ -502,9 +504,7 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     config = launch_config(num_tokens, num_seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                            head_dim=head_dim, page_size=page_size, max_context=max_pages * page_size,
                            dtype=q.dtype, config=config)
-    splits = config.kv_splits
-    block_rows = max(config.block_rows, group_pad, 16)
-    block_kv = max(config.block_kv, 16)
+    splits, block_rows, block_kv = config.kv_splits, config.block_rows, config.block_kv
     q_rows = q.reshape(num_tokens * num_q_heads, head_dim)                  # free reshapes
     kv_flat = kv_pages.reshape(2, num_kv_heads, num_pages * page_size, head_dim)
     tables = metadata.block_tables.astype(jnp.int32)

@@ -35,7 +35,7 @@ def _cuda_total_memory(ordinal: int) -> int | None:
 
 
 def device_total_memory(device: jax.Device) -> int | None:
-    """Bytes of memory `device` has in all, or None where that is unknown (CPU)."""
+    """Bytes of memory `device` has in all (NVIDIA GPUs), or None where that is unknown."""
     if device.platform != "gpu":
         return None
     return _cuda_total_memory(device.local_hardware_id)
@@ -57,12 +57,13 @@ def kv_cache_budget(*, utilization: float, total_bytes: int, pool_limit_bytes: i
 
 def kv_cache_bytes(device: jax.Device, *, utilization: float, weights_bytes: int,
                    activation_bytes: int, host_bytes_wanted: int) -> int:
-    """The KV cache's byte budget on `device` (see kv_cache_budget); off GPU, the bytes wanted
-    up to HOST_KV_CACHE_BYTES x utilization."""
+    """The KV cache's byte budget on `device` (see kv_cache_budget); on the host (no allocator
+    statistics), the bytes wanted up to HOST_KV_CACHE_BYTES x utilization."""
     stats = device.memory_stats() or {}
-    total = device_total_memory(device)
-    if total is None or "bytes_limit" not in stats:
+    if "bytes_limit" not in stats:  # the host: no allocator statistics
         return int(min(host_bytes_wanted, HOST_KV_CACHE_BYTES * utilization))
+    # Where the driver cannot say (accelerators other than CUDA), the allocator's limit stands in.
+    total = device_total_memory(device) or stats["bytes_limit"]
     budget = kv_cache_budget(utilization=utilization, total_bytes=total,
                              pool_limit_bytes=stats["bytes_limit"],
                              pool_in_use_bytes=stats.get("bytes_in_use", 0),

@@ -203,6 +203,10 @@ class ModelRunner:
         # the host has not seen yet (async scheduling). Fixed size, so it adds no compiled shapes.
         self.last_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
 
+    def device_state_lost(self) -> bool:
+        """Whether the KV cache is gone: donated to a step launch that then failed."""
+        return any(pages.is_deleted() for pages in self.kv_caches)
+
     def shutdown(self) -> None:
         """Stops the warmup, drops the compiled programs and frees the weights and KV cache."""
         self.programs.close()

@@ -50,7 +50,9 @@ class ProgramCache:
         self._lower = lower
         self._describe = describe  # a key as logs name it
         self._futures: dict[Hashable, concurrent.futures.Future] = {}
-        self._lock = threading.Lock()
+        # Reentrant: the runner's finalizer (close) may run in a garbage collection that starts
+        # inside a locked region of the thread that dropped the last reference.
+        self._lock = threading.RLock()
         # Kept open: at interpreter exit its workers finish the compile in hand and drop the rest.
         self._compile_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_compile_threads or min(8, os.cpu_count() or 1),
@@ -70,17 +72,28 @@ class ProgramCache:
             return future, True
 
     def get(self, key: Hashable) -> jax.stages.Compiled:
-        """The compiled program of `key`, built in this thread if nobody has started it."""
+        """The compiled program of `key`, built in this thread if nobody has started it.
+
+        A build that failed (or was interrupted) is not kept: the next `get` builds it again."""
         future, owner = self._claim(key)
-        if owner or not future.done():
-            start = time.perf_counter()
-            if owner:
-                _settle(future, lambda: self._lower(key).compile())
-            result = future.result()
-            logger.info("waited %.1f s for the step program %s (%s)", time.perf_counter() - start,
-                        self._describe(key), "compiled it" if owner else "the warmup compiled it")
-            return result
-        return future.result()
+        if future.done() and not owner:
+            return self._result(key, future)
+        start = time.perf_counter()
+        if owner:
+            _settle(future, lambda: self._lower(key).compile())
+        result = self._result(key, future)
+        logger.info("waited %.1f s for the step program %s (%s)", time.perf_counter() - start,
+                    self._describe(key), "compiled it" if owner else "the warmup compiled it")
+        return result
+
+    def _result(self, key: Hashable, future: concurrent.futures.Future) -> jax.stages.Compiled:
+        try:
+            return future.result()
+        except BaseException:
+            with self._lock:
+                if self._futures.get(key) is future:
+                    del self._futures[key]
+            raise
 
     def lower(self, key: Hashable) -> jax.stages.Lowered:
         """The key's program, traced and lowered (not compiled): e.g. to read its StableHLO."""

@@ -141,6 +141,90 @@ def test_a_step_failing_on_device_fails_its_requests_and_the_rest_recompute(make
     _assert_idle_and_clean(engine)
 
 
+def test_a_failure_while_reading_a_steps_tokens_stays_with_its_request(make_llm):
+    """A host-side error after the device step (detokenizing, stop checks) fails that request only."""
+    llm = make_llm()
+    engine = llm.engine
+    expected = llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY, use_tqdm=False)[0]
+    append = engine._append_token
+
+    def failing_append(seq, row, sampled):
+        if seq.token_ids[0] == POISON:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        append(seq, row, sampled)
+
+    engine._append_token = failing_append
+    bad, good = llm.generate([{"prompt_token_ids": [POISON, 6, 7]}, {"prompt_token_ids": [5, 6, 7]}],
+                             GREEDY, use_tqdm=False)
+    assert bad.outputs[0].finish_reason.startswith("error: UnicodeDecodeError")
+    assert good.outputs[0].token_ids == expected.outputs[0].token_ids
+    _assert_idle_and_clean(engine)
+
+
+def test_a_launch_that_loses_the_kv_cache_is_recovered(make_llm):
+    """A launch that fails after taking the donated KV cache: its requests fail, the cache is
+    rebuilt, and the sequences running beside them are recomputed to the same tokens."""
+    llm = make_llm(max_num_batched_tokens=32)
+    engine = llm.engine
+    rng = np.random.default_rng(5)
+    prompts = [_prompt(rng, 20, 30) for _ in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in
+                llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    dispatch, calls = engine.model_runner.dispatch, []
+
+    def dispatch_losing_the_cache(batch, variant):
+        calls.append(1)
+        if len(calls) == 2:
+            for pages in engine.model_runner.kv_caches:
+                pages.delete()
+            raise RuntimeError("injected: the launch failed")
+        return dispatch(batch, variant)
+
+    engine.model_runner.dispatch = dispatch_losing_the_cache
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params)
+    finals = []
+    _drain(engine, finals)
+    by_id = {out.request_id: out.outputs[0] for out in finals}
+    failed = [rid for rid, c in by_id.items() if c.finish_reason.startswith("error")]
+    assert len(by_id) == 6 and 0 < len(failed) < 6
+    for i in range(6):
+        if f"r{i}" not in failed:
+            assert by_id[f"r{i}"].token_ids == expected[i]
+    _assert_idle_and_clean(engine)
+
+
+def test_an_interrupted_step_loses_no_request(make_llm):
+    """Ctrl-C while a step waits for the device, with the engine driven directly: the requests
+    are recomputed and finish with the tokens they would have had."""
+    llm = make_llm()
+    engine = llm.engine
+    rng = np.random.default_rng(6)
+    prompts = [_prompt(rng) for _ in range(3)]
+    expected = [o.outputs[0].token_ids for o in
+                llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)]
+    fetch, calls = engine.model_runner.fetch, []
+
+    def interrupted_fetch(handle):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fetch(handle)
+
+    engine.model_runner.fetch = interrupted_fetch
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, GREEDY)
+    finals = []
+    with pytest.raises(KeyboardInterrupt):
+        _drain(engine, finals)
+    _drain(engine, finals)
+    assert sorted(out.request_id for out in finals) == ["r0", "r1", "r2"]
+    for out in finals:
+        assert out.outputs[0].token_ids == expected[int(out.request_id[1:])]
+    _assert_idle_and_clean(engine)
+
+
 def test_an_interrupted_generate_leaves_the_engine_ready(make_llm):
     llm = make_llm()
     step, calls = llm.engine.step, []

@@ -23,6 +23,8 @@ VOCAB = 256  # the tiny model's (tests/engine/conftest.py)
     (dict(temperature="hot"), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=10**400), "temperature"),
+    (dict(temperature=1e39), "temperature"),  # finite in Python, inf in the device's float32
+    (dict(repetition_penalty=1e-46), "repetition_penalty"),  # 0 in float32
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_p=float("inf")), "top_p"),
@@ -73,7 +75,10 @@ def _assert_clean(engine):
     ({"prompt_token_ids": [1.5, 2.7]}, "prompt_token_ids must be a flat list of integer"),
     ({"prompt_token_ids": [True, 3]}, "prompt_token_ids must be a flat list of integer"),
     ({"prompt_token_ids": [[1, 2]]}, "prompt_token_ids must be a flat list of integer"),
-    ({"prompt_token_ids": "hello"}, "prompt_token_ids must be a list"),
+    ({"prompt_token_ids": "hello"}, "prompt_token_ids must be a flat list"),
+    ({"prompt_token_ids": 5}, "prompt_token_ids must be a flat list"),
+    ({"prompt": [5, 6, 7]}, "prompt must be a string"),
+    (np.array(5), "prompts must be"),
     ([-1, 3], r"prompt_token_ids must be in \[0, 256\)"),
     ([3, VOCAB], r"prompt_token_ids must be in \[0, 256\)"),
     ({"prompt_token_ids": []}, "prompt_token_ids must not be empty"),
@@ -135,6 +140,11 @@ def test_bad_engine_options_name_the_field(tiny_model_path_module, tmp_path):
         pjllm.LLM(tiny_model_path_module, attention_backend="cuda", **options)
     with pytest.raises(ValueError, match="unknown LLM argument"):
         pjllm.LLM(tiny_model_path_module, max_num_sequences=4, **options)
+    for field, value in (("max_model_len", 100.5), ("max_model_len", True), ("max_num_seqs", 2.5),
+                         ("num_pages", 0), ("page_size", 12), ("gpu_memory_utilization", "all"),
+                         ("seed", None), ("async_scheduling", 1)):
+        with pytest.raises(ValueError, match=rf"^{field} must be"):
+            pjllm.LLM(tiny_model_path_module, **{field: value}, **options)
 
 
 def test_max_model_len_beyond_the_model_is_refused(tiny_model_path_module):

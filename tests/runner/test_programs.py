@@ -62,3 +62,29 @@ def test_build_errors_reach_every_waiter():
     with pytest.raises(ValueError, match="no such program"):
         cache.get("bad")
     assert cache.get(16) == "program 16"
+
+
+def test_a_failed_or_interrupted_build_is_built_again():
+    """A Ctrl-C during a first compile must not break that program for good."""
+    attempts = []
+
+    def lower(key):
+        attempts.append(key)
+        if len(attempts) == 1:
+            raise KeyboardInterrupt
+        return _Lowered(key, None, [])
+
+    cache = ProgramCache(lower, max_compile_threads=1)
+    with pytest.raises(KeyboardInterrupt):
+        cache.get(16)
+    assert cache.get(16) == "program 16" and attempts == [16, 16]
+
+
+def test_close_stops_the_warmup_and_drops_every_program():
+    gate = threading.Event()  # never set: every compile waits, so the warmup cannot finish
+    cache, lowered, _ = _cache(gate)
+    keys = list(range(16, 16 * 40, 16))
+    cache.warm(keys)
+    cache.close()  # settles what the warmup waits for, then joins its thread
+    assert not cache._warmup_thread.is_alive()
+    assert len(cache) == 0 and len(lowered) < len(keys)
