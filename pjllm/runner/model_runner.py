@@ -27,15 +27,23 @@ from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import SamplerFlags, SamplerOutput, SamplingMetadata, compute_logprobs, sample
 
 
-def token_bucket_sizes(max_tokens: int) -> list[int]:
-    """The padded token counts a step can take, up to `max_tokens`.
+# The smallest token bucket, by JAX platform. On a GPU a step of up to 256 tokens is bound by
+# reading the weights, so a 1-token decode padded to 16 costs what 1 token costs; a CPU's
+# matmuls are compute-bound from the first token, and the same padding made a batch-1 decode
+# step do 16 tokens of work (docs/perf.md, CPU).
+SMALLEST_TOKEN_BUCKET = {"cpu": 1}
+DEFAULT_SMALLEST_TOKEN_BUCKET = 16
+
+
+def token_bucket_sizes(max_tokens: int, smallest: int = DEFAULT_SMALLEST_TOKEN_BUCKET) -> list[int]:
+    """The padded token counts a step can take, from `smallest` up to `max_tokens`.
 
     Powers of two up to 256, then four sizes per octave (x1, x1.25, x1.5, x1.75). Below 256
     tokens a step is bound by reading the weights, so padding costs little; above it the
     matmuls are compute-bound and padding costs in proportion, so the ladder is finer there
     (at most 25% padding, against 100% for powers of two).
     """
-    sizes, size = [], 16
+    sizes, size = [], smallest
     while size < min(256, max_tokens):
         sizes.append(size)
         size *= 2
@@ -132,7 +140,9 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.attention_backend = attention_backend
         self.max_num_seqs = max_num_seqs
-        self.token_buckets = token_bucket_sizes(max_num_batched_tokens)
+        self.token_buckets = token_bucket_sizes(
+            max_num_batched_tokens,
+            SMALLEST_TOKEN_BUCKET.get(jax.default_backend(), DEFAULT_SMALLEST_TOKEN_BUCKET))
         # The last sampled token of every row, kept on device so the next step can read tokens
         # the host has not seen yet (async scheduling). Fixed size, so it adds no compiled shapes.
         self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)
