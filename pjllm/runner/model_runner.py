@@ -24,7 +24,8 @@ from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.llama import LlamaForCausalLM
 from pjllm.runner.programs import ProgramCache
-from pjllm.runner.sampler import SamplerFlags, SamplerOutput, SamplingMetadata, compute_logprobs, sample
+from pjllm.runner.sampler import (SORT_FREE_TOP_K, SamplerFlags, SamplerOutput, SamplingMetadata,
+                                  compute_logprobs, sample)
 
 
 # The smallest token bucket, by JAX platform. On a GPU a step of up to 256 tokens is bound by
@@ -254,8 +255,10 @@ class ModelRunner:
                   if seq.num_output_tokens < seq.params.min_tokens else [] for seq in seqs]
         use_penalties = any(p.uses_penalties for p in params)
         use_banned = any(banned)
+        filtered = [p for p in params if not p.is_greedy and (p.top_k > 0 or p.top_p < 1.0)]
         flags = SamplerFlags(
-            use_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.is_greedy),
+            use_top_k_top_p=bool(filtered),
+            sort_free_top_k=bool(filtered) and all(0 < p.top_k <= SORT_FREE_TOP_K for p in filtered),
             use_min_p=any(p.min_p > 0 for p in params if not p.is_greedy),
             use_penalties=use_penalties,
             use_banned_tokens=use_banned,
