@@ -17,6 +17,7 @@ from pjllm.runner.sampler import (
     SamplingMetadata,
     apply_penalties,
     apply_top_k_top_p,
+    argmax_rows,
     compute_logprobs,
     sample,
 )
@@ -440,3 +441,12 @@ def test_sort_free_top_k_sorts_nothing():
         logits, make_metadata(4), SamplerFlags(use_top_k_top_p=True, sort_free_top_k=True)))
     assert re.search(r"\bsort\[", jaxpr) is None and "top_k[" in jaxpr
 
+
+def test_argmax_rows_matches_jnp_argmax():
+    rng = np.random.default_rng(11)
+    x = np.round(rng.normal(size=(6, 1000)) * 2).astype(np.float32)  # ties: the first one wins
+    x[1] = -np.inf
+    x[2, [7, 400]] = np.nan
+    x[3, 5] = np.inf
+    x[4] = 0.0
+    np.testing.assert_array_equal(jax.jit(argmax_rows)(jnp.asarray(x)), np.argmax(x, axis=-1))
