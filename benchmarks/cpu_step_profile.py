@@ -120,9 +120,8 @@ def profile(llm, batch: int, mode_name: str, context: int, steps: int) -> dict:
     def run_program(count: int) -> float:
         start = time.perf_counter()
         for _ in range(count):
-            out = program(runner.state, runner.kv_caches, runner.last_tokens, inputs)
-            runner.kv_caches, runner.last_tokens = out[2], out[3]
-        jax.block_until_ready(out[0])
+            handle = runner.dispatch(inputs, variant)
+        jax.block_until_ready(handle.sampled)
         return (time.perf_counter() - start) / count * 1e3
 
     program_ms = min(run_program(steps) for _ in range(3))

@@ -136,6 +136,9 @@ class ModelRunner:
         self.model_config = model_config
         self.graphdef = graphdef
         self.state = state
+        # The step takes the state's arrays as a flat list: flattening an nnx.State calls back
+        # into Python for each of its variables on every dispatch.
+        self.state_leaves, self._state_treedef = jax.tree.flatten(state)
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_pages_per_seq = -(-max_model_len // page_size)
@@ -156,8 +159,9 @@ class ModelRunner:
         self.programs = ProgramCache(self._lower_program, describe=_describe_program)
 
     # ---------------------------------------------------------------- device side
-    def _step_impl(self, state: nnx.State, kv_caches: list[jax.Array], last_tokens: jax.Array,
-                   batch: StepInput, variant: StepVariant):
+    def _step_impl(self, state_leaves: list[jax.Array], kv_caches: list[jax.Array],
+                   last_tokens: jax.Array, batch: StepInput, variant: StepVariant):
+        state = jax.tree.unflatten(self._state_treedef, state_leaves)
         model: LlamaForCausalLM = nnx.merge(self.graphdef, state)
         token_ids = jnp.where(batch.last_token_rows >= 0,
                               last_tokens[jnp.maximum(batch.last_token_rows, 0)], batch.token_ids)
@@ -293,7 +297,7 @@ class ModelRunner:
         the step's program is compiled."""
         program = self.programs.get(self.program_key(batch, variant))
         sampled, prompt, self.kv_caches, self.last_tokens = program(
-            self.state, self.kv_caches, self.last_tokens, batch)
+            self.state_leaves, self.kv_caches, self.last_tokens, batch)
         return StepHandle(sampled, prompt)
 
     @staticmethod
@@ -322,7 +326,8 @@ class ModelRunner:
     def _lower_program(self, key: tuple) -> jax.stages.Lowered:
         variant, treedef, specs = key
         batch = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in specs])
-        return self._step.lower(self.state, self.kv_caches, self.last_tokens, batch, variant=variant)
+        return self._step.lower(self.state_leaves, self.kv_caches, self.last_tokens, batch,
+                                variant=variant)
 
     def dummy_batch(self, tokens: int, seqs: int) -> StepInput:
         """An all-padding batch of the given bucket: writes no KV, samples nothing real."""
