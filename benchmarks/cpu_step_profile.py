@@ -53,6 +53,27 @@ def instructions(hlo_text: str) -> dict[str, tuple[list[int], str, str]]:
     return found
 
 
+def loop_instructions(hlo_text: str) -> set[str]:
+    """Names of the instructions inside while-loop bodies and conditions (nested ones too)."""
+    computations = {}  # computation name -> (its instruction names, computations it calls)
+    for block in re.finditer(r"^(?:ENTRY )?%([\w.\-]+) \(.*?\{\n(.*?)^\}", hlo_text, re.S | re.M):
+        body = block.group(2)
+        computations[block.group(1)] = (set(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) =", body, re.M)),
+                                        set(re.findall(r"(?:body|condition|calls|to_apply)=%([\w.\-]+)",
+                                                       body)))
+    pending = [name for _, (_, calls) in computations.items() for name in calls
+               if re.search(rf"(?:body|condition)=%{re.escape(name)}\b", hlo_text)]
+    seen, names = set(), set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        names |= computations[name][0]
+        pending.extend(computations[name][1])
+    return names
+
+
 def kind_times(trace_dir: str, hlo_text: str, runs: int, widths: dict[int, str]) -> dict[str, float]:
     """Milliseconds per program run of each op kind; ops inside a loop body count in their loop.
     `widths` names the matmuls XLA left without metadata (plain dots) by their output width."""
@@ -60,15 +81,16 @@ def kind_times(trace_dir: str, hlo_text: str, runs: int, widths: dict[int, str])
     with gzip.open(path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     hlo = instructions(hlo_text)
+    in_loops = loop_instructions(hlo_text)
     totals = collections.Counter()
     for event in events:
-        if event["name"] not in hlo:
-            continue  # runtime events (executable launch, thunk executor), not ops
+        if event["name"] not in hlo or event["name"] in in_loops:
+            continue  # runtime events (executable launch, thunk executor), or inside a loop's event
         dims, opcode, op = hlo[event["name"]]
-        if "/while/body" in op:
-            continue  # inside its loop's event
         if not op and opcode == "dot":
             kind = widths.get(dims[-1], "unattributed dots")
+        elif not op:
+            kind = "ops without metadata"
         else:
             kind = next(label for label, test in KINDS if test(op))
         totals[kind] += event["dur"]
