@@ -60,10 +60,10 @@ def token_layout(metadata: AttentionMetadata,
     return seq, pos, valid
 
 
-# Pages of context each step of the reference's loop reads per token: for a decode's few tokens
-# a step's fixed cost dominates (on CPU, 4 pages a step read a 134-token context 30% faster than
-# one page); a prefill's many tokens make each step large already, and its gather grows with
-# tokens x pages.
+# Pages of context each step of the reference's loop reads per token. A decode's steps are small,
+# so their fixed cost counts: on CPU, 4 pages a step read a 1000-token context about 20% faster
+# than one page (the same at 134 tokens); a prefill's many tokens make each step large already,
+# and its gather grows with tokens x pages.
 _CONTEXT_PAGES_PER_STEP = 4
 _TOKENS_FOR_ONE_PAGE_PER_STEP = 64
 
@@ -90,7 +90,9 @@ def paged_attention_reference(q: jax.Array, kv_pages: jax.Array, metadata: Atten
     qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
     qf = jnp.swapaxes(qf, 0, 1)                                         # [Hkv, T, G, D]
     # Gathering (kv head, page) tiles gives [Hkv, T, C, page_size, D] at once, where indexing
-    # the page axis alone needed a transposing copy of K and of V.
+    # the page axis alone needed a transposing copy of K and of V. Index kv_pages itself: rows
+    # of a reshaped view made XLA:CPU copy the whole cache twice a layer in 1-token steps,
+    # whose KV write is a dynamic-update-slice (tests/engine/test_step_program.py).
     heads = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None, None]
     num_steps = (jnp.max(pos) + chunk) // chunk                        # chunks covering max(pos)+1
     offsets = jnp.arange(chunk, dtype=jnp.int32)
