@@ -26,19 +26,27 @@ from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.llama import LlamaForCausalLM
 from pjllm.runner.programs import ProgramCache
-from pjllm.runner.sampler import (SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
-                                  compute_logprobs, sample)
+from pjllm.runner.sampler import (SORT_FREE_TOP_K, SamplerFlags, SamplerOutput, SamplingMetadata,
+                                  TokenLogprobs, compute_logprobs, sample)
 
 
-def token_bucket_sizes(max_tokens: int) -> list[int]:
-    """The padded token counts a step can take, up to `max_tokens`.
+# The smallest token bucket, by JAX platform. On a GPU a step of up to 256 tokens is bound by
+# reading the weights, so a 1-token decode padded to 16 costs what 1 token costs; a CPU's
+# matmuls are compute-bound from the first token, and the same padding made a batch-1 decode
+# step do 16 tokens of work (docs/perf.md, CPU).
+SMALLEST_TOKEN_BUCKET = {"cpu": 1}
+DEFAULT_SMALLEST_TOKEN_BUCKET = 16
+
+
+def token_bucket_sizes(max_tokens: int, smallest: int = DEFAULT_SMALLEST_TOKEN_BUCKET) -> list[int]:
+    """The padded token counts a step can take, from `smallest` up to `max_tokens`.
 
     Powers of two up to 256, then four sizes per octave (x1, x1.25, x1.5, x1.75). Below 256
     tokens a step is bound by reading the weights, so padding costs little; above it the
     matmuls are compute-bound and padding costs in proportion, so the ladder is finer there
     (at most 25% padding, against 100% for powers of two).
     """
-    sizes, size = [], 16
+    sizes, size = [], smallest
     while size < min(256, max_tokens):
         sizes.append(size)
         size *= 2
@@ -127,15 +135,18 @@ def matmul_precision(dtype: Any) -> str:
     return "highest" if jnp.dtype(dtype) == jnp.float32 else "default"
 
 
-def run_step(state: nnx.State, kv_caches: list[jax.Array], last_tokens: jax.Array, batch: StepInput,
-             *, graphdef: nnx.GraphDef, attention_backend: str, precision: str,
-             variant: StepVariant):
+def run_step(weights: list[jax.Array], kv_caches: list[jax.Array], last_tokens: jax.Array,
+             batch: StepInput, *, graphdef: nnx.GraphDef, state_treedef: Any, attention_backend: str,
+             precision: str, variant: StepVariant):
     """One engine step as a pure function: forward over the ragged batch, then sampling.
 
+    `weights` is the model state's arrays as a flat list (`jax.tree.flatten(state)`, whose
+    treedef is `state_treedef`): passing the nnx.State itself calls back into Python for each of
+    its variables on every dispatch (1.6 -> 1.0 ms a step on CPU for the default model).
     Returns (SamplerOutput, prompt TokenLogprobs or None, updated kv_caches, last_tokens i32[S]).
     """
     with jax.default_matmul_precision(precision):
-        model: LlamaForCausalLM = nnx.merge(graphdef, state)
+        model: LlamaForCausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
         token_ids = jnp.where(batch.last_token_rows >= 0,
                               last_tokens[jnp.maximum(batch.last_token_rows, 0)], batch.token_ids)
         hidden, kv_caches = model(token_ids, batch.positions, kv_caches, batch.attention,
@@ -167,20 +178,22 @@ class ModelRunner:
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, dtype: Any, attention_backend: str):
         self.model_config = model_config
-        self.state = state
+        self.weights, state_treedef = jax.tree.flatten(state)
         self.dtype = dtype
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.max_num_seqs = max_num_seqs
-        self.token_buckets = token_bucket_sizes(max_num_batched_tokens)
+        self.token_buckets = token_bucket_sizes(
+            max_num_batched_tokens,
+            SMALLEST_TOKEN_BUCKET.get(jax.default_backend(), DEFAULT_SMALLEST_TOKEN_BUCKET))
         self.reset_device_state()
-        step = jax.jit(functools.partial(run_step, graphdef=graphdef,
+        step = jax.jit(functools.partial(run_step, graphdef=graphdef, state_treedef=state_treedef,
                                          attention_backend=attention_backend,
                                          precision=matmul_precision(dtype)),
                        static_argnames=("variant",), donate_argnames=("kv_caches",),
                        compiler_options=STEP_COMPILER_OPTIONS)
-        device_args = _abstract((state, self.kv_caches, self.last_tokens))
+        device_args = _abstract((self.weights, self.kv_caches, self.last_tokens))
 
         def lower(key: tuple) -> jax.stages.Lowered:
             variant, treedef, specs = key
@@ -210,9 +223,9 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Stops the warmup, drops the compiled programs and frees the weights and KV cache."""
         self.programs.close()
-        for array in jax.tree.leaves((self.state, self.kv_caches, self.last_tokens)):
+        for array in jax.tree.leaves((self.weights, self.kv_caches, self.last_tokens)):
             array.delete()
-        self.state = self.kv_caches = self.last_tokens = None
+        self.weights = self.kv_caches = self.last_tokens = None
 
     # ---------------------------------------------------------------- host side
     def buckets(self) -> list[tuple[int, int]]:
@@ -299,9 +312,10 @@ class ModelRunner:
                   if seq.num_output_tokens < seq.params.min_tokens else [] for seq in seqs]
         use_penalties = any(p.uses_penalties for p in params)
         use_banned = any(banned)
+        filtered = [(p, k) for p, k in zip(params, top_k) if not p.is_greedy and (k > 0 or p.top_p < 1.0)]
         flags = SamplerFlags(
-            use_top_k_top_p=any(k > 0 or p.top_p < 1.0 for p, k in zip(params, top_k)
-                                if not p.is_greedy),
+            use_top_k_top_p=bool(filtered),
+            sort_free_top_k=bool(filtered) and all(0 < k <= SORT_FREE_TOP_K for _, k in filtered),
             use_min_p=any(p.min_p > 0 for p in params if not p.is_greedy),
             use_penalties=use_penalties,
             use_banned_tokens=use_banned,
@@ -336,7 +350,7 @@ class ModelRunner:
         the step's program is compiled."""
         program = self.programs.get(self.program_key(batch, variant))
         sampled, prompt, self.kv_caches, self.last_tokens = program(
-            self.state, self.kv_caches, self.last_tokens, batch)
+            self.weights, self.kv_caches, self.last_tokens, batch)
         return StepHandle(sampled, prompt)
 
     @staticmethod

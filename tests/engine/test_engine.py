@@ -72,6 +72,21 @@ def test_seeded_sampling_does_not_depend_on_the_batch(make_llm):
     assert different.outputs[0].token_ids != alone.outputs[0].token_ids
 
 
+def test_top_k_request_samples_the_same_whether_or_not_its_steps_sort(make_llm):
+    llm = make_llm()
+    prompts = [{"prompt_token_ids": p} for p in _prompts(3, seed=3)]
+    top_k = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, max_tokens=10, seed=7,
+                           ignore_eos=True)
+    alone = llm.generate(prompts[1], top_k, use_tqdm=False)[0].outputs[0].token_ids
+    variants = {key[0].sampler for key in llm.engine.model_runner.programs._futures}
+    assert any(flags.sort_free_top_k for flags in variants)  # top_k 50 needs no sort
+    top_p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=8, ignore_eos=True)
+    batch = llm.generate(prompts, [top_p, top_k, top_p], use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone
+    variants = {key[0].sampler for key in llm.engine.model_runner.programs._futures}
+    assert any(flags.use_top_k_top_p and not flags.sort_free_top_k for flags in variants)
+
+
 def test_n_samples_and_logprobs(make_llm):
     llm = make_llm()
     params = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=5, logprobs=3, ignore_eos=True)

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from pjllm.runner.sampler import (
+    SORT_FREE_TOP_K,
     SamplerFlags,
     SamplerOutput,
     SamplingMetadata,
     apply_penalties,
+    apply_top_k_top_p,
+    argmax_rows,
     compute_logprobs,
     sample,
 )
@@ -380,3 +383,78 @@ def test_sort_only_compiled_when_top_k_top_p_requested():
 
     assert not has_sort(dataclasses.replace(ALL_ON, use_top_k_top_p=False, num_logprobs=0))
     assert has_sort(SamplerFlags(use_top_k_top_p=True))
+
+
+def numpy_top_k_top_p(logits, top_k, top_p):
+    """vLLM's top-k then top-p by a full sort of each row, in float64; ties at the cut are kept."""
+    out = np.full_like(logits, -np.inf)
+    for i, row in enumerate(logits.astype(np.float64)):
+        desc = np.sort(row)[::-1]
+        k = len(row) if top_k[i] <= 0 or top_k[i] >= len(row) else top_k[i]
+        probs = np.exp(desc[:k] - desc[0])
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        n_keep = k if top_p[i] >= 1.0 else max(int(np.sum(before < top_p[i])), 1)
+        out[i] = np.where(row >= desc[n_keep - 1], logits[i], -np.inf)
+    return out
+
+
+def test_sort_free_top_k_matches_full_sort_and_numpy():
+    rng = np.random.default_rng(9)
+    n, v = 12, 3000
+    # Rounded logits: many exact ties, some of them at the top-k cut.
+    logits = np.round(rng.normal(size=(n, v)) * 4) / 4
+    logits = logits.astype(np.float32)
+    top_k = np.array([1, 2, 5, 20, 50, 64, 100, 128, 0, -1, 50, 128], np.int32)
+    top_p = np.array([1.0, 0.5, 0.9, 0.95, 0.95, 1.0, 0.3, 0.99, 1.0, 1.0, 1e-6, 0.8], np.float32)
+    filter_fn = jax.jit(apply_top_k_top_p, static_argnames="sort_vocab")
+    sort_free = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, sort_vocab=False))
+    full = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, sort_vocab=True))
+    np.testing.assert_array_equal(sort_free, full)
+    np.testing.assert_array_equal(sort_free, numpy_top_k_top_p(logits, top_k, top_p))
+    assert SORT_FREE_TOP_K == 128  # the rows above sit on both sides of the bound
+    # Rows that need the sort: top_p alone, top_k above the bound.
+    top_k[[0, 3, 8]] = [0, 129, 2000]
+    top_p[[0, 3, 8]] = [0.9, 0.97, 0.6]
+    full = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, sort_vocab=True))
+    np.testing.assert_array_equal(full, numpy_top_k_top_p(logits, top_k, top_p))
+
+
+def test_top_k_rows_sample_the_same_with_or_without_the_sort():
+    """A row with a small top_k draws the same token whether or not another row in its batch
+    (top_p alone, top_k above SORT_FREE_TOP_K) made the step sort the vocabulary."""
+    rng = np.random.default_rng(10)
+    n, v = 8, 2000
+    logits = (rng.normal(size=(n, v)) * 2).astype(np.float32)
+    small_k = dict(top_k=np.array([50, 20, 1, 128, 50, 7, 100, 64]),
+                   top_p=np.array([0.95, 1.0, 1.0, 0.5, 0.9, 1.0, 0.99, 0.8]),
+                   temperature=np.array([0.8, 1.0, 1.3, 0.7, 0.0, 1.0, 0.5, 1.1]),
+                   seeds=np.arange(100, 100 + n), step=np.arange(n))
+    sort_free = SamplerFlags(use_top_k_top_p=True, sort_free_top_k=True)
+    full_sort = SamplerFlags(use_top_k_top_p=True)
+    want = _sample(jnp.asarray(logits), make_metadata(n, **small_k), sort_free).token_ids
+    got = _sample(jnp.asarray(logits), make_metadata(n, **small_k), full_sort).token_ids
+    np.testing.assert_array_equal(got, want)
+    # The same rows next to rows that need the sort (the batch order changes nothing either).
+    mixed = {name: np.concatenate([value[::-1], value]) for name, value in small_k.items()}
+    mixed["top_k"][:n] = [0, 500, 0, 0, 300, 0, 0, 0]
+    both = np.concatenate([logits[::-1], logits])
+    got = _sample(jnp.asarray(both), make_metadata(2 * n, **mixed), full_sort).token_ids
+    np.testing.assert_array_equal(np.asarray(got)[n:], want)
+
+
+def test_sort_free_top_k_sorts_nothing():
+    logits = jnp.zeros((4, 300), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(sample, static_argnums=2)(
+        logits, make_metadata(4), SamplerFlags(use_top_k_top_p=True, sort_free_top_k=True)))
+    assert re.search(r"\bsort\[", jaxpr) is None and "top_k[" in jaxpr
+
+
+def test_argmax_rows_matches_jnp_argmax():
+    rng = np.random.default_rng(11)
+    x = np.round(rng.normal(size=(6, 1000)) * 2).astype(np.float32)  # ties: the first one wins
+    x[1] = -np.inf
+    x[2, [7, 400]] = np.nan
+    x[3, 5] = np.inf
+    x[4] = 0.0
+    np.testing.assert_array_equal(jax.jit(argmax_rows)(jnp.asarray(x)), np.argmax(x, axis=-1))
