@@ -17,6 +17,16 @@ def _prompt(rng, low=3, high=30):
     return rng.integers(3, 240, rng.integers(low, high)).tolist()
 
 
+def _greedy_baseline(llm, seed, num_prompts, low, high, max_tokens):
+    """Prompts, greedy params and the tokens an undisturbed run gives them."""
+    rng = np.random.default_rng(seed)
+    prompts = [_prompt(rng, low, high) for _ in range(num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in
+                llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    return prompts, params, expected
+
+
 def _assert_idle_and_clean(engine):
     assert not engine.has_unfinished_requests()
     assert engine.requests == {}
@@ -111,11 +121,7 @@ def test_a_failing_request_finishes_with_the_error_and_the_engine_goes_on(make_l
 def test_a_step_failing_on_device_fails_its_requests_and_the_rest_recompute(make_llm):
     llm = make_llm(num_pages=40, max_num_batched_tokens=32)
     engine = llm.engine
-    rng = np.random.default_rng(4)
-    prompts = [_prompt(rng, 10, 30) for _ in range(6)]
-    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in
-                llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    prompts, params, expected = _greedy_baseline(llm, 4, 6, 10, 30, max_tokens=20)
     fetch, calls = engine.model_runner.fetch, []
 
     def fetch_failing_once(handle):
@@ -166,11 +172,7 @@ def test_a_launch_that_loses_the_kv_cache_is_recovered(make_llm):
     rebuilt, and the sequences running beside them are recomputed to the same tokens."""
     llm = make_llm(max_num_batched_tokens=32)
     engine = llm.engine
-    rng = np.random.default_rng(5)
-    prompts = [_prompt(rng, 20, 30) for _ in range(6)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in
-                llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    prompts, params, expected = _greedy_baseline(llm, 5, 6, 20, 30, max_tokens=12)
     dispatch, calls = engine.model_runner.dispatch, []
 
     def dispatch_losing_the_cache(batch, variant):

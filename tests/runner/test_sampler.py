@@ -450,7 +450,7 @@ def test_sort_free_top_k_sorts_nothing():
     assert re.search(r"\bsort\[", jaxpr) is None and "top_k[" in jaxpr
 
 
-def test_argmax_rows_matches_jnp_argmax():
+def test_argmax_rows_matches_numpy_argmax():
     rng = np.random.default_rng(11)
     x = np.round(rng.normal(size=(6, 1000)) * 2).astype(np.float32)  # ties: the first one wins
     x[1] = -np.inf
