@@ -16,6 +16,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "pallas", "reference")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 WARMUP_MODES = ("auto", "background", "blocking", "off")
+GENERATION_CONFIG_MODES = ("auto", "none")
 PAGE_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
@@ -157,6 +158,20 @@ class EngineConfig:
     # (the constructor returns when all are built), "off" (each compiles when first needed), or
     # "auto": background on accelerators, off on CPU.
     warmup: str = "auto"
+    # Default sampling parameters of a request that sets none: "auto" takes the model's
+    # generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,
+    # max_new_tokens), as vLLM does; "none" keeps SamplingParams' own defaults.
+    generation_config: str = "auto"
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineConfig":
+        """EngineConfig(model, **kwargs), refusing unknown keywords by name (a misspelt option
+        must not pass silently)."""
+        fields = {field.name for field in dataclasses.fields(cls)} - {"model"}
+        unknown = set(kwargs) - fields
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+        return cls(model=model, **kwargs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -167,6 +182,7 @@ class EngineConfig:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("warmup", self.warmup, WARMUP_MODES)
+        _check_choice("generation_config", self.generation_config, GENERATION_CONFIG_MODES)
         _check_int("page_size", self.page_size, 1)
         _check_choice("page_size", self.page_size, PAGE_SIZES)
         for name, minimum in (("max_num_seqs", 1), ("seed", None)):

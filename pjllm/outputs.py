@@ -37,6 +37,16 @@ class CompletionOutput:
 
 
 @dataclasses.dataclass
+class RequestMetrics:
+    """When a request arrived, was first scheduled, and its first token reached the host
+    (time.monotonic() seconds; None: not yet)."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+
+
+@dataclasses.dataclass
 class RequestOutput:
     """The state of one request: its prompt and its completions so far."""
 
@@ -46,3 +56,4 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
+    metrics: RequestMetrics | None = None

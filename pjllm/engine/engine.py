@@ -19,7 +19,7 @@ from pjllm.engine.scheduler import ScheduledSeq, Scheduler
 from pjllm.engine.sequence import Request, Sequence
 from pjllm.kernels import ops
 from pjllm.models.loader import build_model
-from pjllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pjllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pjllm.runner.memory import kv_cache_bytes
 from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
 from pjllm.runner.sampler import SamplerOutput, TokenLogprobs
@@ -82,7 +82,7 @@ class LLMEngine:
     """Owns the model runner, the scheduler and every request's state."""
 
     def __init__(self, config: EngineConfig):
-        from pjllm.models.weights import load_hf_config, load_tokenizer
+        from pjllm.models.weights import load_generation_defaults, load_hf_config, load_tokenizer
 
         self.config = config
         if config.load_format != "dummy" and not os.path.exists(config.model):
@@ -92,6 +92,8 @@ class LLMEngine:
         wants_tokenizer = not config.skip_tokenizer_init and (config.load_format != "dummy"
                                                               or config.tokenizer is not None)
         self.tokenizer = load_tokenizer(config.model, config.tokenizer) if wants_tokenizer else None
+        self.generation_defaults = (load_generation_defaults(config.model)
+                                    if config.generation_config == "auto" else {})
         self.dtype = _resolve_dtype(config.dtype)
         self.max_model_len = self._resolve_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -183,6 +185,11 @@ class LLMEngine:
         return num_pages
 
     # ------------------------------------------------------------------ requests
+    def default_sampling_params(self) -> SamplingParams:
+        """What a request that sets nothing samples with: the model's generation_config.json
+        defaults (`EngineConfig.generation_config`), else SamplingParams' own."""
+        return SamplingParams(**self.generation_defaults)
+
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         """Validates and queues a request; it joins the running batch at the next step.
 
@@ -194,13 +201,7 @@ class LLMEngine:
             raise ValueError(f"request_id must be a string; got {type(request_id).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams; got {type(params).__name__}")
-        self._check_against_model(params)
-        text, token_ids = self._tokenize(prompt)
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(token_ids)} tokens; it must be shorter than "
-                             f"max_model_len ({self.max_model_len})")
+        text, token_ids = self.process_prompt(prompt, params)
         eos = () if params.ignore_eos else self.model_config.eos_token_ids
         request = Request(request_id, text, token_ids, params, eos_token_ids=eos)
         if params.prompt_logprobs is not None:
@@ -220,6 +221,19 @@ class LLMEngine:
         self.requests[request_id] = request
         if params.uses_penalties:
             self._num_penalty_requests += 1
+
+    def process_prompt(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Checks a request against the model and tokenizes its prompt: (prompt text or None,
+        token ids). Reads no engine state, so a server calls it on its own thread, before
+        handing the ids to the step loop. Raises ValueError naming the field."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams; got {type(params).__name__}")
+        self._check_against_model(params)
+        text, token_ids = self._tokenize(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens; it must be shorter than "
+                             f"max_model_len ({self.max_model_len})")
+        return text, token_ids
 
     def _check_against_model(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: limits set by the model and the engine."""
@@ -360,9 +374,12 @@ class LLMEngine:
     def _dispatch(self, scheduled: list[ScheduledSeq]) -> "_InFlightStep":
         batch, variant = self.model_runner.prepare(scheduled)
         handle = self.model_runner.dispatch(batch, variant)
+        now = time.monotonic()
         chunk_starts, samples = [], []
         for row, item in enumerate(scheduled):
             seq = item.seq
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = now
             chunk_starts.append(seq.num_computed_tokens)
             samples.append(item.samples)
             seq.num_computed_tokens += item.num_new_tokens
@@ -480,6 +497,8 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, row: int, sampled: SamplerOutput) -> None:
         token = int(sampled.token_ids[row])
         seq.resolve_pending_token(token)
+        if seq.request.first_token_time is None:
+            seq.request.first_token_time = time.monotonic()
         seq.cumulative_logprob += float(sampled.logprobs.logprobs[row])
         params = seq.params
         if seq.logprobs is not None:
@@ -502,8 +521,10 @@ class LLMEngine:
             cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
             logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
             for seq in request.seqs]
+        metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time,
+                                 request.first_token_time)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             request.prompt_logprobs, completions, request.is_finished)
+                             request.prompt_logprobs, completions, request.is_finished, metrics)
 
     def run_to_completion(self, progress=None) -> dict[str, RequestOutput]:
         """Steps until nothing is left; returns each request's final output by id."""

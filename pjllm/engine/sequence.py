@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 
 from pjllm.outputs import Logprob, PromptLogprobs, SampleLogprobs
 from pjllm.sampling_params import SamplingParams
@@ -115,6 +116,10 @@ class Request:
     eos_token_ids: tuple[int, ...]
     seqs: list[Sequence] = dataclasses.field(default_factory=list)
     prompt_logprobs: PromptLogprobs | None = None
+    # time.monotonic() when it arrived, was first scheduled, and its first token reached the host.
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -1,8 +1,9 @@
-"""The `pjllm` command line: `pjllm generate ...`, `pjllm download` and `pjllm bench ...`."""
+"""The `pjllm` command line: `pjllm generate`, `pjllm serve`, `pjllm download`, `pjllm bench`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -64,6 +65,55 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` option per field of the config dataclass `cls`, so the command line
+    and the config never drift. Options left out keep the dataclass's default (the parsed value
+    is absent); booleans take --x / --no-x."""
+    kinds = {"int": int, "int | None": int, "float": float, "str": str, "str | None": str}
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else "per machine"
+        if field.type == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"default: {default}")
+        else:
+            parser.add_argument(flag, dest=field.name, type=kinds[field.type], default=argparse.SUPPRESS,
+                                metavar=field.name.upper(), help=f"default: {default}")
+
+
+def dataclass_kwargs(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict:
+    """The options given for `cls`'s fields (see add_dataclass_args)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if hasattr(args, f.name) and f.name not in skip}
+
+
+def _add_serve_parser(subparsers) -> None:
+    from pjllm.entrypoints.openai.api_server import ServerConfig
+
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL (an HF directory or .gguf file; default: SmolLM2-135M-Instruct) "
+                    "over an OpenAI-compatible API. Server options, then every engine option "
+                    "(EngineConfig's fields).")
+    parser.add_argument("model", nargs="?", default=None)
+    server = parser.add_argument_group("server")
+    add_dataclass_args(server, ServerConfig)
+    engine = parser.add_argument_group("engine")
+    add_dataclass_args(engine, EngineConfig, skip=("model",))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine progress")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pjllm.entrypoints.openai.api_server import ServerConfig, serve
+    from pjllm.models.default_model import resolve_default_model
+
+    logging.getLogger("pjllm").setLevel(logging.INFO)
+    config = ServerConfig(**dataclass_kwargs(args, ServerConfig))
+    return serve(args.model or resolve_default_model(), config, dataclass_kwargs(args, EngineConfig, skip=("model",)))
+
+
 def _download(args: argparse.Namespace) -> int:
     from pjllm.models.default_model import download_default_model
 
@@ -89,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(subparsers)
     download = subparsers.add_parser("download", help="fetch, verify and cache the default model")
     download.add_argument("--cache-dir", default=None)
+    _add_serve_parser(subparsers)
     add_bench_parser(subparsers)
     return parser
 
@@ -100,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return {"generate": _generate, "download": _download, "bench": _bench}[args.command](args)
+        commands = {"generate": _generate, "download": _download, "serve": _serve, "bench": _bench}
+        return commands[args.command](args)
     except ValueError as error:
         print(f"pjllm: error: {error}", file=sys.stderr)
         return 2

@@ -32,11 +32,7 @@ class LLM:
     """
 
     def __init__(self, model: str, **engine_kwargs: Any):
-        unknown = set(engine_kwargs) - _ENGINE_FIELDS
-        if unknown:
-            raise ValueError(f"unknown LLM argument(s) {sorted(unknown)}; "
-                             f"allowed: {sorted(_ENGINE_FIELDS - {'model'})}")
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_kwargs))
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
@@ -67,7 +63,7 @@ class LLM:
         if not prompts:
             return []
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.engine.default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if not isinstance(sampling_params, (list, tuple)) or not all(

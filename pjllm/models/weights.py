@@ -92,6 +92,28 @@ def load_hf_config(model_path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+# generation_config.json fields that become default sampling parameters (vLLM's set), by the
+# SamplingParams field they set.
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                       "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                       "max_new_tokens": "max_tokens"}
+
+
+def load_generation_defaults(model_path: str) -> dict[str, Any]:
+    """The model's recommended sampling settings from its `generation_config.json` (an HF
+    directory's; a GGUF file or a bare config.json has none), as SamplingParams fields."""
+    source = resolve_model_source(model_path)
+    if source.kind == "gguf":
+        return {}
+    path = os.path.join(source.path, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        generation = json.load(f)
+    return {field: generation[key] for key, field in GENERATION_DEFAULTS.items()
+            if generation.get(key) is not None}
+
+
 def expected_state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a transformers Llama/Mistral/Qwen2 checkpoint for `cfg`, with its shape."""
     h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim

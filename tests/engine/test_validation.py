@@ -138,7 +138,7 @@ def test_bad_engine_options_name_the_field(tiny_model_path_module, tmp_path):
         pjllm.LLM(tiny_model_path_module, dtype="int3", **options)
     with pytest.raises(ValueError, match="attention_backend"):
         pjllm.LLM(tiny_model_path_module, attention_backend="cuda", **options)
-    with pytest.raises(ValueError, match="unknown LLM argument"):
+    with pytest.raises(ValueError, match="unknown engine argument"):
         pjllm.LLM(tiny_model_path_module, max_num_sequences=4, **options)
     for field, value in (("max_model_len", 100.5), ("max_model_len", True), ("max_num_seqs", 2.5),
                          ("num_pages", 0), ("page_size", 12), ("gpu_memory_utilization", "all"),

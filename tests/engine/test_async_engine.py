@@ -1,0 +1,145 @@
+"""AsyncLLM: many asyncio callers share one batch; refusals, aborts, overload, a dead loop and
+shutdown each end every request with an answer and free its pages."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from pjllm import SamplingParams
+from pjllm.engine.async_engine import AsyncLLM, EngineDeadError, EngineOverloadedError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+OPTIONS = dict(load_format="dummy", dtype="float32", max_model_len=128, page_size=8, max_num_seqs=8,
+               max_num_batched_tokens=64, seed=0, compilation_cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path_module):
+    engine = AsyncLLM(tiny_model_path_module, **OPTIONS)
+    yield engine
+    engine.shutdown()
+
+
+def _prompts(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(3, 240, rng.integers(4, 20)).tolist()} for _ in range(count)]
+
+
+async def _final(engine, prompt, params, request_id):
+    outputs = [output async for output in engine.generate(prompt, params, request_id)]
+    assert outputs[-1].finished and all(not o.finished for o in outputs[:-1])
+    return outputs
+
+
+def _assert_idle(engine):
+    core = engine.engine
+    assert not core.has_unfinished_requests()
+    assert core.kv_cache_manager.num_free_pages == core.kv_cache_manager.num_pages
+
+
+def test_concurrent_callers_get_what_llm_generate_gives(engine, tiny_model_path_module):
+    import pjllm
+
+    prompts = _prompts(6)
+    with pjllm.LLM(tiny_model_path_module, **OPTIONS) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+    async def run():
+        return await asyncio.gather(*[_final(engine, p, GREEDY, f"r{i}") for i, p in enumerate(prompts)])
+
+    results = asyncio.run(run())
+    assert [outputs[-1].outputs[0].token_ids for outputs in results] == expected
+    # Tokens arrive step by step: a caller sees its output grow, never shrink.
+    for outputs in results:
+        lengths = [len(o.outputs[0].token_ids) for o in outputs]
+        assert lengths == sorted(lengths) and len(outputs) > 1
+    _assert_idle(engine)
+
+
+def test_refused_request_raises_before_any_output_and_the_engine_goes_on(engine):
+    async def run():
+        with pytest.raises(ValueError, match="prompt_token_ids must be in"):
+            await _final(engine, {"prompt_token_ids": [10**6]}, GREEDY, "bad")
+        return await _final(engine, _prompts(1)[0], GREEDY, "bad")  # the id is free again
+
+    assert asyncio.run(run())[-1].outputs[0].finish_reason == "length"
+    _assert_idle(engine)
+
+
+def test_a_cancelled_caller_aborts_its_request_and_frees_its_pages(engine):
+    long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+
+    async def run():
+        async def read_two():
+            count = 0
+            async for _ in engine.generate(_prompts(1, seed=3)[0], long, "cancelled"):
+                count += 1
+                if count == 2:
+                    await asyncio.sleep(10)  # a client that stops reading, then goes away
+        task = asyncio.create_task(read_two())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        other = await _final(engine, _prompts(1, seed=4)[0], GREEDY, "other")
+        return other
+
+    assert asyncio.run(run())[-1].finished
+    for _ in range(100):  # the abort is a command to the loop thread
+        if not engine.engine.has_unfinished_requests():
+            break
+        time.sleep(0.05)
+    _assert_idle(engine)
+
+
+def test_overload_is_refused_with_its_own_error(tiny_model_path_module):
+    small = AsyncLLM(tiny_model_path_module, max_waiting_requests=1, **OPTIONS)
+    try:
+        small._num_queued_adds += 1  # one request waiting for the loop thread
+
+        async def run():
+            with pytest.raises(EngineOverloadedError, match="max_waiting_requests 1"):
+                await _final(small, _prompts(1)[0], GREEDY, "over")
+
+        asyncio.run(run())
+        small._num_queued_adds -= 1
+    finally:
+        small.shutdown()
+
+
+def test_a_dead_loop_fails_its_callers_and_says_so(tiny_model_path_module):
+    fragile = AsyncLLM(tiny_model_path_module, **OPTIONS)
+
+    def broken_step(*args, **kwargs):
+        raise SystemError("the device fell off")
+
+    fragile.engine.step = broken_step
+    try:
+        async def run():
+            with pytest.raises(EngineDeadError, match="the device fell off"):
+                await _final(fragile, _prompts(1)[0], GREEDY, "doomed")
+            with pytest.raises(EngineDeadError):
+                await _final(fragile, _prompts(1)[0], GREEDY, "late")
+
+        asyncio.run(run())
+        assert not fragile.is_running
+    finally:
+        fragile.shutdown()
+
+
+def test_shutdown_ends_running_requests_with_abort(tiny_model_path_module):
+    doomed = AsyncLLM(tiny_model_path_module, **OPTIONS)
+    long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+
+    async def run():
+        stream = doomed.generate(_prompts(1)[0], long, "running")
+        first = await anext(stream)
+        doomed.shutdown()
+        outputs = [first] + [output async for output in stream]
+        return outputs[-1]
+
+    last = asyncio.run(run())
+    assert last.finished and last.outputs[0].finish_reason == "abort"
+    assert not doomed.is_running
