@@ -66,7 +66,7 @@ def test_bench_commands_offer_no_tool_options():
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     bench = subcommands.choices["bench"]
     bench_subcommands = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(bench_subcommands.choices) == {"throughput", "latency", "startup", "parity", "kernels"}
+    assert set(bench_subcommands.choices) == {"throughput", "latency", "serve", "startup", "parity", "kernels"}
     for name, parser in bench_subcommands.choices.items():
         options = {option for action in parser._actions for option in action.option_strings}
         assert options & TOOL_OPTIONS == set(), name
@@ -93,7 +93,7 @@ def test_installed_wheel_runs_pjllm_bench_help(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import pjllm; print(pjllm.__file__)"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=120)
     assert where.stdout.strip() == str(site / "pjllm" / "__init__.py"), where.stderr[-3000:]
-    for argv, expected in ((["bench", "--help"], "throughput,latency,startup,parity,kernels"),
+    for argv, expected in ((["bench", "--help"], "throughput,latency,serve,startup,parity,kernels"),
                            (["bench", "throughput", "--help"], "--dataset")):
         completed = subprocess.run([str(site / "bin" / "pjllm"), *argv], cwd=tmp_path, env=env,
                                    capture_output=True, text=True, timeout=120)

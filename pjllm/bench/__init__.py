@@ -6,11 +6,13 @@ A module listed in SUBCOMMANDS that is not present (yet) is simply not offered.
 
     throughput  offline requests/s and tokens/s on a synthetic dataset
     latency     time to first token and time per output token at small batch sizes
+    serve       an OpenAI-compatible server under load, from the client (`pjllm serve`, vLLM)
     startup     process start to first token, cold and warm compilation cache
     parity      greedy tokens of two attention backends through the whole engine
     kernels     attention kernels at fixed shapes (pjllm.bench.kernels)
 
-These measure pjllm and need nothing beyond its own dependencies. The comparison with HF
+These measure pjllm and need nothing beyond its own dependencies; `serve` measures any server
+that speaks the OpenAI completions API, over HTTP. The comparison with HF
 transformers (torch), the kernel tuner and the profilers are tools beside the package, in the
 repository's benchmarks/ folder; they build on these modules.
 """
@@ -21,7 +23,7 @@ import argparse
 import importlib
 import importlib.util
 
-SUBCOMMANDS = ("throughput", "latency", "startup", "parity", "kernels")
+SUBCOMMANDS = ("throughput", "latency", "serve", "startup", "parity", "kernels")
 
 
 def _module_name(name: str) -> str:

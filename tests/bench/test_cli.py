@@ -10,7 +10,7 @@ MODEL = ["--model", "tests/golden/llama3/config.json", "--load-format", "dummy"]
 
 def test_subcommands_are_registered():
     names = available_subcommands()
-    assert {"throughput", "latency", "startup", "parity"} <= set(names)
+    assert {"throughput", "latency", "serve", "startup", "parity"} <= set(names)
 
 
 def test_throughput_parses():
