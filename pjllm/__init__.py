@@ -11,10 +11,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 from pjllm.config import EngineConfig, ModelConfig
+from pjllm.engine.async_engine import AsyncLLM
 from pjllm.entrypoints.llm import LLM, generate
 from pjllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pjllm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig",
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig",
            "ModelConfig", "generate"]
 __version__ = "0.1.0"
