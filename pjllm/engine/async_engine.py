@@ -228,6 +228,9 @@ class AsyncLLM:
         """Sends each output to its caller, and the step's stats to `on_iteration`."""
         now = time.monotonic()
         stats = IterationStats(now)
+        # One wake-up of each caller event loop per step, not one per request: at hundreds of
+        # running requests, per-output wake-ups cost the GIL time a step has.
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
@@ -245,9 +248,16 @@ class AsyncLLM:
             if output.finished:
                 stats.finished.append(_finished_entry(output, stream, now))
                 del self._streams[output.request_id]
-            stream.put(output)
+            deliveries.setdefault(stream.loop, []).append((stream.outputs, output))
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, items)
         if self.on_iteration is not None:
             self.on_iteration(stats)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs, output in items:
+        outputs.put_nowait(output)
 
 
 def _finished_entry(output: RequestOutput, stream: _Stream, now: float) -> tuple[str, float, float, int, int]:

@@ -9,6 +9,7 @@ held back, since a stop string completed by a later token cuts the text before t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -267,6 +268,11 @@ async def _merged(engine: AsyncLLM, request_id: str, prompts: list[dict[str, Any
                   params: SamplingParams) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) of every prompt's request as outputs come. Closing this iterator
     (the client went away) cancels them all, which aborts their requests in the engine."""
+    if len(prompts) == 1:  # the usual case: no tasks and no second queue in the way
+        async with contextlib.aclosing(engine.generate(prompts[0], params, f"{request_id}-0")) as outputs:
+            async for output in outputs:
+                yield 0, output
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int) -> None:
