@@ -158,6 +158,10 @@ class EngineConfig:
     # (the constructor returns when all are built), "off" (each compiles when first needed), or
     # "auto": background on accelerators, off on CPU.
     warmup: str = "auto"
+    # The most top logprobs a request may ask for (`logprobs`, `prompt_logprobs`), as vLLM's
+    # --max-logprobs: a step that returns any computes this many for every row (one program
+    # for every count), and a request asking for more is refused.
+    max_logprobs: int = 20
     # Default sampling parameters of a request that sets none: "auto" takes the model's
     # generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,
     # max_new_tokens), as vLLM does; "none" keeps SamplingParams' own defaults.
@@ -185,7 +189,7 @@ class EngineConfig:
         _check_choice("generation_config", self.generation_config, GENERATION_CONFIG_MODES)
         _check_int("page_size", self.page_size, 1)
         _check_choice("page_size", self.page_size, PAGE_SIZES)
-        for name, minimum in (("max_num_seqs", 1), ("seed", None)):
+        for name, minimum in (("max_num_seqs", 1), ("seed", None), ("max_logprobs", 0)):
             _check_int(name, getattr(self, name), minimum)
         for name in ("max_model_len", "num_pages", "max_num_batched_tokens"):
             if getattr(self, name) is not None:

@@ -6,8 +6,6 @@ import dataclasses
 
 from pjllm.validation import as_float32, is_int
 
-MAX_LOGPROBS = 20
-
 
 def _fail(field: str, allowed: str, value: object) -> None:
     raise ValueError(f"SamplingParams.{field} must be {allowed}; got {value!r}")
@@ -20,7 +18,7 @@ class SamplingParams:
     temperature 0 means greedy. top_k <= 0 and top_p == 1 turn those filters off; a top_k at or
     above the vocabulary size is off too. `seed` makes the request's samples reproducible
     whatever else shares the batch. `logprobs` / `prompt_logprobs` ask for the top-N
-    log-probabilities of each generated / prompt token (N <= 20).
+    log-probabilities of each generated / prompt token (N at most the engine's max_logprobs).
 
     Every field is checked here (types, ranges, finiteness); what needs the model (vocabulary,
     max_model_len, max_num_seqs) is checked when the request is added to an engine.
@@ -66,8 +64,8 @@ class SamplingParams:
             _fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         for field in ("logprobs", "prompt_logprobs"):
             value = getattr(self, field)
-            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
-                _fail(field, f"an integer in [0, {MAX_LOGPROBS}] or None", value)
+            if value is not None and (not is_int(value) or value < 0):
+                _fail(field, "an integer >= 0 or None", value)
         for field in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, field), bool):
                 _fail(field, "True or False", getattr(self, field))

@@ -21,7 +21,7 @@ from pjllm.kernels import ops
 from pjllm.models.loader import build_model
 from pjllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pjllm.runner.memory import kv_cache_bytes
-from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
+from pjllm.runner.model_runner import MAX_BANNED_TOKENS, ModelRunner, StepHandle, StepResult
 from pjllm.runner.sampler import SamplerOutput, TokenLogprobs
 from pjllm.sampling_params import SamplingParams
 from pjllm.validation import is_int
@@ -123,7 +123,7 @@ class LLMEngine:
             self.model_config, graphdef, state, num_pages=num_pages, page_size=config.page_size,
             max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, dtype=self.dtype,
-            attention_backend=self.attention_backend)
+            attention_backend=self.attention_backend, max_logprobs=config.max_logprobs)
         self.kv_cache_manager = KVCacheManager(num_pages, config.page_size)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,
                                    self.max_num_batched_tokens)
@@ -132,7 +132,6 @@ class LLMEngine:
         self._next_seq_id = 0
         self._in_flight: _InFlightStep | None = None
         self.step_timings = StepTimings()
-        self._num_penalty_requests = 0
         self.closed = False
         warmup = config.warmup
         if warmup == "auto":
@@ -219,8 +218,6 @@ class LLMEngine:
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
-        if params.uses_penalties:
-            self._num_penalty_requests += 1
 
     def process_prompt(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
         """Checks a request against the model and tokenizes its prompt: (prompt text or None,
@@ -246,9 +243,17 @@ class LLMEngine:
             if value is not None and value > vocab:
                 raise ValueError(f"SamplingParams.{field} must be <= the vocabulary size ({vocab}); "
                                  f"got {value}")
+            if value is not None and value > self.config.max_logprobs:
+                raise ValueError(f"SamplingParams.{field} must be <= max_logprobs "
+                                 f"({self.config.max_logprobs}); got {value}")
         outside = [t for t in params.stop_token_ids if t >= vocab]
         if outside:
             raise ValueError(f"SamplingParams.stop_token_ids must be in [0, {vocab}); got {outside}")
+        banned = len(params.stop_token_ids) + (0 if params.ignore_eos else
+                                               len(self.model_config.eos_token_ids))
+        if params.min_tokens > 0 and banned > MAX_BANNED_TOKENS:
+            raise ValueError(f"SamplingParams.stop_token_ids: with min_tokens > 0, at most "
+                             f"{MAX_BANNED_TOKENS} stop and EOS ids can be held back; got {banned}")
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, token ids), checked: ids are integers in [0, vocab_size)."""
@@ -341,9 +346,7 @@ class LLMEngine:
         wait_before = self.step_timings.wait_s
         outputs: list[RequestOutput] = []
         try:
-            if self._in_flight is not None and (not self.config.async_scheduling
-                                                or self._num_penalty_requests):
-                # Penalties read every output token on the host: no step may run ahead.
+            if self._in_flight is not None and not self.config.async_scheduling:
                 previous, self._in_flight = self._in_flight, None
                 outputs += self._process_or_fail(previous, include_unfinished)
             scheduled = self.scheduler.schedule().scheduled
@@ -465,8 +468,6 @@ class LLMEngine:
         """Drops a finished request, by identity: its id may already name a new request."""
         if self.requests.get(request.request_id) is request:
             del self.requests[request.request_id]
-            if request.params.uses_penalties:
-                self._num_penalty_requests -= 1
 
     def _record_prompt_logprobs(self, seq: Sequence, start: int, num_tokens: int, cursor: int,
                                 logprobs: TokenLogprobs) -> None:

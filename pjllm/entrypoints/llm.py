@@ -28,7 +28,7 @@ class LLM:
 
     Keyword arguments are the fields of `EngineConfig` (dtype, max_model_len, page_size,
     gpu_memory_utilization, num_pages, max_num_seqs, max_num_batched_tokens, seed,
-    attention_backend, load_format, compilation_cache_dir, warmup, tokenizer).
+    attention_backend, load_format, compilation_cache_dir, warmup, max_logprobs, tokenizer).
     """
 
     def __init__(self, model: str, **engine_kwargs: Any):

@@ -1,11 +1,14 @@
-"""The model runner: pads a scheduled batch into a bucket and runs the jitted step on device.
+"""The model runner: pads a scheduled batch into a bucket and runs the step's programs on device.
 
-One jitted `step` does everything numeric (embedding, layers, paged attention, sampling); only
-sampled token ids and requested logprobs come back to the host. Shapes are fixed per bucket
-(token count T, sequence count N); real counts are array data, so a new batch never recompiles.
-The KV pages are donated: the cache is updated in place. `dispatch` returns before the device
-finishes, and a step may read the previous step's sampled tokens on device, so the host can
-prepare step N+1 while step N runs.
+A step is two jitted programs, and a third when prompt logprobs are asked for: the forward
+(embedding, layers, paged attention, the logits of each sequence's last token; one per token
+bucket T), the sampler (one per sequence bucket N and `SamplerFlags`), and the prompt logprobs
+(the logits of every token; one per token bucket). Only sampled token ids and requested logprobs
+come back to the host. Shapes are fixed per bucket; real counts and per-request options are array
+data, and the few sampler variants are a fixed set, so every program can be built at startup and
+no request's settings compile anything at serving time. The KV pages are donated: the cache is
+updated in place. `dispatch` returns before the device finishes, and a step may read the previous
+step's sampled tokens on device, so the host can prepare step N+1 while step N runs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from pjllm.models.llama import LlamaForCausalLM
 from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import (SORT_FREE_TOP_K, SamplerFlags, SamplerOutput, SamplingMetadata,
                                   TokenLogprobs, compute_logprobs, sample)
+
+# Width of each row's banned-token list (min_tokens bans EOS and the stop ids): fixed, so the
+# sampler's inputs never change shape; the engine refuses a request whose list would not fit.
+MAX_BANNED_TOKENS = 32
 
 
 # The smallest token bucket, by JAX platform. On a GPU a step of up to 256 tokens is bound by
@@ -82,9 +89,9 @@ class StepInput:
                             token id (its value was not on the host yet); -1: use token_ids
     attention:              the ragged batch layout (AttentionMetadata)
     logits_indices:         i32[N] index into T of each sequence's last query token
-    sampling:               SamplingMetadata, per sequence
-    prompt_logprob_targets: i32[T] next prompt token of each token (only read when prompt
-                            logprobs are requested; -1 where there is none)
+    sampling:               SamplingMetadata, per sequence (read by the sampler program)
+    prompt_logprob_targets: i32[T] next prompt token of each token (read by the prompt
+                            logprobs program; -1 where there is none)
     """
 
     token_ids: jax.Array
@@ -98,10 +105,11 @@ class StepInput:
 
 @dataclasses.dataclass(frozen=True)
 class StepVariant:
-    """The static part of a step: which compiled program runs."""
+    """What the host chose for a step beyond its buckets: the sampler program, and whether the
+    prompt logprobs program runs. Both come from a fixed set that the warmup builds."""
 
     sampler: SamplerFlags
-    num_prompt_logprobs: int | None  # None: no prompt logprobs computed
+    prompt_logprobs: bool
 
 
 # cuBLAS, not Triton, for the step's GEMMs: on the H100 cuBLAS won anyway (chat throughput
@@ -109,8 +117,8 @@ class StepVariant:
 # of the 8B step programs by 40% (docs/perf.md).
 STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
-# The program every bucket is compiled for at startup; other variants compile when first used.
-DEFAULT_VARIANT = StepVariant(SamplerFlags(), None)
+# Plain sampling, which also serves greedy rows: what a step without costly options runs.
+DEFAULT_VARIANT = StepVariant(SamplerFlags(), False)
 
 
 @dataclasses.dataclass
@@ -135,15 +143,18 @@ def matmul_precision(dtype: Any) -> str:
     return "highest" if jnp.dtype(dtype) == jnp.float32 else "default"
 
 
-def run_step(weights: list[jax.Array], kv_caches: list[jax.Array], last_tokens: jax.Array,
-             batch: StepInput, *, graphdef: nnx.GraphDef, state_treedef: Any, attention_backend: str,
-             precision: str, variant: StepVariant):
-    """One engine step as a pure function: forward over the ragged batch, then sampling.
+def run_forward(weights: list[jax.Array], kv_caches: list[jax.Array], page_tokens: jax.Array,
+                last_tokens: jax.Array, batch: StepInput, *, graphdef: nnx.GraphDef,
+                state_treedef: Any, attention_backend: str, precision: str):
+    """The forward over the ragged batch, as a pure function.
 
     `weights` is the model state's arrays as a flat list (`jax.tree.flatten(state)`, whose
     treedef is `state_treedef`): passing the nnx.State itself calls back into Python for each of
     its variables on every dispatch (1.6 -> 1.0 ms a step on CPU for the default model).
-    Returns (SamplerOutput, prompt TokenLogprobs or None, updated kv_caches, last_tokens i32[S]).
+    `page_tokens` i32[num_pages * page_size] holds the token id of every KV slot; each token is
+    written beside its KV, so the sampler finds a sequence's history through its block table.
+    Returns (logits f32[N, V] of each sequence's last query token, hidden [T, D], updated
+    kv_caches, updated page_tokens).
     """
     with jax.default_matmul_precision(precision):
         model: LlamaForCausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
@@ -152,18 +163,64 @@ def run_step(weights: list[jax.Array], kv_caches: list[jax.Array], last_tokens: 
         hidden, kv_caches = model(token_ids, batch.positions, kv_caches, batch.attention,
                                   attention_backend)
         logits = model.compute_logits(hidden[batch.logits_indices])
-        sampled = sample(logits, batch.sampling, variant.sampler)
-        prompt = None
-        if variant.num_prompt_logprobs is not None:
-            prompt = compute_logprobs(model.compute_logits(hidden), batch.prompt_logprob_targets,
-                                      variant.num_prompt_logprobs)
+    slots = batch.attention.slot_mapping
+    page_tokens = page_tokens.at[jnp.where(slots >= 0, slots, page_tokens.shape[0])].set(
+        token_ids, mode="drop")
+    return logits, hidden, kv_caches, page_tokens
+
+
+def token_history(page_tokens: jax.Array, block_tables: jax.Array, seq_lens: jax.Array,
+                  page_size: int) -> jax.Array:
+    """i32[N, W * page_size]: each sequence's token ids by position, -1 from its length on.
+
+    Gathered on device from the tokens the forward wrote beside their KV, so penalties need no
+    host-side token lists (and no input whose width grows with the sequences)."""
+    width = block_tables.shape[1] * page_size
+    position = jnp.arange(width, dtype=jnp.int32)
+    slots = block_tables[:, position // page_size] * page_size + position % page_size
+    return jnp.where(position[None, :] < seq_lens[:, None], page_tokens[slots], -1)
+
+
+def run_sampler(logits: jax.Array, last_tokens: jax.Array, page_tokens: jax.Array,
+                sampling: SamplingMetadata, block_tables: jax.Array, seq_lens: jax.Array, *,
+                page_size: int, flags: SamplerFlags):
+    """Samples each row's next token; returns (SamplerOutput, last_tokens i32[S] with the new
+    tokens in the first N rows, for the next step to read on device)."""
+    history = (token_history(page_tokens, block_tables, seq_lens, page_size)
+               if flags.use_penalties else None)
+    sampled = sample(logits, sampling, flags, history)
     last_tokens = jnp.zeros_like(last_tokens).at[:sampled.token_ids.shape[0]].set(sampled.token_ids)
-    return sampled, prompt, kv_caches, last_tokens
+    return sampled, last_tokens
+
+
+# Prompt logprobs are computed this many tokens at a time: the float32 logits of a whole
+# 8192-token bucket are 4 GiB for a 128k vocabulary (and XLA's autotuner wants as much again),
+# those of 64 tokens 32 MiB.
+PROMPT_LOGPROBS_CHUNK = 64
+
+
+def run_prompt_logprobs(weights: list[jax.Array], hidden: jax.Array, targets: jax.Array, *,
+                        graphdef: nnx.GraphDef, state_treedef: Any, precision: str,
+                        num_logprobs: int) -> TokenLogprobs:
+    """Logprobs of every token's next prompt token (`targets` i32[T]) and its top num_logprobs,
+    from the forward's hidden states [T, D], PROMPT_LOGPROBS_CHUNK tokens at a time."""
+    tokens = hidden.shape[0]
+    chunk = min(tokens, PROMPT_LOGPROBS_CHUNK)
+    padded = -(-tokens // chunk) * chunk
+    hidden = jnp.pad(hidden, ((0, padded - tokens), (0, 0))).reshape(padded // chunk, chunk, -1)
+    targets = jnp.pad(targets, (0, padded - tokens)).reshape(padded // chunk, chunk)
+    with jax.default_matmul_precision(precision):
+        model: LlamaForCausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
+        chunks = jax.lax.map(lambda args: compute_logprobs(model.compute_logits(args[0]), args[1],
+                                                           num_logprobs), (hidden, targets))
+    return jax.tree.map(lambda a: a.reshape(padded, *a.shape[2:])[:tokens], chunks)
 
 
 def _abstract(tree: Any) -> Any:
-    """The shapes, dtypes and shardings of a pytree of arrays, holding no device memory."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+    """The shapes, dtypes and shardings (of device arrays) of a pytree of arrays, holding no
+    memory."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                       sharding=getattr(a, "sharding", None)), tree)
 
 
 class ModelRunner:
@@ -176,8 +233,12 @@ class ModelRunner:
 
     def __init__(self, model_config: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, dtype: Any, attention_backend: str):
+                 max_num_batched_tokens: int, dtype: Any, attention_backend: str,
+                 max_logprobs: int):
         self.model_config = model_config
+        # One K for every step that returns top logprobs (each request's own count is sliced on
+        # the host), so the logprob count of a request selects no program.
+        self.num_logprobs = min(max_logprobs, model_config.vocab_size)
         self.weights, state_treedef = jax.tree.flatten(state)
         self.dtype = dtype
         self.page_size = page_size
@@ -188,18 +249,39 @@ class ModelRunner:
             max_num_batched_tokens,
             SMALLEST_TOKEN_BUCKET.get(jax.default_backend(), DEFAULT_SMALLEST_TOKEN_BUCKET))
         self.reset_device_state()
-        step = jax.jit(functools.partial(run_step, graphdef=graphdef, state_treedef=state_treedef,
-                                         attention_backend=attention_backend,
-                                         precision=matmul_precision(dtype)),
-                       static_argnames=("variant",), donate_argnames=("kv_caches",),
-                       compiler_options=STEP_COMPILER_OPTIONS)
-        device_args = _abstract((self.weights, self.kv_caches, self.last_tokens))
+        precision = matmul_precision(dtype)
+        model_statics = dict(graphdef=graphdef, state_treedef=state_treedef, precision=precision)
+        forward = jax.jit(
+            functools.partial(run_forward, attention_backend=attention_backend, **model_statics),
+            donate_argnames=("kv_caches", "page_tokens"), compiler_options=STEP_COMPILER_OPTIONS)
+        sampler = jax.jit(functools.partial(run_sampler, page_size=page_size),
+                          static_argnames=("flags",))
+        prompt_logprobs = jax.jit(
+            functools.partial(run_prompt_logprobs, num_logprobs=self.num_logprobs, **model_statics),
+            compiler_options=STEP_COMPILER_OPTIONS)
+        # Abstract shapes only: the lowering closure (which the warmup thread holds) must keep
+        # no device array, and no reference to the runner, alive.
+        weights, kv_caches, page_tokens, last_tokens = _abstract(
+            (self.weights, self.kv_caches, self.page_tokens, self.last_tokens))
+        vocab, hidden_size = model_config.vocab_size, model_config.hidden_size
+        max_pages = self.max_pages_per_seq
 
         def lower(key: tuple) -> jax.stages.Lowered:
-            variant, treedef, specs = key
-            batch = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype)
-                                                 for shape, dtype in specs])
-            return step.lower(*device_args, batch, variant=variant)
+            """Keys: ("forward", T), ("sampler", N, flags), ("prompt_logprobs", T)."""
+            kind, size = key[0], key[1]
+            if kind == "forward":
+                batch = _abstract(dummy_batch(size, seq_bucket(size, max_num_seqs), max_pages))
+                return forward.lower(weights, kv_caches, page_tokens, last_tokens, batch)
+            if kind == "sampler":
+                batch = _abstract(dummy_batch(size, size, max_pages))
+                logits = jax.ShapeDtypeStruct((size, vocab), jnp.float32)
+                return sampler.lower(logits, last_tokens, page_tokens, batch.sampling,
+                                     batch.attention.block_tables, batch.attention.seq_lens,
+                                     flags=key[2])
+            if kind == "prompt_logprobs":
+                hidden = jax.ShapeDtypeStruct((size, hidden_size), dtype)
+                return prompt_logprobs.lower(weights, hidden, jax.ShapeDtypeStruct((size,), jnp.int32))
+            raise ValueError(f"unknown step program {key!r}")
 
         self.programs = ProgramCache(lower, describe=_describe_program)
         # Dropped without shutdown (its last reference gone), the runner stops its warmup too.
@@ -215,17 +297,20 @@ class ModelRunner:
         # The last sampled token of every row, kept on device so the next step can read tokens
         # the host has not seen yet (async scheduling). Fixed size, so it adds no compiled shapes.
         self.last_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
+        # The token id of every KV slot (4 bytes beside each token's KV): the penalties' history.
+        self.page_tokens = jnp.zeros(self.num_pages * self.page_size, jnp.int32)
 
     def device_state_lost(self) -> bool:
         """Whether the KV cache is gone: donated to a step launch that then failed."""
-        return any(pages.is_deleted() for pages in self.kv_caches)
+        return any(pages.is_deleted() for pages in self.kv_caches) or self.page_tokens.is_deleted()
 
     def shutdown(self) -> None:
         """Stops the warmup, drops the compiled programs and frees the weights and KV cache."""
         self.programs.close()
-        for array in jax.tree.leaves((self.weights, self.kv_caches, self.last_tokens)):
+        for array in jax.tree.leaves((self.weights, self.kv_caches, self.last_tokens,
+                                      self.page_tokens)):
             array.delete()
-        self.weights = self.kv_caches = self.last_tokens = None
+        self.weights = self.kv_caches = self.last_tokens = self.page_tokens = None
 
     # ---------------------------------------------------------------- host side
     def buckets(self) -> list[tuple[int, int]]:
@@ -238,7 +323,7 @@ class ModelRunner:
 
     def seq_bucket(self, padded_tokens: int) -> int:
         """The sequence bucket N of token bucket T: at most one sequence per token."""
-        return min(padded_tokens, self.max_num_seqs)
+        return seq_bucket(padded_tokens, self.max_num_seqs)
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[StepInput, StepVariant]:
         """Flattens the scheduled chunks into one padded ragged batch (host numpy arrays)."""
@@ -288,10 +373,10 @@ class ModelRunner:
         query_start_loc[0] = 0
 
         sampling, sampler_flags = self._sampling_metadata([item.seq for item in scheduled], padded_seqs)
-        wants_prompt = [s.seq.params.prompt_logprobs for s in scheduled
-                        if s.seq.params.prompt_logprobs is not None
-                        and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1]
-        variant = StepVariant(sampler_flags, max(wants_prompt) if wants_prompt else None)
+        wants_prompt = any(s.seq.params.prompt_logprobs is not None
+                           and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1
+                           for s in scheduled)
+        variant = StepVariant(sampler_flags, wants_prompt)
         batch = StepInput(
             token_ids=token_ids, last_token_rows=last_token_rows, positions=positions,
             attention=AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc,
@@ -310,27 +395,13 @@ class ModelRunner:
         top_k = [p.top_k if p.top_k < self.model_config.vocab_size else 0 for p in params]
         banned = [list(seq.request.eos_token_ids) + seq.params.stop_token_ids
                   if seq.num_output_tokens < seq.params.min_tokens else [] for seq in seqs]
-        use_penalties = any(p.uses_penalties for p in params)
-        use_banned = any(banned)
         filtered = [(p, k) for p, k in zip(params, top_k) if not p.is_greedy and (k > 0 or p.top_p < 1.0)]
         flags = SamplerFlags(
             use_top_k_top_p=bool(filtered),
             sort_free_top_k=bool(filtered) and all(0 < k <= SORT_FREE_TOP_K for _, k in filtered),
-            use_min_p=any(p.min_p > 0 for p in params if not p.is_greedy),
-            use_penalties=use_penalties,
-            use_banned_tokens=use_banned,
-            num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+            use_penalties=any(p.uses_penalties for p in params),
+            num_logprobs=self.num_logprobs if any(p.logprobs for p in params) else 0,
         )
-        empty = np.zeros((rows, 0), np.int32)
-        if use_penalties:
-            prompts = [seq.token_ids[:seq.num_prompt_tokens] for seq in seqs]
-            outputs = [seq.output_token_ids for seq in seqs]
-            prompt_ids = _padded(prompts, rows, _next_power_of_two(max(map(len, prompts))))
-            output_ids = _padded(outputs, rows, _next_power_of_two(max(map(len, outputs))))
-        else:
-            prompt_ids = output_ids = empty
-        banned_ids = _padded(banned, rows, _next_power_of_two(max(map(len, banned)))) if use_banned \
-            else empty
         metadata = SamplingMetadata(
             temperature=column([p.temperature for p in params], np.float32, 0.0),
             top_k=column(top_k, np.int32, 0),
@@ -342,15 +413,27 @@ class ModelRunner:
             seeds=column([seq.seed for seq in seqs], np.uint32, 0),
             sample_index=column([seq.sample_index for seq in seqs], np.int32, 0),
             step=column([seq.num_output_tokens for seq in seqs], np.int32, 0),
-            prompt_token_ids=prompt_ids, output_token_ids=output_ids, banned_token_ids=banned_ids)
+            prompt_lens=column([seq.num_prompt_tokens for seq in seqs], np.int32, 0),
+            banned_token_ids=_padded(banned, rows, MAX_BANNED_TOKENS))
         return metadata, flags
 
     def dispatch(self, batch: StepInput, variant: StepVariant) -> "StepHandle":
-        """Launches one step on device and returns at once (JAX dispatch is asynchronous), once
-        the step's program is compiled."""
-        program = self.programs.get(self.program_key(batch, variant))
-        sampled, prompt, self.kv_caches, self.last_tokens = program(
-            self.weights, self.kv_caches, self.last_tokens, batch)
+        """Launches one step's programs on device and returns at once (JAX dispatch is
+        asynchronous), once they are compiled."""
+        tokens, seqs = batch.token_ids.shape[0], batch.logits_indices.shape[0]
+        forward = self.programs.get(("forward", tokens))
+        sampler = self.programs.get(("sampler", seqs, variant.sampler))
+        prompt_program = (self.programs.get(("prompt_logprobs", tokens))
+                          if variant.prompt_logprobs else None)
+        batch = jax.device_put(batch)  # once, though three programs read it
+        logits, hidden, self.kv_caches, self.page_tokens = forward(
+            self.weights, self.kv_caches, self.page_tokens, self.last_tokens, batch)
+        sampled, self.last_tokens = sampler(logits, self.last_tokens, self.page_tokens,
+                                            batch.sampling, batch.attention.block_tables,
+                                            batch.attention.seq_lens)
+        prompt = None
+        if prompt_program is not None:
+            prompt = prompt_program(self.weights, hidden, batch.prompt_logprob_targets)
         return StepHandle(sampled, prompt)
 
     @staticmethod
@@ -359,47 +442,59 @@ class ModelRunner:
         sampled, prompt = jax.device_get((handle.sampled, handle.prompt_logprobs))
         return StepResult(sampled, prompt)
 
+    def program_keys(self) -> list[tuple]:
+        """Every program a step can need, in the order the warmup builds them: the forward and
+        the plain sampler of each bucket, smallest first (enough to serve), then the other
+        sampler variants, then the prompt logprobs programs."""
+        seq_buckets = sorted({seqs for _, seqs in self.buckets()})
+        variants = SamplerFlags.all_variants(self.num_logprobs)
+        default = DEFAULT_VARIANT.sampler
+        keys = []
+        for tokens, seqs in self.buckets():
+            keys += [("forward", tokens), ("sampler", seqs, default)]
+        keys += [("sampler", seqs, flags) for seqs in seq_buckets for flags in variants
+                 if flags != default]
+        keys += [("prompt_logprobs", tokens) for tokens in self.token_buckets]
+        return list(dict.fromkeys(keys))
+
     def start_warmup(self) -> None:
-        """Starts compiling the default step program (plain sampling, which also serves greedy
-        rows) of every token bucket in the background, smallest first; returns at once."""
-        self.programs.warm(self.program_key(self.dummy_batch(*bucket), DEFAULT_VARIANT)
-                           for bucket in self.buckets())
+        """Starts compiling every program of `program_keys` in the background; returns at once."""
+        self.programs.warm(self.program_keys())
 
     def wait_for_warmup(self) -> dict[str, float]:
         """Blocks until the warmup's programs are compiled; returns its {"lower_s", "compile_s"}."""
         return self.programs.wait_for_warmup()
 
-    @staticmethod
-    def program_key(batch: StepInput, variant: StepVariant) -> tuple:
-        """What selects a compiled program: the variant and every input's shape and dtype (the
-        buckets, and the padded widths of penalty and banned-token lists)."""
-        leaves, treedef = jax.tree.flatten(batch)
-        return variant, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves)
-
     def dummy_batch(self, tokens: int, seqs: int) -> StepInput:
         """An all-padding batch of the given bucket: writes no KV, samples nothing real."""
-        zeros_t = np.zeros(tokens, np.int32)
-        rows = np.zeros(seqs, np.float32)
-        empty = np.zeros((seqs, 0), np.int32)
-        sampling = SamplingMetadata(
-            temperature=rows, top_k=rows.astype(np.int32), top_p=rows + 1, min_p=rows,
-            presence_penalty=rows, frequency_penalty=rows, repetition_penalty=rows + 1,
-            seeds=rows.astype(np.uint32), sample_index=rows.astype(np.int32), step=rows.astype(np.int32),
-            prompt_token_ids=empty, output_token_ids=empty, banned_token_ids=empty)
-        return StepInput(
-            token_ids=zeros_t, last_token_rows=zeros_t - 1, positions=zeros_t,
-            attention=AttentionMetadata(slot_mapping=zeros_t - 1,
-                                        query_start_loc=np.zeros(seqs + 1, np.int32),
-                                        seq_lens=np.zeros(seqs, np.int32),
-                                        block_tables=np.zeros((seqs, self.max_pages_per_seq), np.int32)),
-            logits_indices=np.zeros(seqs, np.int32), sampling=sampling,
-            prompt_logprob_targets=zeros_t - 1)
+        return dummy_batch(tokens, seqs, self.max_pages_per_seq)
+
+
+def seq_bucket(padded_tokens: int, max_num_seqs: int) -> int:
+    """The sequence bucket N of token bucket T: at most one sequence per token."""
+    return min(padded_tokens, max_num_seqs)
+
+
+def dummy_batch(tokens: int, seqs: int, max_pages_per_seq: int) -> StepInput:
+    """An all-padding batch of the given bucket: writes no KV, samples nothing real."""
+    zeros_t = np.zeros(tokens, np.int32)
+    rows = np.zeros(seqs, np.float32)
+    sampling = SamplingMetadata(
+        temperature=rows, top_k=rows.astype(np.int32), top_p=rows + 1, min_p=rows,
+        presence_penalty=rows, frequency_penalty=rows, repetition_penalty=rows + 1,
+        seeds=rows.astype(np.uint32), sample_index=rows.astype(np.int32), step=rows.astype(np.int32),
+        prompt_lens=rows.astype(np.int32),
+        banned_token_ids=np.full((seqs, MAX_BANNED_TOKENS), -1, np.int32))
+    return StepInput(
+        token_ids=zeros_t, last_token_rows=zeros_t - 1, positions=zeros_t,
+        attention=AttentionMetadata(slot_mapping=zeros_t - 1,
+                                    query_start_loc=np.zeros(seqs + 1, np.int32),
+                                    seq_lens=np.zeros(seqs, np.int32),
+                                    block_tables=np.zeros((seqs, max_pages_per_seq), np.int32)),
+        logits_indices=np.zeros(seqs, np.int32), sampling=sampling,
+        prompt_logprob_targets=zeros_t - 1)
 
 
 def _describe_program(key: tuple) -> str:
-    variant, _, specs = key
-    return f"T={specs[0][0][0]} {variant}"  # specs[0]: token_ids, the first leaf of StepInput
-
-
-def _next_power_of_two(value: int) -> int:
-    return 1 if value <= 1 else 1 << (value - 1).bit_length()
+    kind, size, *flags = key
+    return f"{kind} {'N' if kind == 'sampler' else 'T'}={size}{''.join(f' {f}' for f in flags)}"

@@ -1,9 +1,12 @@
 """Batched on-device sampling: penalties, bans, temperature, min-p, top-k, top-p, logprobs.
 
-`sample` runs inside the jitted step on the logits of each sequence's last query token. Every
-array is fixed-shape (N = sequence bucket, V = vocab); which optional stages exist in the compiled
-program is decided by the static `SamplerFlags`, so a batch in which nobody uses top-p never sorts
-the vocabulary.
+`sample` runs in the step's sampler program on the logits of each sequence's last query token.
+Every array is fixed-shape (N = sequence bucket, V = vocab). Cheap stages (bans, temperature,
+min-p) run on every row and are switched per row by array data; the stages that cost a pass
+over the vocabulary or more (penalties, the top-k/top-p filter, the top-K logprobs) are switched
+by the static `SamplerFlags`, a small fixed set of sampler programs that the runner compiles at
+startup (docs/architecture.md, Sampling: lax.cond would select them by data inside one program,
+but on a GPU it makes the dispatching thread wait for the device).
 
 Order of operations (vLLM semantics), all in float32:
   1. penalties (repetition on prompt+output tokens, then frequency and presence on output tokens);
@@ -13,7 +16,7 @@ Order of operations (vLLM semantics), all in float32:
      per-row key fold_in(fold_in(key(seed), sample_index), step). A row's token depends only on
      (seed, sample_index, step, its own logits row): never on its position or on other rows.
      Rows with 0 < top_k <= SORT_FREE_TOP_K are filtered from their SORT_FREE_TOP_K largest
-     logits in every variant, so whether the batch sorted the vocabulary changes no row.
+     logits in every program, so whether the batch sorted the vocabulary changes no row.
 Returned logprobs are log-softmax of the RAW logits (vLLM's `raw_logprobs`).
 """
 
@@ -53,9 +56,9 @@ class SamplingMetadata:
     seeds:              u32|i32[N]  per-request seed (an i32 is reinterpreted as its u32 bits).
     sample_index:       i32[N]      child index of an n > 1 request (0 otherwise).
     step:               i32[N]      number of tokens this sequence has generated so far.
-    prompt_token_ids:   i32[N, Lp]  -1 padded; may be [N, 0] when penalties are off.
-    output_token_ids:   i32[N, Lo]  -1 padded; may be [N, 0] when penalties are off.
-    banned_token_ids:   i32[N, Kb]  -1 padded; set to -inf this step; may be [N, 0].
+    prompt_lens:        i32[N]      prompt length: where the output starts in the row's token
+                                    history (read by the penalties only).
+    banned_token_ids:   i32[N, Kb]  -1 padded; set to -inf this step (a fixed width Kb).
     """
 
     temperature: jax.Array
@@ -68,30 +71,37 @@ class SamplingMetadata:
     seeds: jax.Array
     sample_index: jax.Array
     step: jax.Array
-    prompt_token_ids: jax.Array
-    output_token_ids: jax.Array
+    prompt_lens: jax.Array
     banned_token_ids: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerFlags:
-    """Static (hashable) switches; each combination is one compiled variant of the step.
+    """Static (hashable) switches of the costly stages; each combination is one sampler program.
 
     use_top_k_top_p:  some row has top_k or top_p on (the only stage that sorts [N, V]).
     sort_free_top_k:  with use_top_k_top_p: every such row has 0 < top_k <= SORT_FREE_TOP_K,
                       so the vocabulary is not sorted (rows with top_p alone would be wrong).
-    use_min_p:        some row has min_p > 0.
     use_penalties:    some row has a presence/frequency/repetition penalty on.
-    use_banned_tokens: some row has banned tokens this step.
-    num_logprobs:     K, the number of top logprobs returned per row (0 -> none).
+    num_logprobs:     K, the number of top logprobs returned per row (0 -> none). The runner
+                      uses one K (EngineConfig.max_logprobs) whatever the rows ask for, and the
+                      host keeps each request's own count.
     """
 
     use_top_k_top_p: bool = False
     sort_free_top_k: bool = False
-    use_min_p: bool = False
     use_penalties: bool = False
-    use_banned_tokens: bool = False
     num_logprobs: int = 0
+
+    @classmethod
+    def all_variants(cls, num_logprobs: int) -> list["SamplerFlags"]:
+        """Every combination the runner can ask for when logprobs come with K = num_logprobs:
+        3 filter modes x penalties on/off x logprobs on/off (12, or 6 when num_logprobs is 0)."""
+        filters = [(False, False), (True, True), (True, False)]
+        return [cls(top_k_top_p, sort_free, penalties, k)
+                for k in sorted({0, num_logprobs})
+                for penalties in (False, True)
+                for top_k_top_p, sort_free in filters]
 
 
 @jax.tree_util.register_dataclass
@@ -172,19 +182,21 @@ def token_counts(ids: jax.Array, vocab_size: int) -> jax.Array:
     return counts.at[rows, cols].add(1, mode="drop")
 
 
-def apply_penalties(logits: jax.Array, metadata: SamplingMetadata) -> jax.Array:
+def apply_penalties(logits: jax.Array, token_ids: jax.Array, metadata: SamplingMetadata) -> jax.Array:
     """Repetition (prompt+output), then frequency and presence (output) penalties.
 
     Args:
-      logits: f32[N, V].
+      logits:    f32[N, V].
+      token_ids: i32[N, L] each row's tokens so far, prompt then output, -1 past its length;
+                 its output starts at metadata.prompt_lens.
     Returns:
       f32[N, V] penalized logits.
     """
     _, v = logits.shape
-    out_counts = token_counts(metadata.output_token_ids, v)
-    seen = out_counts > 0
-    if metadata.prompt_token_ids.shape[1] > 0:
-        seen = seen | (token_counts(metadata.prompt_token_ids, v) > 0)
+    position = jnp.arange(token_ids.shape[1], dtype=jnp.int32)[None, :]
+    is_output = position >= metadata.prompt_lens.astype(jnp.int32)[:, None]
+    out_counts = token_counts(jnp.where(is_output, token_ids, -1), v)
+    seen = token_counts(token_ids, v) > 0
     rep = metadata.repetition_penalty.astype(jnp.float32)[:, None]
     penalized = jnp.where(logits > 0, logits / rep, logits * rep)
     logits = jnp.where(seen, penalized, logits)
@@ -196,7 +208,8 @@ def apply_penalties(logits: jax.Array, metadata: SamplingMetadata) -> jax.Array:
 
 
 def apply_banned_tokens(logits: jax.Array, banned_token_ids: jax.Array) -> jax.Array:
-    """Set logits[i, banned_token_ids[i, j]] = -inf for every non-padding entry.
+    """Set logits[i, banned_token_ids[i, j]] = -inf for every non-padding entry (a scatter of
+    N x Kb entries: cheap enough for every program to apply it by data).
 
     Args:
       logits: f32[N, V]; banned_token_ids: i32[N, Kb], -1 padded.
@@ -210,13 +223,15 @@ def apply_banned_tokens(logits: jax.Array, banned_token_ids: jax.Array) -> jax.A
 def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
     """Drop tokens whose probability is below min_p * (max probability) of their row.
 
-    Done in log space: keep where logit >= max_logit + log(min_p); min_p = 0 keeps everything.
+    Done in log space: keep where logit >= max_logit + log(min_p); rows with min_p = 0 are
+    returned unchanged (one fused pass over [N, V], so every program applies it by data).
     Args:
       logits: f32[N, V] (already temperature-scaled); min_p: f32[N].
     """
+    min_p = min_p.astype(jnp.float32)[:, None]
     max_logit = jnp.max(logits, axis=-1, keepdims=True)
-    threshold = max_logit + jnp.log(min_p.astype(jnp.float32))[:, None]
-    return jnp.where(logits >= threshold, logits, _NEG_INF)
+    keep = (min_p <= 0.0) | (logits >= max_logit + jnp.log(min_p))
+    return jnp.where(keep, logits, _NEG_INF)
 
 
 def _top_k_top_p_threshold(sorted_desc: jax.Array, k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -298,13 +313,16 @@ def gumbel_noise(keys: jax.Array, vocab_size: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
 
 
-def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags) -> SamplerOutput:
+def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags,
+           token_ids: jax.Array | None = None) -> SamplerOutput:
     """Sample one token per row, on device, with no host synchronization.
 
     Args:
-      logits:   f32/bf16[N, V] raw logits of each sequence's last query token.
-      metadata: per-row parameters (see SamplingMetadata).
-      flags:    static switches; jit with `static_argnames="flags"` (or close over it).
+      logits:    f32/bf16[N, V] raw logits of each sequence's last query token.
+      metadata:  per-row parameters (see SamplingMetadata).
+      flags:     static switches; jit with `static_argnames="flags"` (or close over it).
+      token_ids: i32[N, L] each row's tokens so far (see apply_penalties); read only when
+                 flags.use_penalties.
     Returns:
       SamplerOutput: token_ids i32[N] and their logprobs (of the raw logits) with K top entries.
     """
@@ -312,9 +330,8 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags) -
     _, v = raw.shape
     x = raw
     if flags.use_penalties:
-        x = apply_penalties(x, metadata)
-    if flags.use_banned_tokens:
-        x = apply_banned_tokens(x, metadata.banned_token_ids)
+        x = apply_penalties(x, token_ids, metadata)
+    x = apply_banned_tokens(x, metadata.banned_token_ids)
 
     # Greedy rows (temperature 0) take the argmax of these logits, the others of filtered,
     # temperature-scaled logits plus Gumbel noise: one program and one argmax serve greedy and
@@ -322,8 +339,7 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags) -
     temperature = metadata.temperature.astype(jnp.float32)
     is_greedy = temperature < GREEDY_TEMPERATURE_EPS
     scaled = x / jnp.where(is_greedy, 1.0, temperature)[:, None]
-    if flags.use_min_p:
-        scaled = apply_min_p(scaled, metadata.min_p)
+    scaled = apply_min_p(scaled, metadata.min_p)
     if flags.use_top_k_top_p:
         scaled = apply_top_k_top_p(scaled, metadata.top_k, metadata.top_p,
                                    sort_vocab=not flags.sort_free_top_k)

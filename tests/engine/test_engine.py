@@ -7,7 +7,6 @@ import pytest
 
 import pjllm
 from pjllm import SamplingParams
-from pjllm.runner.model_runner import DEFAULT_VARIANT
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -78,12 +77,12 @@ def test_top_k_request_samples_the_same_whether_or_not_its_steps_sort(make_llm):
     top_k = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, max_tokens=10, seed=7,
                            ignore_eos=True)
     alone = llm.generate(prompts[1], top_k, use_tqdm=False)[0].outputs[0].token_ids
-    variants = {key[0].sampler for key in llm.engine.model_runner.programs._futures}
+    variants = {key[2] for key in llm.engine.model_runner.programs._futures if key[0] == "sampler"}
     assert any(flags.sort_free_top_k for flags in variants)  # top_k 50 needs no sort
     top_p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=8, ignore_eos=True)
     batch = llm.generate(prompts, [top_p, top_k, top_p], use_tqdm=False)
     assert batch[1].outputs[0].token_ids == alone
-    variants = {key[0].sampler for key in llm.engine.model_runner.programs._futures}
+    variants = {key[2] for key in llm.engine.model_runner.programs._futures if key[0] == "sampler"}
     assert any(flags.use_top_k_top_p and not flags.sort_free_top_k for flags in variants)
 
 
@@ -215,7 +214,6 @@ def test_background_warmup_serves_at_once_and_changes_no_output(make_llm):
     llm.engine.wait_for_warmup()
     assert got == want
     runner = llm.engine.model_runner
-    assert all(runner.programs.is_ready(runner.program_key(runner.dummy_batch(*bucket), DEFAULT_VARIANT))
-               for bucket in runner.buckets())
-    assert len(runner.programs) == len(runner.buckets())  # the steps used the warmup's programs
+    assert all(runner.programs.is_ready(key) for key in runner.program_keys())
+    assert len(runner.programs) == len(runner.program_keys())  # the steps used the warmup's programs
     assert llm.engine.startup_timings["compile_s"] > 0

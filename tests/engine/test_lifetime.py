@@ -9,7 +9,6 @@ import pytest
 
 import pjllm
 from pjllm.runner.memory import kv_cache_budget
-from pjllm.runner.model_runner import DEFAULT_VARIANT
 
 GREEDY = pjllm.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 OPTIONS = dict(load_format="dummy", dtype="float32", max_model_len=128, page_size=8, max_num_seqs=8,
@@ -73,9 +72,7 @@ def test_every_dot_of_a_step_runs_at_the_dtypes_precision(tiny_model_path, dtype
     with pjllm.LLM(tiny_model_path, attention_backend="reference", **{**OPTIONS, "dtype": dtype}) as llm:
         runner = llm.engine.model_runner
         for tokens in (16, 64):  # a decode and a prefill bucket
-            key = runner.program_key(runner.dummy_batch(tokens, runner.seq_bucket(tokens)),
-                                     DEFAULT_VARIANT)
-            text = runner.programs.lower(key).as_text()
+            text = runner.programs.lower(("forward", tokens)).as_text()
             dots = re.findall(r"stablehlo\.dot_general.*", text)
             assert len(dots) >= 7  # qkv, attention x2, o, gate_up, down, logits
             assert all(f"precision = [{precision}, {precision}]" in dot for dot in dots), dots

@@ -33,7 +33,7 @@ VOCAB = 256  # the tiny model's (tests/engine/conftest.py)
     (dict(n=True), "n"),
     (dict(n=0), "n"),
     (dict(seed="1"), "seed"),
-    (dict(logprobs=50), "logprobs"),
+    (dict(logprobs=-1), "logprobs"),
     (dict(prompt_logprobs=-1), "prompt_logprobs"),
     (dict(stop=[""]), "stop"),
     (dict(stop=5), "stop"),
@@ -97,6 +97,11 @@ def test_bad_prompts_name_the_field(llm, prompts, message):
     (SamplingParams(stop_token_ids=[VOCAB]), r"SamplingParams.stop_token_ids must be in \[0, 256\)"),
     (SamplingParams(stop_token_ids=[2**31], min_tokens=1), "SamplingParams.stop_token_ids"),
     (SamplingParams(n=10**9), r"SamplingParams.n must be <= max_num_seqs \(4\)"),
+    (SamplingParams(logprobs=21), r"SamplingParams.logprobs must be <= max_logprobs \(20\); got 21"),
+    (SamplingParams(prompt_logprobs=50),
+     r"SamplingParams.prompt_logprobs must be <= max_logprobs \(20\); got 50"),
+    (SamplingParams(min_tokens=1, stop_token_ids=list(range(40))),
+     r"SamplingParams.stop_token_ids: with min_tokens > 0, at most 32"),
     ("greedy", "sampling_params must be a SamplingParams"),
     ([GREEDY, GREEDY], "sampling_params has 2 entries for 1 prompts"),
 ])
@@ -142,7 +147,7 @@ def test_bad_engine_options_name_the_field(tiny_model_path_module, tmp_path):
         pjllm.LLM(tiny_model_path_module, max_num_sequences=4, **options)
     for field, value in (("max_model_len", 100.5), ("max_model_len", True), ("max_num_seqs", 2.5),
                          ("num_pages", 0), ("page_size", 12), ("gpu_memory_utilization", "all"),
-                         ("seed", None), ("async_scheduling", 1)):
+                         ("seed", None), ("async_scheduling", 1), ("max_logprobs", -1)):
         with pytest.raises(ValueError, match=rf"^{field} must be"):
             pjllm.LLM(tiny_model_path_module, **{field: value}, **options)
 

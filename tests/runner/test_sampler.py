@@ -22,12 +22,18 @@ from pjllm.runner.sampler import (
     sample,
 )
 
-_sample = jax.jit(sample, static_argnames="flags")
+_sample_jit = jax.jit(sample, static_argnames="flags")
 
-RANDOM = SamplerFlags()  # non-greedy, no filters
-ALL_ON = SamplerFlags(
-    use_top_k_top_p=True, use_min_p=True, use_penalties=True, use_banned_tokens=True, num_logprobs=3
-)
+
+def _sample(logits, metadata, flags, token_ids=None):
+    """sample() jitted; rows have no token history unless `token_ids` i32[N, L] is given."""
+    if flags.use_penalties and token_ids is None:
+        token_ids = np.full((logits.shape[0], 1), -1, np.int32)
+    return _sample_jit(logits, metadata, flags, token_ids if flags.use_penalties else None)
+
+
+RANDOM = SamplerFlags()  # non-greedy, no costly stage (min-p and bans are applied by data)
+ALL_ON = SamplerFlags(use_top_k_top_p=True, use_penalties=True, num_logprobs=3)
 
 
 def make_metadata(n: int, **overrides) -> SamplingMetadata:
@@ -43,8 +49,7 @@ def make_metadata(n: int, **overrides) -> SamplingMetadata:
         seeds=np.arange(n, dtype=np.uint32),
         sample_index=np.zeros(n, np.int32),
         step=np.zeros(n, np.int32),
-        prompt_token_ids=np.zeros((n, 0), np.int32),
-        output_token_ids=np.zeros((n, 0), np.int32),
+        prompt_lens=np.zeros(n, np.int32),
         banned_token_ids=np.zeros((n, 0), np.int32),
     )
     for name, value in overrides.items():
@@ -54,6 +59,19 @@ def make_metadata(n: int, **overrides) -> SamplingMetadata:
         shape = (n,) if fields[name].ndim == 1 else (n, value.shape[-1])
         fields[name] = np.broadcast_to(value, shape).copy()
     return SamplingMetadata(**{k: jnp.asarray(v) for k, v in fields.items()})
+
+
+def history(prompt: np.ndarray, output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(token_ids i32[N, Lp + Lo], prompt_lens i32[N]) of -1 padded prompt and output lists, as
+    the runner gathers them: each row's prompt, then its output, then -1."""
+    rows = []
+    for p, o in zip(prompt, output):
+        rows.append([t for t in p if t >= 0] + [t for t in o if t >= 0])
+    width = max(prompt.shape[1] + output.shape[1], 1)
+    ids = np.full((len(rows), width), -1, np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+    return ids, np.array([(np.asarray(p) >= 0).sum() for p in prompt], np.int32)
 
 
 def draws(logits_row: np.ndarray, n: int, flags: SamplerFlags = RANDOM, **overrides) -> np.ndarray:
@@ -199,7 +217,7 @@ def test_min_p_filters():
     probs = np.array([0.3, 0.05, 0.2, 0.12, 0.08, 0.25], np.float32)
     # min_p=0.35 -> threshold 0.105: keep 0.3, 0.2, 0.12, 0.25; drop 0.05, 0.08.
     n = 20000
-    got = draws(np.log(probs), n, SamplerFlags(use_min_p=True), min_p=0.35)
+    got = draws(np.log(probs), n, RANDOM, min_p=0.35)
     kept = [0, 2, 3, 5]
     assert set(got.tolist()) == set(kept)
     freq = np.bincount(got, minlength=6) / n
@@ -207,7 +225,7 @@ def test_min_p_filters():
     want[kept] = probs[kept] / probs[kept].sum()
     np.testing.assert_allclose(freq, want, atol=0.02)
     # min_p = 0 is off.
-    got = draws(np.log(probs), 4000, SamplerFlags(use_min_p=True), min_p=0.0)
+    got = draws(np.log(probs), 4000, RANDOM, min_p=0.0)
     assert set(got.tolist()) == set(range(6))
 
 
@@ -243,15 +261,15 @@ def test_penalties_match_numpy_reference():
     rep = np.array([1.0, 1.3, 0.8, 2.0, 1.5, 1.0], np.float32)
     freq = np.array([0.0, 0.5, -0.3, 0.2, 0.7, 0.0], np.float32)
     pres = np.array([0.0, 0.4, 0.1, -0.5, 1.0, 0.0], np.float32)
+    token_ids, prompt_lens = history(prompt, output)
     md = make_metadata(
         n,
-        prompt_token_ids=prompt,
-        output_token_ids=output,
+        prompt_lens=prompt_lens,
         repetition_penalty=rep,
         frequency_penalty=freq,
         presence_penalty=pres,
     )
-    got = np.asarray(jax.jit(apply_penalties)(jnp.asarray(logits), md))
+    got = np.asarray(jax.jit(apply_penalties)(jnp.asarray(logits), token_ids, md))
     want = numpy_penalties(logits, prompt, output, rep, freq, pres)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[[0, 5]], logits[[0, 5]])  # all-off rows untouched
@@ -261,6 +279,7 @@ def test_penalties_match_numpy_reference():
         jnp.asarray(logits),
         dataclasses.replace(md, temperature=jnp.zeros(n)),
         SamplerFlags(use_penalties=True),
+        token_ids,
     )
     np.testing.assert_array_equal(out.token_ids, want.argmax(-1))
 
@@ -269,15 +288,17 @@ def test_penalties_change_greedy_choice():
     logits = np.array([[5.0, 4.0, 1.0, -1.0]], np.float32)
     flags = SamplerFlags(use_penalties=True)
 
-    def pick(**kw):
-        md = make_metadata(1, temperature=0.0, **kw)
-        return int(_sample(jnp.asarray(logits), md, flags).token_ids[0])
+    def pick(prompt=(-1,), output=(-1,), **kw):
+        token_ids, prompt_lens = history(np.array([prompt]), np.array([output]))
+        md = make_metadata(1, temperature=0.0, prompt_lens=prompt_lens, **kw)
+        return int(_sample(jnp.asarray(logits), md, flags, token_ids).token_ids[0])
 
-    assert pick(output_token_ids=[[0, -1]], presence_penalty=2.0) == 1
-    assert pick(output_token_ids=[[0, 0]], frequency_penalty=0.6) == 1  # 5 - 1.2 < 4
-    assert pick(output_token_ids=[[0]], frequency_penalty=0.4) == 0  # 5 - 0.4 > 4
-    assert pick(prompt_token_ids=[[0, -1, -1]], repetition_penalty=1.5) == 1  # 5 / 1.5 < 4
-    assert pick(prompt_token_ids=[[-1]], repetition_penalty=1.5) == 0  # padding is ignored
+    assert pick(output=[0, -1], presence_penalty=2.0) == 1
+    assert pick(output=[0, 0], frequency_penalty=0.6) == 1  # 5 - 1.2 < 4
+    assert pick(output=[0], frequency_penalty=0.4) == 0  # 5 - 0.4 > 4
+    assert pick(prompt=[0, -1, -1], repetition_penalty=1.5) == 1  # 5 / 1.5 < 4
+    assert pick(prompt=[0], frequency_penalty=2.0) == 0  # prompt tokens count for repetition only
+    assert pick(prompt=[-1], repetition_penalty=1.5) == 0  # padding is ignored
 
 
 def test_banned_tokens_never_sampled():
@@ -286,17 +307,15 @@ def test_banned_tokens_never_sampled():
     row = rng.normal(size=v).astype(np.float32)
     order = np.argsort(-row)
     banned = np.array([order[0], order[1], -1, order[2], -1], np.int32)
-    flags = SamplerFlags(use_banned_tokens=True)
+    flags = SamplerFlags()  # bans are applied by data in every program
     got = draws(row, 3000, flags, banned_token_ids=banned)
     assert not set(got.tolist()) & set(order[:3].tolist())
     assert len(set(got.tolist())) > 15
     # Greedy rows skip to the best allowed token.
-    greedy = draws(row, 4, SamplerFlags(use_banned_tokens=True),
-                   banned_token_ids=banned, temperature=0.0)
+    greedy = draws(row, 4, flags, banned_token_ids=banned, temperature=0.0)
     assert set(greedy.tolist()) == {int(order[3])}
     # Padding-only ban lists change nothing.
-    same = draws(row, 4, SamplerFlags(use_banned_tokens=True),
-                 banned_token_ids=[-1, -1], temperature=0.0)
+    same = draws(row, 4, flags, banned_token_ids=[-1, -1], temperature=0.0)
     assert set(same.tolist()) == {int(order[0])}
 
 
@@ -304,6 +323,7 @@ def test_logprobs_are_raw_log_softmax_at_sampled_ids():
     rng = np.random.default_rng(7)
     n, v = 32, 64
     logits = rng.normal(size=(n, v)).astype(np.float32) * 2
+    token_ids, prompt_lens = history(rng.integers(0, v, size=(n, 3)), rng.integers(0, v, size=(n, 4)))
     md = make_metadata(
         n,
         temperature=rng.uniform(0, 2, size=n),
@@ -312,11 +332,10 @@ def test_logprobs_are_raw_log_softmax_at_sampled_ids():
         min_p=0.05,
         repetition_penalty=1.3,
         presence_penalty=0.5,
-        output_token_ids=rng.integers(0, v, size=(n, 4)),
-        prompt_token_ids=rng.integers(0, v, size=(n, 3)),
+        prompt_lens=prompt_lens,
         banned_token_ids=rng.integers(0, v, size=(n, 2)),
     )
-    out = _sample(jnp.asarray(logits), md, ALL_ON)
+    out = _sample(jnp.asarray(logits), md, ALL_ON, token_ids)
     assert isinstance(out, SamplerOutput)
     raw = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
     ids = np.asarray(out.token_ids)
@@ -358,8 +377,6 @@ def test_padding_rows_have_no_nan(temperature):
         temperature=temperature,
         top_p=np.array([1.0, 0.5, 0.0, 1.0]),
         top_k=np.array([0, 3, 0, 1]),
-        output_token_ids=np.full((n, 3), -1),
-        prompt_token_ids=np.full((n, 2), -1),
         banned_token_ids=np.full((n, 2), -1),
     )
     for flags in (RANDOM, ALL_ON, SamplerFlags(num_logprobs=2)):
@@ -376,7 +393,8 @@ def test_sort_only_compiled_when_top_k_top_p_requested():
     md = make_metadata(4)
 
     def jaxpr(flags):
-        return str(jax.make_jaxpr(sample, static_argnums=2)(logits, md, flags))
+        history = jnp.full((4, 3), -1, jnp.int32) if flags.use_penalties else None
+        return str(jax.make_jaxpr(sample, static_argnums=2)(logits, md, flags, history))
 
     def has_sort(flags):
         return re.search(r"\bsort\[", jaxpr(flags)) is not None
