@@ -5,7 +5,8 @@
         --load-format dummy --dataset chat --num-prompts 1000 --output-json out.json
 
 1. `pjllm bench throughput` (one `LLM.generate` of every prompt);
-2. `pjllm serve` on 127.0.0.1 (the same engine options, warmup blocking), then `pjllm bench
+2. `pjllm serve` on 127.0.0.1 (the engine settings the offline run resolved: max_model_len,
+   KV pages, batch limits; warmup blocking), then `pjllm bench
    serve` with every prompt at once (one streamed request per prompt), then at each of
    --rate-fractions x the request rate that run reached, with --rated-prompts prompts;
 3. SIGTERM to the server. The JSON holds every run's record and served/offline output tok/s.
@@ -59,9 +60,15 @@ def main() -> None:
     offline = _run_bench(["throughput", *model, *workload, "--num-prompts", str(args.num_prompts)],
                          os.path.join(workdir, "offline.json"))
 
+    # The server gets the engine settings the offline run resolved (max_model_len from the
+    # workload, the KV pages it had), so both run the same engine on the same workload.
+    settings = offline["settings"]
+    engine = ["--max-model-len", str(settings["max_model_len"]), "--num-pages", str(settings["num_pages"]),
+              "--max-num-seqs", str(settings["max_num_seqs"]),
+              "--max-num-batched-tokens", str(settings["max_num_batched_tokens"])]
     port = _free_port()
     server = subprocess.Popen(CLI + ["serve", args.model, "--load-format", args.load_format,
-                                     "--port", str(port), "--warmup", "blocking"])
+                                     "--port", str(port), "--warmup", "blocking", *engine])
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
     while True:

@@ -1,11 +1,14 @@
-"""The engine for asyncio code (the server): one thread runs the step loop, callers await outputs.
+"""The engine for asyncio code (the server): the step loop in its own process, callers await
+outputs.
 
 `AsyncLLM.generate(prompt, params, request_id)` is an async iterator of `RequestOutput`s (each the
 request's state so far, like `LLM.generate`'s; the last has `finished=True`). Many callers share
-one continuous batch. The step loop runs in its own thread, so the event loop stays free for HTTP
-while a step runs (XLA releases the GIL while the device works); every call into `LLMEngine`
-happens on that thread, so the engine needs no locks. Commands (add, abort, stop) reach the
-thread through a queue; outputs go back to each caller's asyncio queue.
+one continuous batch. The engine core (`LLMEngine`) runs in a child process
+(`engine/core_process.py`), so HTTP work in this process never holds the GIL its steps need:
+with the loop in a thread of the server's process, an H200 served 60% of the offline rate
+(docs/perf.md). Here, prompts are checked and tokenized (`InputProcessor`) before they are sent;
+a reader thread receives each step's deltas, rebuilds the outputs and hands them to the callers'
+event loops, one wake-up per loop per step.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import queue
+import multiprocessing
 import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
 from pjllm.config import EngineConfig
-from pjllm.engine.engine import LLMEngine, PromptType
+from pjllm.engine.core_process import CoreStats, OutputAccumulator, RequestDelta, run_engine_core
+from pjllm.engine.input_processor import InputProcessor, PromptType
 from pjllm.outputs import RequestOutput
 from pjllm.sampling_params import SamplingParams
 
@@ -27,7 +31,7 @@ logger = logging.getLogger("pjllm")
 
 
 class EngineDeadError(RuntimeError):
-    """The step loop has stopped (it failed, or the engine was shut down): no request can run."""
+    """The engine core has stopped (it failed, or the engine was shut down): no request can run."""
 
 
 class EngineOverloadedError(RuntimeError):
@@ -53,21 +57,20 @@ class IterationStats:
     finished: list[tuple[str, float, float, int, int]] = dataclasses.field(default_factory=list)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Stream:
-    """One caller's request: where its outputs go, and how far it has got (loop thread only)."""
+    """One caller's request: where its outputs go, and how far it has got."""
 
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
+    arrival_time: float
     num_tokens: int = 0
     last_token_time: float | None = None
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+    abandoned: bool = False  # its caller went away: count its end, deliver nothing
 
 
 class AsyncLLM:
-    """An `LLMEngine` served to asyncio callers.
+    """An `LLMEngine` in its own process, served to asyncio callers.
 
     >>> engine = AsyncLLM("SmolLM2-135M-Instruct.Q4_1.gguf")
     >>> async for output in engine.generate("Hello", SamplingParams(max_tokens=8), "req-1"):
@@ -75,56 +78,99 @@ class AsyncLLM:
 
     Keyword arguments are `EngineConfig` fields, as for `LLM`. `max_waiting_requests` bounds the
     requests that wait for a place in the batch (None: unbounded); past it `generate` raises
-    `EngineOverloadedError`. `on_iteration` is called on the loop thread after every step.
+    `EngineOverloadedError`. `on_iteration` is called on the reader thread after every step.
+    The constructor returns once the engine core has loaded the model (its errors are raised
+    here as RuntimeError).
     """
 
     def __init__(self, model: str, *, max_waiting_requests: int | None = None,
                  on_iteration: Callable[[IterationStats], None] | None = None, **engine_kwargs: Any):
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_kwargs))
+        config = EngineConfig.from_kwargs(model, **engine_kwargs)
+        self.inputs = InputProcessor(config)
         self.max_waiting_requests = max_waiting_requests
         self.on_iteration = on_iteration
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # loop thread only
-        self._num_queued_adds = 0  # adds sent to the loop thread and not yet taken
-        self._queued_lock = threading.Lock()
+        self.stats = CoreStats(0, 0, 0.0, 0)
         self.dead_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="pjllm-engine-loop", daemon=True)
-        self._thread.start()
+        self._streams: dict[str, _Stream] = {}
+        self._accumulator = OutputAccumulator()
+        self._lock = threading.Lock()  # _streams, _num_unseen_adds, and sends on the pipe
+        self._num_unseen_adds = 0  # adds sent since the core last reported its queue
+        # spawn, not fork: the parent may have started JAX, which must not be forked.
+        context = multiprocessing.get_context("spawn")
+        core_commands, self._commands = context.Pipe(duplex=False)  # (receiving end, sending end)
+        self._results, core_results = context.Pipe(duplex=False)
+        self._process = context.Process(target=run_engine_core, args=(config, core_commands, core_results),
+                                        name="pjllm-engine-core", daemon=True)
+        self._process.start()
+        core_commands.close()
+        core_results.close()
+        ready = self._receive()
+        if ready is None or ready[0] != "ready":
+            self._process.join(30)
+            raise RuntimeError("the engine core failed to start: "
+                               + (ready[1] if ready else f"exit code {self._process.exitcode}"))
+        self._reader = threading.Thread(target=self._read, name="pjllm-engine-reader", daemon=True)
+        self._reader.start()
+
+    # ------------------------------------------------------------------ what the model takes
+    @property
+    def tokenizer(self) -> Any:
+        return self.inputs.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.inputs.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inputs.model_config.vocab_size
+
+    def default_sampling_params(self) -> SamplingParams:
+        return self.inputs.default_sampling_params()
+
+    def process_prompt(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Checks a request and tokenizes its prompt, on the caller's thread (ValueError names
+        the field)."""
+        return self.inputs.process_prompt(prompt, params)
 
     # ------------------------------------------------------------------ caller side
     @property
     def is_running(self) -> bool:
-        """Whether the step loop is alive and takes requests."""
-        return self._thread.is_alive() and self.dead_error is None
+        """Whether the engine core is alive and takes requests."""
+        return self.dead_error is None and self._process.is_alive()
 
     def num_waiting_requests(self) -> int:
-        """Sequences waiting for a place in the batch, plus requests not yet handed to the engine."""
-        return len(self.engine.scheduler.waiting) + self._num_queued_adds
+        """Sequences waiting for a place in the batch, plus requests sent since the core's last
+        report."""
+        return self.stats.num_waiting + self._num_unseen_adds
 
     def num_running_requests(self) -> int:
-        return len(self.engine.scheduler.running)
+        return self.stats.num_running
 
     def kv_cache_usage(self) -> float:
         """The share of KV cache pages in use, in [0, 1]."""
-        manager = self.engine.kv_cache_manager
-        return 1.0 - manager.num_free_pages / manager.num_pages
+        return self.stats.kv_cache_usage
 
     async def generate(self, prompt: PromptType, params: SamplingParams | None,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Adds a request and yields its state each time it has new tokens; the last output has
-        `finished=True`. Raises ValueError for a request the engine refuses (before any output),
-        EngineOverloadedError when too many wait, EngineDeadError when the loop has stopped.
+        `finished=True`. Raises ValueError for a request that cannot run (before any output),
+        EngineOverloadedError when too many wait, EngineDeadError when the core has stopped.
         Closing the iterator early (a cancelled task, a `break`) aborts the request."""
         if not self.is_running:
-            raise EngineDeadError("the engine loop is not running") from self.dead_error
+            raise EngineDeadError("the engine core is not running") from self.dead_error
         if self.max_waiting_requests is not None and self.num_waiting_requests() >= self.max_waiting_requests:
             raise EngineOverloadedError(f"{self.num_waiting_requests()} requests are waiting "
                                         f"(max_waiting_requests {self.max_waiting_requests})")
-        params = params if params is not None else self.engine.default_sampling_params()
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._queued_lock:
-            self._num_queued_adds += 1
-        self._commands.put(("add", request_id, prompt, params, stream))
+        params = params if params is not None else self.default_sampling_params()
+        text, token_ids = self.process_prompt(prompt, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+            self._num_unseen_adds += 1
+            self._send(("add", request_id, {"prompt": text, "prompt_token_ids": token_ids}, params))
         finished = False
         try:
             while not finished:
@@ -132,127 +178,111 @@ class AsyncLLM:
                 # Only the latest state matters: skip outputs a slow caller has not read yet.
                 while not stream.outputs.empty() and not isinstance(item, BaseException):
                     item = stream.outputs.get_nowait()
-                if isinstance(item, BaseException):  # the engine's refusal, or its death
+                if isinstance(item, BaseException):  # the core refused it, or died
                     raise item
                 finished = item.finished
                 yield item
         finally:
-            if not finished:  # commands run in order: this abort comes after the add
-                self._commands.put(("abort", request_id, stream))
+            if not finished:
+                self._abort_own(request_id, stream)
 
     def abort(self, request_id: str) -> None:
-        """Stops a request and frees its pages (no-op for an unknown or finished id)."""
-        self._commands.put(("abort", request_id, None))
+        """Stops a request and frees its pages (no-op for an unknown or finished id); its caller
+        gets a final output with finish reason "abort"."""
+        with self._lock:
+            if request_id in self._streams:
+                self._send(("abort", request_id))
 
-    def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Aborts every request, stops the loop thread and frees the engine's device memory."""
-        if self._thread.is_alive():
-            self._commands.put(("stop",))
-            self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self.engine.shutdown()
+    def _abort_own(self, request_id: str, stream: _Stream) -> None:
+        """Aborts the caller's own request only: once it finished, the id may be someone else's.
+        The stream stays registered (and the id in use) until the core reports the abort."""
+        with self._lock:
+            if self._streams.get(request_id) is stream:
+                stream.abandoned = True
+                self._send(("abort", request_id))
 
-    # ------------------------------------------------------------------ loop thread
-    def _run(self) -> None:
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Aborts every request (callers get their final output, finish reason "abort"), stops the
+        engine core (freeing its device memory) and the reader thread."""
+        if self._process.is_alive():
+            with self._lock:
+                for request_id in list(self._streams):
+                    self._send(("abort", request_id))
+                self._send(("stop",))
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+        self._reader.join(timeout)
+        if self.dead_error is None:
+            self.dead_error = EngineDeadError("the engine was shut down")
+
+    # ------------------------------------------------------------------ the pipes
+    def _send(self, command: tuple) -> None:
         try:
-            while True:
-                idle = not self.engine.has_unfinished_requests()
-                # Idle: sleep until a command comes. Busy: take what has come, then step.
-                commands = [self._commands.get()] if idle else []
-                while True:
-                    try:
-                        commands.append(self._commands.get_nowait())
-                    except queue.Empty:
-                        break
-                if not self._apply(commands):
-                    break
-                if self.engine.has_unfinished_requests():
-                    self._publish(self.engine.step())
-        except BaseException as error:  # noqa: BLE001 - every waiting caller must hear of it
-            logger.exception("the engine loop failed; no request can run until the server restarts")
-            self.dead_error = error
-            dead = EngineDeadError(f"the engine loop failed: {type(error).__name__}: {error}")
-            for stream in self._streams.values():
-                stream.put(dead)
-            self._streams.clear()
-            self._fail_queued(dead)
-            return
-        for request_id in list(self._streams):
-            self._finish_stream(request_id, self.engine.abort_request(request_id))
-        self.dead_error = EngineDeadError("the engine was shut down")
-        self._fail_queued(self.dead_error)
+            self._commands.send(command)
+        except (BrokenPipeError, OSError):
+            pass  # the core is gone; the reader fails the callers
 
-    def _apply(self, commands: list[tuple]) -> bool:
-        """Runs the callers' commands on the engine; False once told to stop."""
-        for command in commands:
-            if command[0] == "stop":
-                return False
-            if command[0] == "abort":
-                _, request_id, stream = command
-                # A caller's own abort touches its own request only: the id may be reused.
-                if stream is None or self._streams.get(request_id) is stream:
-                    self._finish_stream(request_id, self.engine.abort_request(request_id))
-                continue
-            _, request_id, prompt, params, stream = command
-            with self._queued_lock:
-                self._num_queued_adds -= 1
-            try:
-                self.engine.add_request(request_id, prompt, params)
-            except Exception as error:  # noqa: BLE001 - the caller gets the refusal
-                stream.put(error)
-                continue
-            self._streams[request_id] = stream
-        return True
+    def _receive(self) -> tuple | None:
+        try:
+            return self._results.recv()
+        except (EOFError, OSError):
+            return None
 
-    def _finish_stream(self, request_id: str, output: RequestOutput | None) -> None:
-        """Delivers an aborted request's final output and counts it as finished."""
-        stream = self._streams.pop(request_id, None)
-        if stream is None or output is None:
-            return
-        stream.put(output)
-        if self.on_iteration is not None:
-            now = time.monotonic()
-            self.on_iteration(IterationStats(now, finished=[_finished_entry(output, stream, now)]))
+    def _read(self) -> None:
+        """The reader thread: each step's deltas to the callers, until the core goes away."""
+        while (message := self._receive()) is not None:
+            if message[0] == "step":
+                self._publish(message[1], message[2])
+            elif message[0] == "refused":  # checked here, so the core only refuses on a bug
+                self._fail_stream(message[1], ValueError(message[2]))
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        error = self.dead_error or EngineDeadError(
+            f"the engine core stopped (exit code {self._process.exitcode})")
+        self.dead_error = error
+        for stream in streams.values():
+            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, error)
 
-    def _fail_queued(self, error: BaseException) -> None:
-        """Answers adds the loop will never take."""
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if command[0] == "add":
-                command[-1].put(error)
+    def _fail_stream(self, request_id: str, error: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, error)
 
-    def _publish(self, outputs: list[RequestOutput]) -> None:
-        """Sends each output to its caller, and the step's stats to `on_iteration`."""
+    def _publish(self, deltas: list[RequestDelta], stats: CoreStats) -> None:
+        """Rebuilds each delta's output and sends it to its caller; the step's stats to
+        `on_iteration`."""
         now = time.monotonic()
-        stats = IterationStats(now)
-        # One wake-up of each caller event loop per step, not one per request: at hundreds of
-        # running requests, per-output wake-ups cost the GIL time a step has.
+        iteration = IterationStats(now)
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue
-            num_tokens = sum(len(completion.token_ids) for completion in output.outputs)
-            new_tokens = num_tokens - stream.num_tokens
-            if new_tokens > 0:
-                stats.generation_tokens += new_tokens
-                if stream.last_token_time is None:
-                    stats.prompt_tokens += len(output.prompt_token_ids)
-                    stats.time_to_first_token.append(now - output.metrics.arrival_time)
-                else:
-                    stats.inter_token_latency.append(now - stream.last_token_time)
-                stream.num_tokens, stream.last_token_time = num_tokens, now
-            if output.finished:
-                stats.finished.append(_finished_entry(output, stream, now))
-                del self._streams[output.request_id]
-            deliveries.setdefault(stream.loop, []).append((stream.outputs, output))
+        with self._lock:
+            self.stats = stats
+            self._num_unseen_adds = 0
+            for delta in deltas:
+                stream = self._streams.get(delta.request_id)
+                if stream is None:
+                    continue
+                output = self._accumulator.apply(delta)
+                num_tokens = sum(len(completion.token_ids) for completion in output.outputs)
+                if num_tokens > stream.num_tokens:
+                    iteration.generation_tokens += num_tokens - stream.num_tokens
+                    if stream.last_token_time is None:
+                        iteration.prompt_tokens += len(output.prompt_token_ids)
+                        iteration.time_to_first_token.append(now - stream.arrival_time)
+                    else:
+                        iteration.inter_token_latency.append(now - stream.last_token_time)
+                    stream.num_tokens, stream.last_token_time = num_tokens, now
+                if output.finished:
+                    iteration.finished.append(_finished_entry(output, stream, now))
+                    del self._streams[delta.request_id]
+                if not stream.abandoned:
+                    deliveries.setdefault(stream.loop, []).append((stream.outputs, output))
         for loop, items in deliveries.items():
             loop.call_soon_threadsafe(_deliver, items)
         if self.on_iteration is not None:
-            self.on_iteration(stats)
+            self.on_iteration(iteration)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
@@ -267,6 +297,6 @@ def _finished_entry(output: RequestOutput, stream: _Stream, now: float) -> tuple
     reason = output.outputs[0].finish_reason or "abort"
     if reason.startswith("error"):
         reason = "error"
-    queued = (metrics.first_scheduled_time or now) - metrics.arrival_time
+    queued = max((metrics.first_scheduled_time or now) - metrics.arrival_time, 0.0)
     num_tokens = sum(len(completion.token_ids) for completion in output.outputs)
-    return reason, now - metrics.arrival_time, queued, len(output.prompt_token_ids), num_tokens
+    return reason, now - stream.arrival_time, queued, len(output.prompt_token_ids), num_tokens

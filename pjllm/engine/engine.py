@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pjllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig, ModelConfig
+from pjllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from pjllm.engine.detokenizer import decode_new_text, find_stop_string, start_detokenizer
+from pjllm.engine.input_processor import InputProcessor, PromptType
 from pjllm.engine.kv_cache_manager import KVCacheManager, pages_needed
 from pjllm.engine.scheduler import ScheduledSeq, Scheduler
 from pjllm.engine.sequence import Request, Sequence
@@ -21,14 +22,12 @@ from pjllm.kernels import ops
 from pjllm.models.loader import build_model
 from pjllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pjllm.runner.memory import kv_cache_bytes
-from pjllm.runner.model_runner import MAX_BANNED_TOKENS, ModelRunner, StepHandle, StepResult
+from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
 from pjllm.runner.sampler import SamplerOutput, TokenLogprobs
 from pjllm.sampling_params import SamplingParams
-from pjllm.validation import is_int
 
 logger = logging.getLogger("pjllm")
 
-PromptType = str | dict[str, Any] | list[int]
 
 
 @dataclasses.dataclass
@@ -61,13 +60,6 @@ def _resolve_dtype(dtype: str) -> Any:
     return jnp.dtype(dtype)
 
 
-def _short_repr(values, limit: int = 8) -> str:
-    """repr of a sequence, its first `limit` items only (error messages name the bad values)."""
-    values = list(values)
-    head = ", ".join(map(repr, values[:limit]))
-    return f"[{head}{', ...' if len(values) > limit else ''}] ({len(values)} items)"
-
-
 def enable_compilation_cache(directory: str | None) -> None:
     """Turns on JAX's persistent compilation cache, so a restart skips XLA compiles."""
     if directory is None:
@@ -82,20 +74,13 @@ class LLMEngine:
     """Owns the model runner, the scheduler and every request's state."""
 
     def __init__(self, config: EngineConfig):
-        from pjllm.models.weights import load_generation_defaults, load_hf_config, load_tokenizer
-
         self.config = config
-        if config.load_format != "dummy" and not os.path.exists(config.model):
-            raise ValueError(f"model path {config.model!r} does not exist")
+        self.inputs = InputProcessor(config)
         enable_compilation_cache(config.compilation_cache_dir)
-        self.model_config = ModelConfig.from_hf_config(load_hf_config(config.model))
-        wants_tokenizer = not config.skip_tokenizer_init and (config.load_format != "dummy"
-                                                              or config.tokenizer is not None)
-        self.tokenizer = load_tokenizer(config.model, config.tokenizer) if wants_tokenizer else None
-        self.generation_defaults = (load_generation_defaults(config.model)
-                                    if config.generation_config == "auto" else {})
+        self.model_config = self.inputs.model_config
+        self.tokenizer = self.inputs.tokenizer
+        self.max_model_len = self.inputs.max_model_len
         self.dtype = _resolve_dtype(config.dtype)
-        self.max_model_len = self._resolve_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         self.attention_backend = config.attention_backend
         if self.attention_backend == "auto":
@@ -146,22 +131,6 @@ class LLMEngine:
         warmup is off or done); its timings go into `startup_timings`."""
         self.startup_timings.update(self.model_runner.wait_for_warmup())
 
-    def _resolve_max_model_len(self) -> int:
-        """The user's max_model_len, or the model's context length; never past it (nor past a
-        sliding attention window, since the attention kernels attend to the whole context)."""
-        window = self.model_config.sliding_window
-        limit = self.model_config.max_context_len
-        if self.config.max_model_len is None:
-            return min(limit, window or limit)
-        if self.config.max_model_len > limit:
-            raise ValueError(f"max_model_len ({self.config.max_model_len}) must be <= the model's "
-                             f"context length ({limit}, from max_position_embeddings and rope "
-                             f"scaling)")
-        if window is not None and self.config.max_model_len > window:
-            raise ValueError(f"max_model_len ({self.config.max_model_len}) must be <= the model's "
-                             f"sliding_window ({window}): sliding-window attention is not supported")
-        return self.config.max_model_len
-
     def _num_pages_from_memory(self, weights_bytes: int) -> int:
         cfg = self.model_config
         page_bytes = cfg.num_layers * ops.kv_cache_bytes_per_page(
@@ -185,9 +154,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def default_sampling_params(self) -> SamplingParams:
-        """What a request that sets nothing samples with: the model's generation_config.json
-        defaults (`EngineConfig.generation_config`), else SamplingParams' own."""
-        return SamplingParams(**self.generation_defaults)
+        return self.inputs.default_sampling_params()
+
+    def process_prompt(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+        return self.inputs.process_prompt(prompt, params)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         """Validates and queues a request; it joins the running batch at the next step.
@@ -200,7 +170,7 @@ class LLMEngine:
             raise ValueError(f"request_id must be a string; got {type(request_id).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, token_ids = self.process_prompt(prompt, params)
+        text, token_ids = self.inputs.process_prompt(prompt, params)
         eos = () if params.ignore_eos else self.model_config.eos_token_ids
         request = Request(request_id, text, token_ids, params, eos_token_ids=eos)
         if params.prompt_logprobs is not None:
@@ -218,86 +188,6 @@ class LLMEngine:
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
-
-    def process_prompt(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
-        """Checks a request against the model and tokenizes its prompt: (prompt text or None,
-        token ids). Reads no engine state, so a server calls it on its own thread, before
-        handing the ids to the step loop. Raises ValueError naming the field."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams; got {type(params).__name__}")
-        self._check_against_model(params)
-        text, token_ids = self._tokenize(prompt)
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(token_ids)} tokens; it must be shorter than "
-                             f"max_model_len ({self.max_model_len})")
-        return text, token_ids
-
-    def _check_against_model(self, params: SamplingParams) -> None:
-        """What SamplingParams cannot check alone: limits set by the model and the engine."""
-        vocab = self.model_config.vocab_size
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"SamplingParams.n must be <= max_num_seqs ({self.config.max_num_seqs}); "
-                             f"got {params.n}")
-        for field in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, field)
-            if value is not None and value > vocab:
-                raise ValueError(f"SamplingParams.{field} must be <= the vocabulary size ({vocab}); "
-                                 f"got {value}")
-            if value is not None and value > self.config.max_logprobs:
-                raise ValueError(f"SamplingParams.{field} must be <= max_logprobs "
-                                 f"({self.config.max_logprobs}); got {value}")
-        outside = [t for t in params.stop_token_ids if t >= vocab]
-        if outside:
-            raise ValueError(f"SamplingParams.stop_token_ids must be in [0, {vocab}); got {outside}")
-        banned = len(params.stop_token_ids) + (0 if params.ignore_eos else
-                                               len(self.model_config.eos_token_ids))
-        if params.min_tokens > 0 and banned > MAX_BANNED_TOKENS:
-            raise ValueError(f"SamplingParams.stop_token_ids: with min_tokens > 0, at most "
-                             f"{MAX_BANNED_TOKENS} stop and EOS ids can be held back; got {banned}")
-
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(prompt text or None, token ids), checked: ids are integers in [0, vocab_size)."""
-        if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown or not prompt:
-                raise ValueError("a prompt dict takes 'prompt' (text) or 'prompt_token_ids'; got keys "
-                                 f"{sorted(map(str, prompt))}")
-            text = prompt.get("prompt")
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"prompt must be a string; got {type(text).__name__}")
-            if "prompt_token_ids" in prompt:
-                return text, self._check_token_ids(prompt["prompt_token_ids"])
-            prompt = text
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer (skip_tokenizer_init, or dummy weights): "
-                                 "pass prompt_token_ids")
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            return prompt, self._check_token_ids(self.tokenizer.encode(prompt))
-        if not isinstance(prompt, (list, tuple, np.ndarray)):
-            raise ValueError("prompt must be a string, a list of token ids, or a dict with 'prompt' or "
-                             f"'prompt_token_ids'; got {type(prompt).__name__}")
-        return None, self._check_token_ids(prompt)
-
-    def _check_token_ids(self, token_ids: object) -> list[int]:
-        """The ids as plain ints; each must be an integer in [0, vocab_size) (a tokenizer's too:
-        one with added tokens past the model's vocabulary would be read out of bounds)."""
-        vocab = self.model_config.vocab_size
-        if not isinstance(token_ids, (list, tuple)) and not (
-                isinstance(token_ids, np.ndarray) and token_ids.ndim == 1):
-            raise ValueError("prompt_token_ids must be a flat list of integer token ids; got "
-                             f"{type(token_ids).__name__}")
-        if len(token_ids) == 0:
-            raise ValueError("prompt_token_ids must not be empty")
-        if not all(is_int(t) for t in token_ids):
-            raise ValueError("prompt_token_ids must be a flat list of integer token ids; got "
-                             f"{_short_repr(token_ids)}")
-        ids = [int(t) for t in token_ids]
-        outside = [t for t in ids if not 0 <= t < vocab]
-        if outside:
-            raise ValueError(f"prompt_token_ids must be in [0, {vocab}); got {_short_repr(outside)}")
-        return ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stops a request at once and frees its pages. Returns its final output (finish reason
@@ -341,10 +231,15 @@ class LLMEngine:
         exactly once, after which it is forgotten and its id free again. A step that fails
         finishes the requests in it with an "error: ..." finish reason; the engine goes on.
         """
+        return [self._request_output(request) for request in self.step_requests(include_unfinished)]
+
+    def step_requests(self, include_unfinished: bool = True) -> list[Request]:
+        """`step`, returning the requests themselves rather than copies of their state (for a
+        caller that sends only what changed, like the engine core process)."""
         self._check_open()
         start = time.perf_counter()
         wait_before = self.step_timings.wait_s
-        outputs: list[RequestOutput] = []
+        outputs: list[Request] = []
         try:
             if self._in_flight is not None and not self.config.async_scheduling:
                 previous, self._in_flight = self._in_flight, None
@@ -390,7 +285,7 @@ class LLMEngine:
                 seq.add_pending_token(row)
         return _InFlightStep(scheduled, chunk_starts, samples, handle)
 
-    def _process_or_fail(self, step: "_InFlightStep", include_unfinished: bool) -> list[RequestOutput]:
+    def _process_or_fail(self, step: "_InFlightStep", include_unfinished: bool) -> list[Request]:
         """Processes a dispatched step's tokens. If the device failed on it, the device state is
         rebuilt (the KV cache it was given is spoilt; every running sequence is recomputed) and
         the step's requests finish with the error."""
@@ -409,7 +304,7 @@ class LLMEngine:
             self.step_timings.wait_s += time.perf_counter() - start
 
     def _process(self, step: "_InFlightStep", result: StepResult,
-                 include_unfinished: bool) -> list[RequestOutput]:
+                 include_unfinished: bool) -> list[Request]:
         outputs = []
         touched: dict[Request, None] = {}  # by identity: an id may be reused once finished
         cursor = 0
@@ -432,13 +327,13 @@ class LLMEngine:
         for request in touched:
             finished = request.is_finished
             if finished or include_unfinished:
-                outputs.append(self._request_output(request))
+                outputs.append(request)
             if finished:
                 self._forget(request)
         return outputs
 
-    def _fail(self, seqs: list[Sequence], error: Exception) -> list[RequestOutput]:
-        """Finishes the requests of `seqs` with `error` as finish reason; returns their outputs."""
+    def _fail(self, seqs: list[Sequence], error: Exception) -> list[Request]:
+        """Finishes the requests of `seqs` with `error` as finish reason; returns them."""
         requests = {seq.request: None for seq in seqs if not seq.is_finished}
         logger.error("a step failed; finishing requests %s with the error",
                      [request.request_id for request in requests], exc_info=error)
@@ -447,7 +342,7 @@ class LLMEngine:
             for seq in request.seqs:
                 self.scheduler.finish(seq, reason)
             self._forget(request)
-        return [self._request_output(request) for request in requests]
+        return list(requests)
 
     def _restart_running(self) -> None:
         """Forgets the step in flight and sends every running sequence back to be recomputed

@@ -34,9 +34,15 @@ async def _final(engine, prompt, params, request_id):
 
 
 def _assert_idle(engine):
-    core = engine.engine
-    assert not core.has_unfinished_requests()
-    assert core.kv_cache_manager.num_free_pages == core.kv_cache_manager.num_pages
+    """Nothing running, waiting or holding pages, as the core last reported (it reports after
+    every step, an abort's too)."""
+    for _ in range(100):
+        stats = engine.stats
+        if (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (0, 0, 0.0) \
+                and not engine._streams:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not idle: {engine.stats}, streams {list(engine._streams)}")
 
 
 def test_concurrent_callers_get_what_llm_generate_gives(engine, tiny_model_path_module):
@@ -87,39 +93,35 @@ def test_a_cancelled_caller_aborts_its_request_and_frees_its_pages(engine):
         return other
 
     assert asyncio.run(run())[-1].finished
-    for _ in range(100):  # the abort is a command to the loop thread
-        if not engine.engine.has_unfinished_requests():
-            break
-        time.sleep(0.05)
     _assert_idle(engine)
 
 
 def test_overload_is_refused_with_its_own_error(tiny_model_path_module):
     small = AsyncLLM(tiny_model_path_module, max_waiting_requests=1, **OPTIONS)
     try:
-        small._num_queued_adds += 1  # one request waiting for the loop thread
+        small._num_unseen_adds += 1  # one request sent, not yet reported by the core
 
         async def run():
             with pytest.raises(EngineOverloadedError, match="max_waiting_requests 1"):
                 await _final(small, _prompts(1)[0], GREEDY, "over")
 
         asyncio.run(run())
-        small._num_queued_adds -= 1
+        small._num_unseen_adds -= 1
     finally:
         small.shutdown()
 
 
-def test_a_dead_loop_fails_its_callers_and_says_so(tiny_model_path_module):
+def test_a_dead_core_fails_its_callers_and_says_so(tiny_model_path_module):
     fragile = AsyncLLM(tiny_model_path_module, **OPTIONS)
-
-    def broken_step(*args, **kwargs):
-        raise SystemError("the device fell off")
-
-    fragile.engine.step = broken_step
+    long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
     try:
         async def run():
-            with pytest.raises(EngineDeadError, match="the device fell off"):
-                await _final(fragile, _prompts(1)[0], GREEDY, "doomed")
+            stream = fragile.generate(_prompts(1)[0], long, "doomed")
+            await anext(stream)
+            fragile._process.kill()  # the core process dies mid-request
+            with pytest.raises(EngineDeadError, match="engine core stopped"):
+                async for _ in stream:
+                    pass
             with pytest.raises(EngineDeadError):
                 await _final(fragile, _prompts(1)[0], GREEDY, "late")
 

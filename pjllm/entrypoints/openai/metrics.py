@@ -78,7 +78,7 @@ class ServerMetrics:
         self.running.set(self.engine.num_running_requests())
         self.waiting.set(self.engine.num_waiting_requests())
         self.kv_cache_usage.set(self.engine.kv_cache_usage())
-        preemptions = self.engine.engine.scheduler.num_preemptions
+        preemptions = self.engine.stats.num_preemptions
         self.preemptions.inc(max(preemptions - self._preemptions_seen, 0))
         self._preemptions_seen = preemptions
 

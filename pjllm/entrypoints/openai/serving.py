@@ -67,9 +67,9 @@ class OpenAIServing:
         self.model_name = model_name
         self.model_path = model_path
         self.chat_template = chat_template
-        self.tokenizer = engine.engine.tokenizer
-        self.max_model_len = engine.engine.max_model_len
-        self.defaults = engine.engine.generation_defaults
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.defaults = engine.inputs.generation_defaults
 
     # ------------------------------------------------------------------ small endpoints
     def check_model(self, model: str | None) -> None:
@@ -95,7 +95,7 @@ class OpenAIServing:
 
     def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
         self.check_model(request.model)
-        vocab = self.engine.engine.model_config.vocab_size
+        vocab = self.engine.vocab_size
         if not all(0 <= t < vocab for t in request.tokens):
             raise APIError(400, f"tokens must be in [0, {vocab})", param="tokens")
         return {"prompt": self._require_tokenizer().decode(request.tokens)}
@@ -191,7 +191,7 @@ class OpenAIServing:
     def _prepare(self, prompt: dict[str, Any], params: SamplingParams) -> dict[str, Any]:
         """Tokenizes and checks a prompt here, so the engine loop gets token ids it accepts."""
         try:
-            text, token_ids = self.engine.engine.process_prompt(prompt, params)
+            text, token_ids = self.engine.process_prompt(prompt, params)
         except ValueError as error:
             raise bad_request(error) from error
         return {"prompt": text, "prompt_token_ids": token_ids}
