@@ -67,6 +67,7 @@ class _Stream:
     num_tokens: int = 0
     last_token_time: float | None = None
     abandoned: bool = False  # its caller went away: count its end, deliver nothing
+    done: bool = False  # its final output went out before the core finished it (stop string)
 
 
 class AsyncLLM:
@@ -92,7 +93,7 @@ class AsyncLLM:
         self.stats = CoreStats(0, 0, 0.0, 0)
         self.dead_error: BaseException | None = None
         self._streams: dict[str, _Stream] = {}
-        self._accumulator = OutputAccumulator()
+        self._accumulator = OutputAccumulator(self.inputs.tokenizer)
         self._lock = threading.Lock()  # _streams, _num_unseen_adds, and sends on the pipe
         self._num_unseen_adds = 0  # adds sent since the core last reported its queue
         # spawn, not fork: the parent may have started JAX, which must not be forked.
@@ -169,6 +170,7 @@ class AsyncLLM:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = stream
+            self._accumulator.start(request_id, text, token_ids, params)
             self._num_unseen_adds += 1
             self._send(("add", request_id, {"prompt": text, "prompt_token_ids": token_ids}, params))
         finished = False
@@ -197,7 +199,7 @@ class AsyncLLM:
         """Aborts the caller's own request only: once it finished, the id may be someone else's.
         The stream stays registered (and the id in use) until the core reports the abort."""
         with self._lock:
-            if self._streams.get(request_id) is stream:
+            if self._streams.get(request_id) is stream and not stream.done:
                 stream.abandoned = True
                 self._send(("abort", request_id))
 
@@ -248,8 +250,14 @@ class AsyncLLM:
     def _fail_stream(self, request_id: str, error: BaseException) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None)
+            self._accumulator.forget(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, error)
+
+    def _end(self, request_id: str) -> None:
+        """Forgets a request the core has finished (with the lock held)."""
+        del self._streams[request_id]
+        self._accumulator.forget(request_id)
 
     def _publish(self, deltas: list[RequestDelta], stats: CoreStats) -> None:
         """Rebuilds each delta's output and sends it to its caller; the step's stats to
@@ -264,7 +272,13 @@ class AsyncLLM:
                 stream = self._streams.get(delta.request_id)
                 if stream is None:
                     continue
-                output = self._accumulator.apply(delta)
+                if stream.done:  # its end was counted and delivered; the core caught up
+                    if delta.finished:
+                        self._end(delta.request_id)
+                    continue
+                output, stopped = self._accumulator.apply(delta)
+                for request_id, index, stop in stopped:
+                    self._send(("finish", request_id, index, stop))
                 num_tokens = sum(len(completion.token_ids) for completion in output.outputs)
                 if num_tokens > stream.num_tokens:
                     iteration.generation_tokens += num_tokens - stream.num_tokens
@@ -276,7 +290,10 @@ class AsyncLLM:
                     stream.num_tokens, stream.last_token_time = num_tokens, now
                 if output.finished:
                     iteration.finished.append(_finished_entry(output, stream, now))
-                    del self._streams[delta.request_id]
+                    if delta.finished:
+                        self._end(delta.request_id)
+                    else:  # a stop string ended it here; the id stays taken until the core has
+                        stream.done = True
                 if not stream.abandoned:
                     deliveries.setdefault(stream.loop, []).append((stream.outputs, output))
         for loop, items in deliveries.items():

@@ -6,8 +6,11 @@ core (`LLMEngine`) runs alone in a child process. Commands come down a pipe: ("a
 {"prompt", "prompt_token_ids"}, SamplingParams) with ids the front end already checked,
 ("abort", request_id) and ("stop",). After every step it sends one message up a pipe:
 ("step", [RequestDelta], CoreStats). A delta carries only what changed since the last one (new
-token ids, new text, new logprobs), so a message's size follows the step, not the requests'
-lengths. `OutputAccumulator` turns deltas back into RequestOutputs on the front end's side.
+token ids and their logprobs), so a message's size follows the step, not the requests' lengths.
+The core makes no text: `OutputAccumulator`, on the front end's side, detokenizes, checks stop
+strings (and sends ("finish", request_id, index, stop) for a sequence whose stop string
+matched) and turns the deltas back into RequestOutputs, so neither text nor a slow client ever
+holds up a step.
 """
 
 from __future__ import annotations
@@ -18,39 +21,36 @@ import multiprocessing.connection
 from typing import Any
 
 from pjllm.config import EngineConfig
+from pjllm.engine.detokenizer import decode_new_text, find_stop_string, start_detokenizer
 from pjllm.engine.sequence import Request
-from pjllm.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, RequestOutput, SampleLogprobs
+from pjllm.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput,
+                           SampleLogprobs)
+from pjllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pjllm")
 
 
 @dataclasses.dataclass
 class CompletionDelta:
-    """What one sequence gained: its token ids from `token_start` on (earlier ones unchanged)
-    with their logprobs, and its text from `text_start` on (a stop string may cut text already
-    sent, so the front end keeps text[:text_start] and appends `text`)."""
+    """What one sequence gained: its token ids from `token_start` on (earlier ones unchanged),
+    with their logprobs (decoded_token None: the front end decodes)."""
 
     index: int
     token_start: int
     token_ids: list[int]
     logprobs: SampleLogprobs | None
-    cumulative_logprob: float | None
-    text_start: int
-    text: str
     finish_reason: str | None
     stop_reason: int | str | None
 
 
 @dataclasses.dataclass
 class RequestDelta:
-    """One request's changes in a step; the prompt fields come with its first delta only."""
+    """One request's changes in a step; prompt logprobs come with its first delta only."""
 
     request_id: str
     completions: list[CompletionDelta]
     finished: bool
     metrics: RequestMetrics
-    prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
     prompt_logprobs: PromptLogprobs | None = None
 
 
@@ -65,73 +65,145 @@ class CoreStats:
 
 
 class _DeltaTracker:
-    """What each request has been sent so far (core side): (tokens, text length) per sequence."""
+    """How many tokens of each sequence have been sent (core side), by request identity: ids
+    may be reused."""
 
     def __init__(self) -> None:
-        self._sent: dict[int, tuple[int, int]] = {}  # by id(request): ids may be reused
+        self._sent: dict[int, list[int]] = {}
+        self._prompt_logprobs_sent: set[int] = set()
 
     def delta(self, request: Request) -> RequestDelta:
-        first = id(request) not in self._sent
-        sent = self._sent.get(id(request)) or [(0, 0)] * len(request.seqs)
-        completions, now_sent = [], []
-        for seq, (num_tokens, text_len) in zip(request.seqs, sent):
+        sent = self._sent.get(id(request)) or [0] * len(request.seqs)
+        completions = []
+        for seq, num_sent in zip(request.seqs, sent):
             tokens = seq.output_token_ids
-            text_start = min(text_len, len(seq.text))
             completions.append(CompletionDelta(
-                seq.sample_index, num_tokens, tokens[num_tokens:],
-                seq.logprobs[num_tokens:len(tokens)] if seq.logprobs is not None else None,
-                seq.cumulative_logprob if seq.logprobs is not None else None,
-                text_start, seq.text[text_start:], seq.finish_reason, seq.stop_reason))
-            now_sent.append((len(tokens), len(seq.text)))
-        if request.is_finished:
-            self._sent.pop(id(request), None)
-        else:
-            self._sent[id(request)] = now_sent
+                seq.sample_index, num_sent, tokens[num_sent:],
+                seq.logprobs[num_sent:len(tokens)] if seq.logprobs is not None else None,
+                seq.finish_reason, seq.stop_reason))
         metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time,
                                  request.first_token_time)
         delta = RequestDelta(request.request_id, completions, request.is_finished, metrics)
-        if first:
-            delta.prompt, delta.prompt_token_ids = request.prompt, request.prompt_token_ids
+        # Prompt logprobs once the prompt is done (a first token, or the end), not part-filled
+        # after a first prefill chunk.
+        prompt_done = request.is_finished or any(seq.output_token_ids for seq in request.seqs)
+        if prompt_done and id(request) not in self._prompt_logprobs_sent:
             delta.prompt_logprobs = request.prompt_logprobs
+            self._prompt_logprobs_sent.add(id(request))
+        if request.is_finished:
+            self._sent.pop(id(request), None)
+            self._prompt_logprobs_sent.discard(id(request))
+        else:
+            self._sent[id(request)] = [len(seq.output_token_ids) for seq in request.seqs]
         return delta
 
+
+@dataclasses.dataclass(eq=False)
+class _Text:
+    """Front-end state of one sequence: what `engine/detokenizer.py` reads and writes (the
+    same fields as a Sequence's), its output so far, and whether a stop string ended it."""
+
+    params: SamplingParams
+    token_ids: list[int]  # prompt, then output
+    num_prompt_tokens: int
+    logprobs: SampleLogprobs | None
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    stopped_here: bool = False
+
+    @property
+    def num_resolved_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(eq=False)
+class _RequestText:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: PromptLogprobs | None
+    seqs: dict[int, _Text]
+
+
 class OutputAccumulator:
-    """Front-end side: RequestOutputs rebuilt from deltas, one per live request."""
+    """Front-end side: RequestOutputs rebuilt from the core's deltas, with their text.
 
-    def __init__(self) -> None:
-        self._outputs: dict[str, RequestOutput] = {}
+    Tokens are detokenized one at a time, as `LLMEngine` does in-process, so stop strings cut
+    the text at the same place; a sequence whose stop string matched is finished here at once
+    (tokens the core sampled after it are dropped) and `apply` says which to finish in the core.
+    """
 
-    def apply(self, delta: RequestDelta) -> RequestOutput:
-        output = self._outputs.get(delta.request_id)
-        if output is None:
-            output = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids or [],
-                                   delta.prompt_logprobs, [], False)
-            self._outputs[delta.request_id] = output
-        completions = {c.index: c for c in output.outputs}
-        for change in delta.completions:
-            completion = completions.get(change.index)
-            if completion is None:
-                completion = CompletionOutput(change.index, "", [], None,
-                                              [] if change.logprobs is not None else None)
-                completions[change.index] = completion
-            completion.token_ids = completion.token_ids[:change.token_start] + change.token_ids
-            if change.logprobs is not None:
-                completion.logprobs = completion.logprobs[:change.token_start] + change.logprobs
-            completion.cumulative_logprob = change.cumulative_logprob
-            completion.text = completion.text[:change.text_start] + change.text
-            completion.finish_reason, completion.stop_reason = change.finish_reason, change.stop_reason
-        # A new object each time: the caller may still hold (and read) the previous one.
-        output = dataclasses.replace(output, outputs=[dataclasses.replace(completions[i])
-                                                      for i in sorted(completions)],
-                                     finished=delta.finished, metrics=delta.metrics)
-        if delta.finished:
-            self._outputs.pop(delta.request_id, None)
-        else:
-            self._outputs[delta.request_id] = output
-        return output
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._requests: dict[str, _RequestText] = {}
+
+    def start(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+              params: SamplingParams) -> None:
+        seqs = {}
+        for index in range(params.n):
+            text = _Text(params, list(prompt_token_ids), len(prompt_token_ids),
+                         [] if params.logprobs is not None else None)
+            start_detokenizer(text)
+            seqs[index] = text
+        self._requests[request_id] = _RequestText(prompt, list(prompt_token_ids), None, seqs)
 
     def forget(self, request_id: str) -> None:
-        self._outputs.pop(request_id, None)
+        self._requests.pop(request_id, None)
+
+    def apply(self, delta: RequestDelta) -> tuple[RequestOutput, list[tuple[str, int, str]]]:
+        """The request's output after `delta`, and the (request_id, index, stop string) of each
+        sequence a stop string ended in this delta."""
+        state = self._requests[delta.request_id]
+        if delta.prompt_logprobs is not None:
+            state.prompt_logprobs = [None if entry is None else self._decoded(entry)
+                                     for entry in delta.prompt_logprobs]
+        stopped = []
+        for change in delta.completions:
+            seq = state.seqs[change.index]
+            if seq.stopped_here:
+                continue  # tokens sampled after its stop string
+            for offset, token in enumerate(change.token_ids):
+                seq.token_ids.append(token)
+                if seq.logprobs is not None:
+                    entry = self._decoded(change.logprobs[offset])
+                    seq.logprobs.append(entry)
+                    seq.cumulative_logprob += entry[token].logprob
+                stop = self._stop_string(seq)
+                if stop is not None:
+                    seq.finish_reason, seq.stop_reason, seq.stopped_here = "stop", stop, True
+                    stopped.append((delta.request_id, change.index, stop))
+                    break
+            else:
+                seq.finish_reason, seq.stop_reason = change.finish_reason, change.stop_reason
+        completions = [CompletionOutput(
+            index, seq.text, seq.token_ids[seq.num_prompt_tokens:],
+            seq.cumulative_logprob if seq.logprobs is not None else None,
+            list(seq.logprobs) if seq.logprobs is not None else None, seq.finish_reason, seq.stop_reason)
+            for index, seq in sorted(state.seqs.items())]
+        finished = all(c.finish_reason is not None for c in completions)
+        output = RequestOutput(delta.request_id, state.prompt, state.prompt_token_ids,
+                               state.prompt_logprobs, completions, finished, delta.metrics)
+        return output, stopped
+
+    def _stop_string(self, seq: _Text) -> str | None:
+        """Detokenizes the newest token; returns the stop string it completed, if any (not
+        before min_tokens)."""
+        if self.tokenizer is None:
+            return None
+        new_text_len = len(decode_new_text(self.tokenizer, seq))
+        past_min = len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.min_tokens
+        if not (past_min and seq.params.stop):
+            return None
+        return find_stop_string(seq, new_text_len)
+
+    def _decoded(self, entry: dict[int, Logprob]) -> dict[int, Logprob]:
+        if self.tokenizer is None:
+            return entry
+        return {token: dataclasses.replace(lp, decoded_token=self.tokenizer.decode([token]))
+                for token, lp in entry.items()}
 
 
 def run_engine_core(config: EngineConfig, commands: multiprocessing.connection.Connection,
@@ -143,7 +215,7 @@ def run_engine_core(config: EngineConfig, commands: multiprocessing.connection.C
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        engine = LLMEngine(config)
+        engine = LLMEngine(config, detokenize=False)
     except Exception as error:  # noqa: BLE001 - the parent reports it
         results.send(("failed", f"{type(error).__name__}: {error}"))
         return
@@ -171,6 +243,12 @@ def _apply(engine: Any, tracker: _DeltaTracker, command: tuple,
     """Runs one command; False once told to stop."""
     if command[0] == "stop":
         return False
+    if command[0] == "finish":
+        _, request_id, index, stop = command
+        request = engine.finish_sequence(request_id, index, stop)
+        if request is not None:
+            results.send(("step", [tracker.delta(request)], _stats(engine)))
+        return True
     if command[0] == "abort":
         request = engine.requests.get(command[1])
         if engine.abort_request(command[1]) is not None:  # its final state, finish reason "abort"

@@ -71,14 +71,21 @@ def enable_compilation_cache(directory: str | None) -> None:
 
 
 class LLMEngine:
-    """Owns the model runner, the scheduler and every request's state."""
+    """Owns the model runner, the scheduler and every request's state.
 
-    def __init__(self, config: EngineConfig):
+    With `detokenize=False` (the engine core of a server) outputs carry token ids only: no text,
+    no stop strings, no decoded logprob tokens; the caller does that off the step loop
+    (`engine/core_process.py`) and ends a sequence whose stop string matched with
+    `finish_sequence`.
+    """
+
+    def __init__(self, config: EngineConfig, detokenize: bool = True):
         self.config = config
         self.inputs = InputProcessor(config)
         enable_compilation_cache(config.compilation_cache_dir)
         self.model_config = self.inputs.model_config
         self.tokenizer = self.inputs.tokenizer
+        self._text_tokenizer = self.tokenizer if detokenize else None  # None: no text made here
         self.max_model_len = self.inputs.max_model_len
         self.dtype = _resolve_dtype(config.dtype)
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -200,6 +207,20 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         self._forget(request)
         return self._request_output(request)
+
+    def finish_sequence(self, request_id: str, index: int, stop_reason: str) -> Request | None:
+        """Ends sequence `index` of a request with finish reason "stop" (its stop string matched
+        where the text is made); no-op if it has ended already. Returns the request if that
+        finished it (it is forgotten then, like a request `step` reports as finished; the
+        caller reports it), else None (a later step reports it)."""
+        request = self.requests.get(request_id)
+        if request is None or not 0 <= index < len(request.seqs):
+            return None
+        self.scheduler.finish(request.seqs[index], "stop", stop_reason)
+        if not request.is_finished:
+            return None
+        self._forget(request)
+        return request
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -388,7 +409,7 @@ class LLMEngine:
         return entry
 
     def _decode_token(self, token: int) -> str | None:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
+        return self._text_tokenizer.decode([token]) if self._text_tokenizer is not None else None
 
     def _append_token(self, seq: Sequence, row: int, sampled: SamplerOutput) -> None:
         token = int(sampled.token_ids[row])
@@ -399,7 +420,8 @@ class LLMEngine:
         params = seq.params
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob_entry(token, sampled.logprobs, row, params.logprobs))
-        new_text_len = len(decode_new_text(self.tokenizer, seq)) if self.tokenizer is not None else 0
+        new_text_len = (len(decode_new_text(self._text_tokenizer, seq))
+                        if self._text_tokenizer is not None else 0)
 
         past_min = seq.num_resolved_tokens - seq.num_prompt_tokens >= params.min_tokens
         if past_min and token in seq.request.eos_token_ids:

@@ -123,6 +123,24 @@ def test_chat_streamed_and_not_equals_llm_chat(client, llm):
     assert chunks[-1].usage.total_tokens == response.usage.total_tokens
 
 
+def test_stop_strings_and_logprobs_equal_llm_generate(client, llm):
+    """The server makes text off the engine's step loop; it must cut at the same places."""
+    params = pjllm.SamplingParams(temperature=0.9, top_k=40, max_tokens=24, n=2, seed=11,
+                                  stop=[" the", "."], logprobs=2)
+    expected = llm.generate(PROMPT, params, use_tqdm=False)[0]
+    assert any(c.stop_reason in (" the", ".") for c in expected.outputs)  # the path under test
+    response = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=24, n=2, seed=11,
+                                         temperature=0.9, stop=[" the", "."], logprobs=2,
+                                         extra_body={"top_k": 40, "return_token_ids": True})
+    for choice, completion in zip(response.choices, expected.outputs):
+        assert choice.text == completion.text
+        assert choice.finish_reason == completion.finish_reason
+        assert choice.model_extra["token_ids"] == completion.token_ids
+        assert choice.logprobs.token_logprobs == pytest.approx(
+            [entry[t].logprob for t, entry in zip(completion.token_ids, completion.logprobs)], abs=1e-5)
+    assert response.usage.completion_tokens == sum(len(c.token_ids) for c in expected.outputs)
+
+
 def test_n_seed_stop_logprobs_and_batched_prompts(client):
     sampled = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=8, temperature=0.8,
                                         n=2, seed=7)
