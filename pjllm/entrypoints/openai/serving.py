@@ -144,6 +144,10 @@ class OpenAIServing:
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         if request.top_logprobs and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        max_logprobs = self.engine.inputs.config.max_logprobs
+        if num_logprobs is not None and num_logprobs > max_logprobs:
+            raise APIError(400, f"top_logprobs must be <= max_logprobs ({max_logprobs}); got "
+                                f"{num_logprobs}", param="top_logprobs")
         params = self._params(request, request.max_completion_tokens or request.max_tokens, num_logprobs)
         token_ids = self._render_chat(request.messages, request.add_generation_prompt,
                                       request.chat_template_kwargs)
