@@ -253,11 +253,17 @@ def test_a_burst_with_disconnects_is_all_answered_and_leaves_nothing_held(server
                     return "left"  # leaving the block closes the connection mid-stream
         return "cut"
 
+    async def health_under_load(client):
+        await asyncio.sleep(0.5)  # the burst is being admitted and prefilled
+        return [(await client.get("/health", timeout=10)).status_code for _ in range(3)]
+
     async def burst():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            return await asyncio.gather(*[one(client, index) for index in range(12)])
+            return await asyncio.gather(health_under_load(client),
+                                        *[one(client, index) for index in range(12)])
 
-    results = asyncio.run(burst())
+    health, *results = asyncio.run(burst())
+    assert health == [200, 200, 200]
     assert results.count("left") == 4 and results.count("done") == 8
     # A client that gives up on a non-streamed request also frees it.
     with pytest.raises(httpx.ReadTimeout):
