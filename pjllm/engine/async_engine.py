@@ -289,7 +289,7 @@ class AsyncLLM:
                         iteration.inter_token_latency.append(now - stream.last_token_time)
                     stream.num_tokens, stream.last_token_time = num_tokens, now
                 if output.finished:
-                    iteration.finished.append(_finished_entry(output, stream, now))
+                    iteration.finished.append(_finished_entry(output, num_tokens, stream, now))
                     if delta.finished:
                         self._end(delta.request_id)
                     else:  # a stop string ended it here; the id stays taken until the core has
@@ -307,7 +307,8 @@ def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         outputs.put_nowait(output)
 
 
-def _finished_entry(output: RequestOutput, stream: _Stream, now: float) -> tuple[str, float, float, int, int]:
+def _finished_entry(output: RequestOutput, num_tokens: int, stream: _Stream,
+                    now: float) -> tuple[str, float, float, int, int]:
     """(finish reason, e2e seconds, queue seconds, prompt tokens, output tokens) of a finished
     request; the reason is its first completion's ("error" for any error message)."""
     metrics = output.metrics
@@ -315,5 +316,4 @@ def _finished_entry(output: RequestOutput, stream: _Stream, now: float) -> tuple
     if reason.startswith("error"):
         reason = "error"
     queued = max((metrics.first_scheduled_time or now) - metrics.arrival_time, 0.0)
-    num_tokens = sum(len(completion.token_ids) for completion in output.outputs)
     return reason, now - stream.arrival_time, queued, len(output.prompt_token_ids), num_tokens

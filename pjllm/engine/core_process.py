@@ -21,7 +21,7 @@ import multiprocessing.connection
 from typing import Any
 
 from pjllm.config import EngineConfig
-from pjllm.engine.detokenizer import decode_new_text, find_stop_string, start_detokenizer
+from pjllm.engine.detokenizer import decode_new_text, decode_token, find_stop_string, start_detokenizer
 from pjllm.engine.sequence import Request
 from pjllm.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput,
                            SampleLogprobs)
@@ -189,20 +189,15 @@ class OutputAccumulator:
         return output, stopped
 
     def _stop_string(self, seq: _Text) -> str | None:
-        """Detokenizes the newest token; returns the stop string it completed, if any (not
-        before min_tokens)."""
+        """Detokenizes the newest token; returns the stop string it completed, if any."""
         if self.tokenizer is None:
             return None
-        new_text_len = len(decode_new_text(self.tokenizer, seq))
-        past_min = len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.min_tokens
-        if not (past_min and seq.params.stop):
-            return None
-        return find_stop_string(seq, new_text_len)
+        return find_stop_string(seq, len(decode_new_text(self.tokenizer, seq)))
 
     def _decoded(self, entry: dict[int, Logprob]) -> dict[int, Logprob]:
         if self.tokenizer is None:
             return entry
-        return {token: dataclasses.replace(lp, decoded_token=self.tokenizer.decode([token]))
+        return {token: dataclasses.replace(lp, decoded_token=decode_token(self.tokenizer, token))
                 for token, lp in entry.items()}
 
 

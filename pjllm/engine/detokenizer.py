@@ -33,8 +33,16 @@ def decode_new_text(tokenizer, seq: Sequence) -> str:
     return new_text
 
 
+def decode_token(tokenizer, token: int) -> str | None:
+    """One token's text (a logprob's `decoded_token`); None without a tokenizer."""
+    return tokenizer.decode([token]) if tokenizer is not None else None
+
+
 def find_stop_string(seq: Sequence, new_text_len: int) -> str | None:
-    """Checks the text that just arrived for a stop string; truncates `seq.text` at the match."""
+    """Checks the text that just arrived for a stop string; truncates `seq.text` at the match.
+    Stop strings count only once `min_tokens` tokens are out."""
+    if seq.num_resolved_tokens - seq.num_prompt_tokens < seq.params.min_tokens:
+        return None
     for stop in seq.params.stop:
         # A match may start up to len(stop) - 1 characters before the new text.
         search_from = max(len(seq.text) - new_text_len - len(stop) + 1, 0)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pjllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
-from pjllm.engine.detokenizer import decode_new_text, find_stop_string, start_detokenizer
+from pjllm.engine.detokenizer import decode_new_text, decode_token, find_stop_string, start_detokenizer
 from pjllm.engine.input_processor import InputProcessor, PromptType
 from pjllm.engine.kv_cache_manager import KVCacheManager, pages_needed
 from pjllm.engine.scheduler import ScheduledSeq, Scheduler
@@ -73,19 +73,19 @@ def enable_compilation_cache(directory: str | None) -> None:
 class LLMEngine:
     """Owns the model runner, the scheduler and every request's state.
 
-    With `detokenize=False` (the engine core of a server) outputs carry token ids only: no text,
-    no stop strings, no decoded logprob tokens; the caller does that off the step loop
+    With `detokenize=False` (the engine core of a server) it loads no tokenizer, takes prompts as
+    token ids, and its outputs carry token ids only: no text, no stop strings, no decoded
+    logprob tokens; the caller does that off the step loop
     (`engine/core_process.py`) and ends a sequence whose stop string matched with
     `finish_sequence`.
     """
 
     def __init__(self, config: EngineConfig, detokenize: bool = True):
         self.config = config
-        self.inputs = InputProcessor(config)
+        self.inputs = InputProcessor(config, load_tokenizer=detokenize)
         enable_compilation_cache(config.compilation_cache_dir)
         self.model_config = self.inputs.model_config
         self.tokenizer = self.inputs.tokenizer
-        self._text_tokenizer = self.tokenizer if detokenize else None  # None: no text made here
         self.max_model_len = self.inputs.max_model_len
         self.dtype = _resolve_dtype(config.dtype)
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -162,9 +162,6 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def default_sampling_params(self) -> SamplingParams:
         return self.inputs.default_sampling_params()
-
-    def process_prompt(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
-        return self.inputs.process_prompt(prompt, params)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         """Validates and queues a request; it joins the running batch at the next step.
@@ -402,14 +399,11 @@ class LLMEngine:
                        num: int) -> dict[int, Logprob]:
         """{token: its Logprob, then each of the row's top `num` tokens: theirs}."""
         entry = {token: Logprob(float(logprobs.logprobs[row]), int(logprobs.ranks[row]),
-                                self._decode_token(token))}
+                                decode_token(self.tokenizer, token))}
         for index, candidate in enumerate(logprobs.top_ids[row, :num].tolist()):
             entry.setdefault(candidate, Logprob(float(logprobs.top_logprobs[row, index]), index + 1,
-                                                self._decode_token(candidate)))
+                                                decode_token(self.tokenizer, candidate)))
         return entry
-
-    def _decode_token(self, token: int) -> str | None:
-        return self._text_tokenizer.decode([token]) if self._text_tokenizer is not None else None
 
     def _append_token(self, seq: Sequence, row: int, sampled: SamplerOutput) -> None:
         token = int(sampled.token_ids[row])
@@ -420,15 +414,14 @@ class LLMEngine:
         params = seq.params
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob_entry(token, sampled.logprobs, row, params.logprobs))
-        new_text_len = (len(decode_new_text(self._text_tokenizer, seq))
-                        if self._text_tokenizer is not None else 0)
+        new_text_len = len(decode_new_text(self.tokenizer, seq)) if self.tokenizer is not None else 0
 
         past_min = seq.num_resolved_tokens - seq.num_prompt_tokens >= params.min_tokens
         if past_min and token in seq.request.eos_token_ids:
             self.scheduler.finish(seq, "stop")
         elif past_min and token in params.stop_token_ids:
             self.scheduler.finish(seq, "stop", token)
-        elif past_min and params.stop and (stop := find_stop_string(seq, new_text_len)) is not None:
+        elif (stop := find_stop_string(seq, new_text_len)) is not None:
             self.scheduler.finish(seq, "stop", stop)
         elif seq.num_resolved_tokens >= seq.max_num_tokens:
             self.scheduler.finish(seq, "length")

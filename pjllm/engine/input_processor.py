@@ -31,15 +31,17 @@ def _short_repr(values, limit: int = 8) -> str:
 class InputProcessor:
     """Checks requests against the model and the engine's limits, and tokenizes prompts."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, load_tokenizer: bool = True):
+        """`load_tokenizer=False`: prompts must be token ids (an engine core that gets them
+        checked and tokenized already)."""
         from pjllm.models.weights import load_generation_defaults, load_hf_config, load_tokenizer
 
         if config.load_format != "dummy" and not os.path.exists(config.model):
             raise ValueError(f"model path {config.model!r} does not exist")
         self.config = config
         self.model_config = ModelConfig.from_hf_config(load_hf_config(config.model))
-        wants_tokenizer = not config.skip_tokenizer_init and (config.load_format != "dummy"
-                                                              or config.tokenizer is not None)
+        wants_tokenizer = load_tokenizer and not config.skip_tokenizer_init and (
+            config.load_format != "dummy" or config.tokenizer is not None)
         self.tokenizer = load_tokenizer(config.model, config.tokenizer) if wants_tokenizer else None
         self.generation_defaults = (load_generation_defaults(config.model)
                                     if config.generation_config == "auto" else {})

@@ -10,6 +10,9 @@ import sys
 from pjllm.config import EngineConfig
 
 
+_GENERATE_SKIPS = ("model", "seed")  # `pjllm generate` options of its own with these names
+
+
 def _add_generate_parser(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate text for one or more prompts")
     parser.add_argument("--model", default=None,
@@ -28,15 +31,8 @@ def _add_generate_parser(subparsers) -> None:
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--stop", action="append", default=None)
     parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="default: the model's context length")
-    parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--num-pages", type=int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--load-format", default="auto")
+    # --seed is the sampling seed here; the engine's keeps its default.
+    add_dataclass_args(parser.add_argument_group("engine"), EngineConfig, skip=_GENERATE_SKIPS)
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine progress")
 
 
@@ -46,10 +42,7 @@ def _generate(args: argparse.Namespace) -> int:
     from pjllm.sampling_params import SamplingParams
 
     model = args.model or resolve_default_model()
-    llm = LLM(model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              page_size=args.page_size, num_pages=args.num_pages,
-              gpu_memory_utilization=args.gpu_memory_utilization,
-              attention_backend=args.attention_backend, load_format=args.load_format)
+    llm = LLM(model, **dataclass_kwargs(args, EngineConfig, skip=_GENERATE_SKIPS))
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
                             ignore_eos=args.ignore_eos)
