@@ -28,6 +28,18 @@ def _short_repr(values, limit: int = 8) -> str:
     return f"[{head}{', ...' if len(values) > limit else ''}] ({len(values)} items)"
 
 
+def render_chat(tokenizer: Any, conversation: list[dict[str, str]], chat_template: str | None = None,
+                add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+    """The token ids of a conversation rendered with the tokenizer's chat template (or
+    `chat_template`); transformers returns them bare or inside a BatchEncoding."""
+    token_ids = tokenizer.apply_chat_template(conversation, chat_template=chat_template,
+                                              add_generation_prompt=add_generation_prompt,
+                                              tokenize=True, **template_kwargs)
+    if isinstance(token_ids, dict) or hasattr(token_ids, "input_ids"):
+        token_ids = token_ids["input_ids"]
+    return list(token_ids)
+
+
 class InputProcessor:
     """Checks requests against the model and the engine's limits, and tokenizes prompts."""
 

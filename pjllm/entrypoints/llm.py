@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from pjllm.config import EngineConfig
 from pjllm.engine.engine import LLMEngine, PromptType
+from pjllm.engine.input_processor import render_chat
 from pjllm.outputs import RequestOutput
 from pjllm.sampling_params import SamplingParams
 
@@ -100,14 +101,9 @@ class LLM:
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; this engine has none (dummy weights)")
-        prompts: list[PromptType] = []
-        for conversation in conversations:
-            token_ids = tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=True)
-            if isinstance(token_ids, dict) or hasattr(token_ids, "input_ids"):
-                token_ids = token_ids["input_ids"]
-            prompts.append({"prompt_token_ids": list(token_ids)})
+        prompts: list[PromptType] = [
+            {"prompt_token_ids": render_chat(tokenizer, conversation, chat_template, add_generation_prompt)}
+            for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 

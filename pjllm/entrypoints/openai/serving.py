@@ -18,6 +18,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from pjllm.engine.async_engine import AsyncLLM
+from pjllm.engine.input_processor import render_chat
 from pjllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pjllm.sampling_params import SamplingParams
 
@@ -174,15 +175,11 @@ class OpenAIServing:
         tokenizer = self._require_tokenizer()
         try:
             conversation = [{"role": m.role, "content": m.text()} for m in messages]
-            token_ids = tokenizer.apply_chat_template(
-                conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=True, **(template_kwargs or {}))
+            return render_chat(tokenizer, conversation, self.chat_template, add_generation_prompt,
+                               **(template_kwargs or {}))
         except Exception as error:  # noqa: BLE001 - a template's refusal is the request's fault
             raise APIError(400, f"the chat template could not render these messages: {error}",
                            param="messages") from error
-        if isinstance(token_ids, dict) or hasattr(token_ids, "input_ids"):
-            token_ids = token_ids["input_ids"]
-        return list(token_ids)
 
     # ------------------------------------------------------------------ shared
     def _params(self, request: SamplingRequest, max_tokens: int | None,
