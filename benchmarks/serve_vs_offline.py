@@ -36,6 +36,51 @@ def _run_bench(args: list[str], output_json: str) -> dict:
         return json.load(f)["results"][0]
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _children(pid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _run_bench_measuring_cpu(args: list[str], output_json: str, server_pid: int) -> dict:
+    """`_run_bench`, recording the CPU share (1.0 = one core busy) of the server's front end,
+    its engine core (the child that used most CPU) and the bench client over the run: which of
+    the three limits the served rate."""
+    client = subprocess.Popen(CLI + ["bench", *args, "--output-json", output_json])
+    processes = {"front_end": [server_pid], "client": [client.pid], "engine_core": _children(server_pid)}
+    start_wall = time.monotonic()
+    start = {pid: _cpu_seconds(pid) for pids in processes.values() for pid in pids}
+    used = dict.fromkeys(start, 0.0)
+    while client.poll() is None:
+        for pid in start:
+            try:
+                used[pid] = _cpu_seconds(pid) - start[pid]
+            except OSError:
+                pass
+        time.sleep(0.5)
+    if client.returncode != 0:
+        raise SystemExit(f"bench serve exited with {client.returncode}")
+    wall = time.monotonic() - start_wall
+    with open(output_json) as f:
+        record = json.load(f)["results"][0]
+    record["cpu_share"] = {name: round(max(used[pid] for pid in pids) / wall, 3)
+                           for name, pids in processes.items() if pids}
+    return record
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -51,6 +96,7 @@ def main() -> None:
     parser.add_argument("--rated-prompts", type=int, default=300)
     parser.add_argument("--rate-fractions", default="0.25,0.5,0.75")
     parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--skip-rated", action="store_true", help="only the unlimited-rate run")
     parser.add_argument("--output-json", required=True)
     args = parser.parse_args()
 
@@ -85,9 +131,9 @@ def main() -> None:
         time.sleep(1)
     try:
         client = ["serve", "--base-url", url, "--model-config", args.model, *workload, "--disable-tqdm"]
-        served = [_run_bench([*client, "--num-prompts", str(args.num_prompts)],
-                             os.path.join(workdir, "serve-inf.json"))]
-        for fraction in map(float, args.rate_fractions.split(",")):
+        served = [_run_bench_measuring_cpu([*client, "--num-prompts", str(args.num_prompts)],
+                                           os.path.join(workdir, "serve-inf.json"), server.pid)]
+        for fraction in [] if args.skip_rated else map(float, args.rate_fractions.split(",")):
             rate = fraction * served[0]["requests_per_s"]
             record = _run_bench([*client, "--num-prompts", str(args.rated_prompts),
                                  "--request-rate", f"{rate:.3f}"],
@@ -104,7 +150,8 @@ def main() -> None:
     with open(args.output_json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"offline {offline['output_tokens_per_s']:.0f} output tok/s; served at unlimited rate "
-          f"{served[0]['output_tokens_per_s']:.0f} ({result['served_over_offline_output_tok_s']:.1%}); "
+          f"{served[0]['output_tokens_per_s']:.0f} ({result['served_over_offline_output_tok_s']:.1%}), "
+          f"CPU share {served[0]['cpu_share']}; "
           f"server exit code {exit_code}")
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import logging
 import multiprocessing
+import multiprocessing.connection
 import threading
 import time
 from typing import Any, AsyncIterator, Callable
@@ -100,6 +102,7 @@ class AsyncLLM:
         context = multiprocessing.get_context("spawn")
         core_commands, self._commands = context.Pipe(duplex=False)  # (receiving end, sending end)
         self._results, core_results = context.Pipe(duplex=False)
+        _enlarge_pipe(self._results)
         self._process = context.Process(target=run_engine_core, args=(config, core_commands, core_results),
                                         name="pjllm-engine-core", daemon=True)
         self._process.start()
@@ -233,12 +236,26 @@ class AsyncLLM:
             return None
 
     def _read(self) -> None:
-        """The reader thread: each step's deltas to the callers, until the core goes away."""
-        while (message := self._receive()) is not None:
-            if message[0] == "step":
-                self._publish(message[1], message[2])
-            elif message[0] == "refused":  # checked here, so the core only refuses on a bug
-                self._fail_stream(message[1], ValueError(message[2]))
+        """The reader thread: each step's deltas to the callers, until the core goes away.
+        Messages that are already waiting are published together: a reader that fell behind
+        catches up with one wake-up per event loop, not one per step."""
+        message = self._receive()
+        while message is not None:
+            deltas: list[RequestDelta] = []
+            stats = None
+            while message is not None:
+                if message[0] == "step":
+                    deltas += message[1]
+                    stats = message[2]
+                elif message[0] == "refused":  # checked here, so the core only refuses on a bug
+                    self._fail_stream(message[1], ValueError(message[2]))
+                if not self._results.poll():
+                    break
+                message = self._receive()
+            if stats is not None:
+                self._publish(deltas, stats)
+            if message is not None:
+                message = self._receive()
         with self._lock:
             streams, self._streams = self._streams, {}
         error = self.dead_error or EngineDeadError(
@@ -269,12 +286,13 @@ class AsyncLLM:
             self.stats = stats
             self._num_unseen_adds = 0
             for delta in deltas:
-                stream = self._streams.get(delta.request_id)
+                request_id, core_finished = delta[0], delta[1]
+                stream = self._streams.get(request_id)
                 if stream is None:
                     continue
                 if stream.done:  # its end was counted and delivered; the core caught up
-                    if delta.finished:
-                        self._end(delta.request_id)
+                    if core_finished:
+                        self._end(request_id)
                     continue
                 output, stopped = self._accumulator.apply(delta)
                 for request_id, index, stop in stopped:
@@ -290,8 +308,8 @@ class AsyncLLM:
                     stream.num_tokens, stream.last_token_time = num_tokens, now
                 if output.finished:
                     iteration.finished.append(_finished_entry(output, num_tokens, stream, now))
-                    if delta.finished:
-                        self._end(delta.request_id)
+                    if core_finished:
+                        self._end(request_id)
                     else:  # a stop string ended it here; the id stays taken until the core has
                         stream.done = True
                 if not stream.abandoned:
@@ -300,6 +318,16 @@ class AsyncLLM:
             loop.call_soon_threadsafe(_deliver, items)
         if self.on_iteration is not None:
             self.on_iteration(iteration)
+
+
+def _enlarge_pipe(connection: multiprocessing.connection.Connection, size: int = 1 << 20) -> None:
+    """Gives the core's result pipe a buffer that holds a whole step's message (Linux's default
+    is 64 KiB, a step of 1,000 requests sends ~150 KiB), so the core writes it at once and the
+    reader takes it in one read. Where the system refuses, the default stays."""
+    try:
+        fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, size)
+    except (AttributeError, OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
+        pass
 
 
 def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -18,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing.connection
-from typing import Any
+import queue
+import threading
+import time
+from typing import Any, Callable
 
 from pjllm.config import EngineConfig
 from pjllm.engine.detokenizer import decode_new_text, decode_token, find_stop_string, start_detokenizer
@@ -30,28 +33,19 @@ from pjllm.sampling_params import SamplingParams
 logger = logging.getLogger("pjllm")
 
 
-@dataclasses.dataclass
-class CompletionDelta:
-    """What one sequence gained: its token ids from `token_start` on (earlier ones unchanged),
-    with their logprobs (decoded_token None: the front end decodes)."""
-
-    index: int
-    token_start: int
-    token_ids: list[int]
-    logprobs: SampleLogprobs | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-@dataclasses.dataclass
-class RequestDelta:
-    """One request's changes in a step; prompt logprobs come with its first delta only."""
-
-    request_id: str
-    completions: list[CompletionDelta]
-    finished: bool
-    metrics: RequestMetrics
-    prompt_logprobs: PromptLogprobs | None = None
+# A step's deltas travel as plain tuples: for a step of 1,000 requests, building, pickling and
+# unpickling them as dataclasses took four times as long, time the step loop and the reader pay.
+#
+# CompletionDelta: (token_ids, logprobs, finish_reason, stop_reason): a sequence's output tokens
+#                  new since its last delta, their logprobs (None: not asked for; decoded_token
+#                  None, the front end decodes), and its finish and stop reasons.
+# RequestDelta:    (request_id, finished, metrics, prompt_logprobs, completions): metrics is
+#                  (arrival_time, first_scheduled_time, first_token_time); prompt_logprobs come
+#                  once, in the first delta after the prompt is done, else None; completions has
+#                  one CompletionDelta per sequence, by sample index.
+CompletionDelta = tuple[list[int], SampleLogprobs | None, str | None, int | str | None]
+RequestDelta = tuple[str, bool, tuple[float, float | None, float | None], PromptLogprobs | None,
+                     list[CompletionDelta]]
 
 
 @dataclasses.dataclass
@@ -73,29 +67,34 @@ class _DeltaTracker:
         self._prompt_logprobs_sent: set[int] = set()
 
     def delta(self, request: Request) -> RequestDelta:
-        sent = self._sent.get(id(request)) or [0] * len(request.seqs)
-        completions = []
-        for seq, num_sent in zip(request.seqs, sent):
-            tokens = seq.output_token_ids
-            completions.append(CompletionDelta(
-                seq.sample_index, num_sent, tokens[num_sent:],
-                seq.logprobs[num_sent:len(tokens)] if seq.logprobs is not None else None,
-                seq.finish_reason, seq.stop_reason))
-        metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time,
-                                 request.first_token_time)
-        delta = RequestDelta(request.request_id, completions, request.is_finished, metrics)
+        key = id(request)
+        sent = self._sent.get(key)
+        completions, num_known = [], []
+        for index, seq in enumerate(request.seqs):
+            # Sliced from token_ids, not from output_token_ids (a copy of the whole output):
+            # the cost of a delta follows the step, not the sequence's length.
+            start, end = seq.num_prompt_tokens, seq.num_resolved_tokens
+            num_sent = sent[index] if sent else 0
+            completions.append((seq.token_ids[start + num_sent:end],
+                                seq.logprobs[num_sent:end - start] if seq.logprobs is not None else None,
+                                seq.finish_reason, seq.stop_reason))
+            num_known.append(end - start)
+        finished = request.is_finished
+        prompt_logprobs = None
         # Prompt logprobs once the prompt is done (a first token, or the end), not part-filled
         # after a first prefill chunk.
-        prompt_done = request.is_finished or any(seq.output_token_ids for seq in request.seqs)
-        if prompt_done and id(request) not in self._prompt_logprobs_sent:
-            delta.prompt_logprobs = request.prompt_logprobs
-            self._prompt_logprobs_sent.add(id(request))
-        if request.is_finished:
-            self._sent.pop(id(request), None)
-            self._prompt_logprobs_sent.discard(id(request))
+        if (request.prompt_logprobs is not None and (finished or any(num_known))
+                and key not in self._prompt_logprobs_sent):
+            prompt_logprobs = request.prompt_logprobs
+            self._prompt_logprobs_sent.add(key)
+        if finished:
+            self._sent.pop(key, None)
+            self._prompt_logprobs_sent.discard(key)
         else:
-            self._sent[id(request)] = [len(seq.output_token_ids) for seq in request.seqs]
-        return delta
+            self._sent[key] = num_known
+        return (request.request_id, finished, (request.arrival_time, request.first_scheduled_time,
+                                               request.first_token_time),
+                prompt_logprobs, completions)
 
 
 @dataclasses.dataclass(eq=False)
@@ -156,36 +155,37 @@ class OutputAccumulator:
     def apply(self, delta: RequestDelta) -> tuple[RequestOutput, list[tuple[str, int, str]]]:
         """The request's output after `delta`, and the (request_id, index, stop string) of each
         sequence a stop string ended in this delta."""
-        state = self._requests[delta.request_id]
-        if delta.prompt_logprobs is not None:
+        request_id, _, metrics, prompt_logprobs, changes = delta
+        state = self._requests[request_id]
+        if prompt_logprobs is not None:
             state.prompt_logprobs = [None if entry is None else self._decoded(entry)
-                                     for entry in delta.prompt_logprobs]
+                                     for entry in prompt_logprobs]
         stopped = []
-        for change in delta.completions:
-            seq = state.seqs[change.index]
+        for index, (token_ids, logprobs, finish_reason, stop_reason) in enumerate(changes):
+            seq = state.seqs[index]
             if seq.stopped_here:
                 continue  # tokens sampled after its stop string
-            for offset, token in enumerate(change.token_ids):
+            for offset, token in enumerate(token_ids):
                 seq.token_ids.append(token)
                 if seq.logprobs is not None:
-                    entry = self._decoded(change.logprobs[offset])
+                    entry = self._decoded(logprobs[offset])
                     seq.logprobs.append(entry)
                     seq.cumulative_logprob += entry[token].logprob
                 stop = self._stop_string(seq)
                 if stop is not None:
                     seq.finish_reason, seq.stop_reason, seq.stopped_here = "stop", stop, True
-                    stopped.append((delta.request_id, change.index, stop))
+                    stopped.append((request_id, index, stop))
                     break
             else:
-                seq.finish_reason, seq.stop_reason = change.finish_reason, change.stop_reason
+                seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
         completions = [CompletionOutput(
             index, seq.text, seq.token_ids[seq.num_prompt_tokens:],
             seq.cumulative_logprob if seq.logprobs is not None else None,
             list(seq.logprobs) if seq.logprobs is not None else None, seq.finish_reason, seq.stop_reason)
             for index, seq in sorted(state.seqs.items())]
         finished = all(c.finish_reason is not None for c in completions)
-        output = RequestOutput(delta.request_id, state.prompt, state.prompt_token_ids,
-                               state.prompt_logprobs, completions, finished, delta.metrics)
+        output = RequestOutput(request_id, state.prompt, state.prompt_token_ids,
+                               state.prompt_logprobs, completions, finished, RequestMetrics(*metrics))
         return output, stopped
 
     def _stop_string(self, seq: _Text) -> str | None:
@@ -199,6 +199,49 @@ class OutputAccumulator:
             return entry
         return {token: dataclasses.replace(lp, decoded_token=decode_token(self.tokenizer, token))
                 for token, lp in entry.items()}
+
+
+class _Outbox:
+    """Sends the core's messages from a thread of their own, in order, so the step loop never
+    waits on the pipe: a step's message (~150 bytes per running request) is larger than a
+    pipe's buffer, and the front end reads it between its own work. At most `max_pending`
+    messages wait; beyond that `put` blocks, so a stalled front end holds the loop back rather
+    than filling memory."""
+
+    def __init__(self, results: multiprocessing.connection.Connection, max_pending: int = 64):
+        self._results = results
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self.wait_s = 0.0  # time `put` blocked on a full queue
+        self._thread = threading.Thread(target=self._run, name="pjllm-core-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, message: tuple) -> None:
+        """Queues `message`; raises EOFError once the front end is gone."""
+        start = time.perf_counter()
+        while True:
+            if not self._thread.is_alive():
+                raise EOFError("the front end is gone")
+            try:
+                self._queue.put(message, timeout=1.0)
+                break
+            except queue.Full:
+                pass
+        self.wait_s += time.perf_counter() - start
+
+    def close(self) -> None:
+        """Sends what is queued, then stops the thread."""
+        try:
+            self.put(None)
+        except EOFError:
+            return
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while (message := self._queue.get()) is not None:
+            try:
+                self._results.send(message)
+            except (BrokenPipeError, OSError):  # the front end is gone; the loop sees it too
+                return
 
 
 def run_engine_core(config: EngineConfig, commands: multiprocessing.connection.Connection,
@@ -216,25 +259,33 @@ def run_engine_core(config: EngineConfig, commands: multiprocessing.connection.C
         return
     results.send(("ready",))
     tracker = _DeltaTracker()
+    outbox = _Outbox(results)
+    idle_s = 0.0
     try:
         while True:
-            idle = not engine.has_unfinished_requests()
-            if idle:
+            if not engine.has_unfinished_requests():
+                start = time.perf_counter()
                 commands.poll(None)  # sleep until a command comes
+                idle_s += time.perf_counter() - start
             while commands.poll():
-                if not _apply(engine, tracker, commands.recv(), results):
+                if not _apply(engine, tracker, commands.recv(), outbox.put):
                     return
             if engine.has_unfinished_requests():
                 deltas = [tracker.delta(request) for request in engine.step_requests()]
-                results.send(("step", deltas, _stats(engine)))
-    except (EOFError, BrokenPipeError):  # the front end is gone
+                outbox.put(("step", deltas, _stats(engine)))
+    except EOFError:  # the front end is gone
         return
     finally:
+        timings = engine.step_timings
+        logger.info("engine core: %d steps: %.1f s of host work, %.1f s waiting for the device; "
+                    "%.1f s idle, %.1f s waiting to send", timings.steps, timings.host_s,
+                    timings.wait_s, idle_s, outbox.wait_s)
+        outbox.close()
         engine.shutdown()
 
 
 def _apply(engine: Any, tracker: _DeltaTracker, command: tuple,
-           results: multiprocessing.connection.Connection) -> bool:
+           send: Callable[[tuple], None]) -> bool:
     """Runs one command; False once told to stop."""
     if command[0] == "stop":
         return False
@@ -242,18 +293,18 @@ def _apply(engine: Any, tracker: _DeltaTracker, command: tuple,
         _, request_id, index, stop = command
         request = engine.finish_sequence(request_id, index, stop)
         if request is not None:
-            results.send(("step", [tracker.delta(request)], _stats(engine)))
+            send(("step", [tracker.delta(request)], _stats(engine)))
         return True
     if command[0] == "abort":
         request = engine.requests.get(command[1])
         if engine.abort_request(command[1]) is not None:  # its final state, finish reason "abort"
-            results.send(("step", [tracker.delta(request)], _stats(engine)))
+            send(("step", [tracker.delta(request)], _stats(engine)))
         return True
     _, request_id, prompt, params = command
     try:
         engine.add_request(request_id, prompt, params)
     except Exception as error:  # noqa: BLE001 - the front end checked it; report, don't die
-        results.send(("refused", request_id, f"{type(error).__name__}: {error}"))
+        send(("refused", request_id, f"{type(error).__name__}: {error}"))
     return True
 
 

@@ -151,11 +151,16 @@ class InputProcessor:
                              f"{type(token_ids).__name__}")
         if len(token_ids) == 0:
             raise ValueError("prompt_token_ids must not be empty")
-        if not all(is_int(t) for t in token_ids):
+        # Plain ints (what JSON and tokenizers give) are checked at C speed: a server checks
+        # every prompt token of every request, and the generic check cost 12% of its CPU.
+        if isinstance(token_ids, list) and set(map(type, token_ids)) == {int}:
+            ids = list(token_ids)
+        elif all(is_int(t) for t in token_ids):
+            ids = [int(t) for t in token_ids]
+        else:
             raise ValueError("prompt_token_ids must be a flat list of integer token ids; got "
                              f"{_short_repr(token_ids)}")
-        ids = [int(t) for t in token_ids]
-        outside = [t for t in ids if not 0 <= t < vocab]
-        if outside:
+        if min(ids) < 0 or max(ids) >= vocab:
+            outside = [t for t in ids if not 0 <= t < vocab]
             raise ValueError(f"prompt_token_ids must be in [0, {vocab}); got {_short_repr(outside)}")
         return ids
