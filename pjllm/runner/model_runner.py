@@ -29,8 +29,9 @@ from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.llama import LlamaForCausalLM
 from pjllm.runner.programs import ProgramCache
-from pjllm.runner.sampler import (SORT_FREE_TOP_K, SamplerFlags, SamplerOutput, SamplingMetadata,
-                                  TokenLogprobs, compute_logprobs, sample)
+from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, SORT_FREE_TOP_K,
+                                  SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
+                                  compute_logprobs, sample)
 
 # Width of each row's banned-token list (min_tokens bans EOS and the stop ids): fixed, so the
 # sampler's inputs never change shape; the engine refuses a request whose list would not fit.
@@ -248,6 +249,8 @@ class ModelRunner:
         self.token_buckets = token_bucket_sizes(
             max_num_batched_tokens,
             SMALLEST_TOKEN_BUCKET.get(jax.default_backend(), DEFAULT_SMALLEST_TOKEN_BUCKET))
+        self.bisect_thresholds = BISECT_THRESHOLDS.get(jax.default_backend(),
+                                                       DEFAULT_BISECT_THRESHOLDS)
         self.reset_device_state()
         precision = matmul_precision(dtype)
         model_statics = dict(graphdef=graphdef, state_treedef=state_treedef, precision=precision)
@@ -398,7 +401,9 @@ class ModelRunner:
         filtered = [(p, k) for p, k in zip(params, top_k) if not p.is_greedy and (k > 0 or p.top_p < 1.0)]
         flags = SamplerFlags(
             use_top_k_top_p=bool(filtered),
-            sort_free_top_k=bool(filtered) and all(0 < k <= SORT_FREE_TOP_K for _, k in filtered),
+            sort_free_top_k=bool(filtered) and not self.bisect_thresholds
+            and all(0 < k <= SORT_FREE_TOP_K for _, k in filtered),
+            bisect_thresholds=bool(filtered) and self.bisect_thresholds,
             use_penalties=any(p.uses_penalties for p in params),
             num_logprobs=self.num_logprobs if any(p.logprobs for p in params) else 0,
         )
@@ -447,7 +452,7 @@ class ModelRunner:
         the plain sampler of each bucket, smallest first (enough to serve), then the other
         sampler variants, then the prompt logprobs programs."""
         seq_buckets = sorted({seqs for _, seqs in self.buckets()})
-        variants = SamplerFlags.all_variants(self.num_logprobs)
+        variants = SamplerFlags.all_variants(self.num_logprobs, self.bisect_thresholds)
         default = DEFAULT_VARIANT.sampler
         keys = []
         for tokens, seqs in self.buckets():

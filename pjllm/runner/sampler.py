@@ -16,7 +16,8 @@ Order of operations (vLLM semantics), all in float32:
      per-row key fold_in(fold_in(key(seed), sample_index), step). A row's token depends only on
      (seed, sample_index, step, its own logits row): never on its position or on other rows.
      Rows with 0 < top_k <= SORT_FREE_TOP_K are filtered from their SORT_FREE_TOP_K largest
-     logits in every program, so whether the batch sorted the vocabulary changes no row.
+     logits in every program, so whether the batch sorted the vocabulary changes no row. On
+     GPUs the thresholds come from bisections instead, for every row (BISECT_THRESHOLDS).
 Returned logprobs are log-softmax of the RAW logits (vLLM's `raw_logprobs`).
 """
 
@@ -34,6 +35,19 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 # of the vocabulary: on CPU one row's sort of a 49k vocabulary took 9.4 ms, its top 128 0.09 ms.
 # Covers the usual top_k values (20, 40, 50, 100).
 SORT_FREE_TOP_K = 128
+
+# Whether the top-k/top-p thresholds are found by bisection rather than by sorting, by JAX
+# platform. On an H200 a sort of [1024, 128k] logits takes 8.3 ms (lax.top_k with k > 16 is a
+# sort there too) and a bisection over the logits' bits 2.5 ms per threshold; on a CPU,
+# lax.top_k(128) takes 0.09 ms a row and the bisection's 48 passes over the vocabulary would
+# cost more than all of today's sampling (docs/perf.md).
+BISECT_THRESHOLDS = {"cpu": False}
+DEFAULT_BISECT_THRESHOLDS = True
+
+# XLA's GPU TopK kernel takes k <= 16; a larger k is a sort of the row (top 20 of [1024, 128k]
+# logits: 8.6 ms; as 16 and then 4: 2.7 ms on an H200). Top-K logprobs are taken this many at a
+# time.
+TOP_K_CHUNK = 16
 
 _NEG_INF = float("-inf")
 
@@ -79,9 +93,11 @@ class SamplingMetadata:
 class SamplerFlags:
     """Static (hashable) switches of the costly stages; each combination is one sampler program.
 
-    use_top_k_top_p:  some row has top_k or top_p on (the only stage that sorts [N, V]).
+    use_top_k_top_p:  some row has top_k or top_p on.
     sort_free_top_k:  with use_top_k_top_p: every such row has 0 < top_k <= SORT_FREE_TOP_K,
                       so the vocabulary is not sorted (rows with top_p alone would be wrong).
+    bisect_thresholds: with use_top_k_top_p: the thresholds come from bisections over the
+                      logits' bits, for every row, with no sort (BISECT_THRESHOLDS: GPUs).
     use_penalties:    some row has a presence/frequency/repetition penalty on.
     num_logprobs:     K, the number of top logprobs returned per row (0 -> none). The runner
                       uses one K (EngineConfig.max_logprobs) whatever the rows ask for, and the
@@ -90,18 +106,28 @@ class SamplerFlags:
 
     use_top_k_top_p: bool = False
     sort_free_top_k: bool = False
+    bisect_thresholds: bool = False
     use_penalties: bool = False
     num_logprobs: int = 0
 
     @classmethod
-    def all_variants(cls, num_logprobs: int) -> list["SamplerFlags"]:
+    def all_variants(cls, num_logprobs: int, bisect_thresholds: bool) -> list["SamplerFlags"]:
         """Every combination the runner can ask for when logprobs come with K = num_logprobs:
-        3 filter modes x penalties on/off x logprobs on/off (12, or 6 when num_logprobs is 0)."""
-        filters = [(False, False), (True, True), (True, False)]
-        return [cls(top_k_top_p, sort_free, penalties, k)
+        the filter modes (off, sort-free top-k, sort; or off, bisection) x penalties on/off x
+        logprobs on/off (12 or 8, half that when num_logprobs is 0)."""
+        filters = ([(False, False, False), (True, False, True)] if bisect_thresholds else
+                   [(False, False, False), (True, True, False), (True, False, False)])
+        return [cls(top_k_top_p, sort_free, bisect, penalties, k)
                 for k in sorted({0, num_logprobs})
                 for penalties in (False, True)
-                for top_k_top_p, sort_free in filters]
+                for top_k_top_p, sort_free, bisect in filters]
+
+    @property
+    def threshold_method(self) -> str:
+        """How `apply_top_k_top_p` finds each row's threshold."""
+        if self.bisect_thresholds:
+            return "bisect"
+        return "top_k_prefix" if self.sort_free_top_k else "sort"
 
 
 @jax.tree_util.register_dataclass
@@ -149,12 +175,26 @@ def compute_logprobs(logits: jax.Array, target_ids: jax.Array, num_logprobs: int
     ranks = 1 + jnp.sum(logprobs > target[:, None], axis=-1, dtype=jnp.int32)
     m = logits.shape[0]
     if num_logprobs > 0:
-        top_vals, top_ids = jax.lax.top_k(logprobs, num_logprobs)
-        top_ids = top_ids.astype(jnp.int32)
+        top_vals, top_ids = top_k_in_chunks(logprobs, num_logprobs)
     else:
         top_vals = jnp.zeros((m, 0), jnp.float32)
         top_ids = jnp.zeros((m, 0), jnp.int32)
     return TokenLogprobs(logprobs=target, ranks=ranks, top_ids=top_ids, top_logprobs=top_vals)
+
+
+def top_k_in_chunks(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k(x, k)` of f32[M, V], TOP_K_CHUNK at a time: (values f32[M, k], ids i32[M, k]),
+    descending, ties in index order. Each chunk's tokens are set to -inf before the next, so a
+    row needs more than k - TOP_K_CHUNK finite values (raw logits are all finite)."""
+    values, ids = [], []
+    rows = jnp.arange(x.shape[0])[:, None]
+    for start in range(0, k, TOP_K_CHUNK):
+        chunk_values, chunk_ids = jax.lax.top_k(x, min(TOP_K_CHUNK, k - start))
+        values.append(chunk_values)
+        ids.append(chunk_ids.astype(jnp.int32))
+        if start + TOP_K_CHUNK < k:
+            x = x.at[rows, chunk_ids].set(_NEG_INF)
+    return jnp.concatenate(values, axis=1), jnp.concatenate(ids, axis=1)
 
 
 def _row_index(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
@@ -249,15 +289,18 @@ def _top_k_top_p_threshold(sorted_desc: jax.Array, k: jax.Array, top_p: jax.Arra
 
 
 def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                      sort_vocab: bool = True) -> jax.Array:
+                      method: str = "sort") -> jax.Array:
     """Top-k, then top-p (nucleus) over the renormalized top-k.
 
     Top-p keeps the smallest prefix of the sorted tokens whose cumulative probability reaches
     top_p (the most likely token is always kept). Both filters become a per-row logit threshold,
-    so tokens tied with the last kept one are kept as well. Rows with 0 < top_k <=
-    SORT_FREE_TOP_K take it from their SORT_FREE_TOP_K largest logits; the others from a
-    descending sort of [N, V], which `sort_vocab=False` leaves out (every filtered row must then
-    have such a top_k; unfiltered rows are kept whole).
+    so tokens tied with the last kept one are kept as well. `method` finds the thresholds:
+      "sort":         rows with 0 < top_k <= SORT_FREE_TOP_K from their SORT_FREE_TOP_K largest
+                      logits, the others from a descending sort of [N, V];
+      "top_k_prefix": the first part only (every filtered row must have such a top_k;
+                      unfiltered rows are kept whole);
+      "bisect":       bisections over the logits' bits, no sort (`_bisect_thresholds`).
+    The three give the same result, up to float rounding of top-p's cumulative sums.
 
     Args:
       logits: f32[N, V]; top_k: i32[N] (<= 0 or >= V off); top_p: f32[N] (>= 1 off).
@@ -267,8 +310,10 @@ def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
     _, v = logits.shape
     k = top_k.astype(jnp.int32)
     k = jnp.where((k <= 0) | (k >= v), v, k)
+    if method == "bisect":
+        return _bisect_thresholds(logits, k, top_p)
     width = min(SORT_FREE_TOP_K, v)
-    if sort_vocab:
+    if method == "sort":
         sorted_desc = jnp.sort(logits, axis=-1, descending=True)
         # The same values lax.top_k gives, so a row's threshold is the same in either variant.
         largest = sorted_desc[:, :width]
@@ -278,6 +323,52 @@ def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
         beyond = jnp.full(k.shape, _NEG_INF, jnp.float32)
     threshold = jnp.where(k <= width, _top_k_top_p_threshold(largest, k, top_p), beyond)
     return jnp.where(logits >= threshold[:, None], logits, _NEG_INF)
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """u32 keys in the order of the f32 values: negative floats' bits reversed, positive ones
+    above them."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_key_where(holds, rows: int) -> jax.Array:
+    """u32[rows]: per row, the largest key K with holds(K) (bool[rows]), for a predicate that
+    holds from 0 up to some key and nowhere above it. Two bits a pass, 16 passes; each pass's
+    three tests read the same data, which XLA fuses into one read."""
+    found = jnp.zeros(rows, jnp.uint32)
+    for shift in range(30, -1, -2):
+        best = found
+        for digit in (1, 2, 3):
+            candidate = found | jnp.uint32(digit << shift)
+            best = jnp.where(holds(candidate), candidate, best)
+        found = best
+    return found
+
+
+def _bisect_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k then top-p without a sort. The top-k threshold is the largest key with at least
+    k keys at or above it (the k-th largest logit); the top-p threshold is the largest key whose
+    tokens (within the top-k) hold at least top_p of the top-k's probability mass, which is
+    the last token the sorted prefix keeps. k: i32[N] in [1, V]."""
+    rows = logits.shape[0]
+    keys = _ordered_keys(logits)
+    k_key = _largest_key_where(
+        lambda key: jnp.sum(keys >= key[:, None], axis=-1, dtype=jnp.int32) >= k, rows)
+    # Top-p renormalizes over exactly k tokens, as the sorted prefix does: those above the cut,
+    # and as many of the tokens tied at the cut as make up k.
+    above = keys > k_key[:, None]
+    largest = jnp.max(logits, axis=-1)
+    weights = jnp.where(above, jnp.exp(logits - largest[:, None]), 0.0)
+    kth = jnp.max(jnp.where(above, _NEG_INF, logits), axis=-1)
+    num_at_cut = k - jnp.sum(above, axis=-1, dtype=jnp.int32)
+    needed = top_p.astype(jnp.float32) * (jnp.sum(weights, axis=-1)
+                                          + num_at_cut * jnp.exp(kth - largest))
+    p_key = _largest_key_where(
+        lambda key: (key <= k_key) | (jnp.sum(jnp.where(keys >= key[:, None], weights, 0.0),
+                                              axis=-1) >= needed), rows)
+    threshold = jnp.where(top_p < 1.0, p_key, k_key)
+    return jnp.where(keys >= threshold[:, None], logits, _NEG_INF)
 
 
 def argmax_rows(x: jax.Array) -> jax.Array:
@@ -341,8 +432,7 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags,
     scaled = x / jnp.where(is_greedy, 1.0, temperature)[:, None]
     scaled = apply_min_p(scaled, metadata.min_p)
     if flags.use_top_k_top_p:
-        scaled = apply_top_k_top_p(scaled, metadata.top_k, metadata.top_p,
-                                   sort_vocab=not flags.sort_free_top_k)
+        scaled = apply_top_k_top_p(scaled, metadata.top_k, metadata.top_p, flags.threshold_method)
     keys = row_keys(metadata.seeds, metadata.sample_index, metadata.step)
     perturbed = scaled + gumbel_noise(keys, v)
     token_ids = argmax_rows(jnp.where(is_greedy[:, None], x, perturbed))

@@ -17,6 +17,7 @@ from pjllm.runner.sampler import (
     SamplingMetadata,
     apply_penalties,
     apply_top_k_top_p,
+    top_k_in_chunks,
     argmax_rows,
     compute_logprobs,
     sample,
@@ -425,17 +426,58 @@ def test_sort_free_top_k_matches_full_sort_and_numpy():
     logits = logits.astype(np.float32)
     top_k = np.array([1, 2, 5, 20, 50, 64, 100, 128, 0, -1, 50, 128], np.int32)
     top_p = np.array([1.0, 0.5, 0.9, 0.95, 0.95, 1.0, 0.3, 0.99, 1.0, 1.0, 1e-6, 0.8], np.float32)
-    filter_fn = jax.jit(apply_top_k_top_p, static_argnames="sort_vocab")
-    sort_free = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, sort_vocab=False))
-    full = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, sort_vocab=True))
+    filter_fn = jax.jit(apply_top_k_top_p, static_argnames="method")
+    sort_free = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="top_k_prefix"))
+    full = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="sort"))
+    bisected = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="bisect"))
     np.testing.assert_array_equal(sort_free, full)
+    np.testing.assert_array_equal(bisected, full)
     np.testing.assert_array_equal(sort_free, numpy_top_k_top_p(logits, top_k, top_p))
     assert SORT_FREE_TOP_K == 128  # the rows above sit on both sides of the bound
     # Rows that need the sort: top_p alone, top_k above the bound.
     top_k[[0, 3, 8]] = [0, 129, 2000]
     top_p[[0, 3, 8]] = [0.9, 0.97, 0.6]
-    full = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, sort_vocab=True))
+    full = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="sort"))
     np.testing.assert_array_equal(full, numpy_top_k_top_p(logits, top_k, top_p))
+    bisected = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="bisect"))
+    np.testing.assert_array_equal(bisected, full)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bisected_thresholds_match_a_sort(seed):
+    """The GPU's sort-free thresholds keep exactly what vLLM's sorted top-k then top-p keeps:
+    ties at the top-k cut (top-p renormalizes over exactly k tokens), -inf entries (bans,
+    min-p), top_k off or beyond the vocabulary, tiny and whole top_p."""
+    rng = np.random.default_rng(seed)
+    n, v = 16, 3000
+    logits = rng.normal(size=(n, v)) * 3
+    if seed % 2 == 0:
+        logits = np.round(logits * 4 / 3) / 4  # many exact ties
+    logits = logits.astype(np.float32)
+    logits[0, :5] = -np.inf
+    logits[1, 100:] = -np.inf
+    top_k = rng.choice([0, -1, 1, 2, 5, 20, 50, 128, 129, 500, 2999, 3000, 5000], size=n).astype(np.int32)
+    top_p = rng.choice([1.0, 0.5, 0.9, 0.95, 0.99, 1e-6, 0.3], size=n).astype(np.float32)
+    bisected = jax.jit(apply_top_k_top_p, static_argnames="method")(
+        jnp.asarray(logits), top_k, top_p, method="bisect")
+    np.testing.assert_array_equal(np.asarray(bisected), numpy_top_k_top_p(logits, top_k, top_p))
+
+
+def test_bisected_thresholds_sort_nothing():
+    jaxpr = str(jax.make_jaxpr(sample, static_argnums=2)(
+        jnp.zeros((4, 300), jnp.float32), make_metadata(4),
+        SamplerFlags(use_top_k_top_p=True, bisect_thresholds=True, num_logprobs=20)))
+    assert re.search(r"\bsort\[", jaxpr) is None
+    # Top-20 logprobs as lax.top_k of 16 and 4: XLA's GPU TopK kernel takes k <= 16.
+    assert sorted(map(int, re.findall(r"top_k\[[^\]]*k=(\d+)", jaxpr))) == [4, 16]
+
+
+@pytest.mark.parametrize("k", [3, 16, 20, 33])
+def test_top_k_in_chunks_is_lax_top_k(k):
+    x = jnp.asarray(np.round(np.random.default_rng(k).normal(size=(6, 500)) * 8) / 8, jnp.float32)
+    want, got = jax.lax.top_k(x, k), top_k_in_chunks(x, k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_top_k_rows_sample_the_same_with_or_without_the_sort():
@@ -452,6 +494,9 @@ def test_top_k_rows_sample_the_same_with_or_without_the_sort():
     full_sort = SamplerFlags(use_top_k_top_p=True)
     want = _sample(jnp.asarray(logits), make_metadata(n, **small_k), sort_free).token_ids
     got = _sample(jnp.asarray(logits), make_metadata(n, **small_k), full_sort).token_ids
+    np.testing.assert_array_equal(got, want)
+    bisect = SamplerFlags(use_top_k_top_p=True, bisect_thresholds=True)
+    got = _sample(jnp.asarray(logits), make_metadata(n, **small_k), bisect).token_ids
     np.testing.assert_array_equal(got, want)
     # The same rows next to rows that need the sort (the batch order changes nothing either).
     mixed = {name: np.concatenate([value[::-1], value]) for name, value in small_k.items()}
