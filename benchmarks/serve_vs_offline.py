@@ -24,8 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-
-import httpx
+import urllib.request
 
 CLI = [sys.executable, "-m", "pjllm.entrypoints.cli"]
 
@@ -121,9 +120,10 @@ def main() -> None:
         if server.poll() is not None:
             raise SystemExit(f"the server exited with {server.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    break
+        except OSError:  # refused, reset, timed out, an error status (URLError is an OSError)
             pass
         if time.monotonic() > deadline:
             server.kill()

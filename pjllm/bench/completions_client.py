@@ -5,8 +5,8 @@ What `pjllm bench serve` sends and reads (the server side must honour it):
 - POST the payload as JSON; a status other than 200 fails the request, with the body's
   `{"error": {"message": ...}}` (OpenAI), `{"detail": ...}` (FastAPI) or text as the message.
 - The body is server-sent events: `data: <json>` lines, events separated by a blank line, the
-  stream closed by `data: [DONE]`. A stream that ends without `[DONE]`, or an event carrying
-  `{"error": ...}`, fails the request.
+  stream closed by `data: [DONE]`; lines end in LF or CRLF. A stream that ends without `[DONE]`,
+  or an event carrying `{"error": ...}`, fails the request.
 - A token event is a chunk whose `choices[0]` has non-empty `text`, or no `finish_reason` yet:
   a token whose text the detokenizer holds back (part of a UTF-8 character) still arrives as a
   chunk with `"text": ""`, while a closing chunk with only a finish reason is no token.
@@ -23,11 +23,12 @@ import asyncio
 import dataclasses
 import json
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
-import httpx
+import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
-DONE = "[DONE]"
+DONE = b"[DONE]"
 MAX_ERROR_CHARS = 500  # an error body can be a whole HTML page; the report keeps its start
 
 
@@ -53,20 +54,28 @@ class RequestOutcome:
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The `data` of each server-sent event: `data:` lines of one event joined by newlines,
-    dispatched at the blank line ending it; comments and other fields are skipped."""
-    data: list[str] = []
-    async for line in lines:
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif line.startswith("data:"):
-            value = line[len("data:"):]
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:  # a last event whose blank line never came
-        yield "\n".join(data)
+class ServerSentEvents:
+    """The `data` of server-sent events, fed one line at a time: the `data:` lines of an event
+    joined by newlines, returned at the blank line ending it; comments and other fields are
+    skipped. Lines end in LF or CRLF (a lone CR is not taken as a line end)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self) -> None:
+        self._data: bytes | None = None
+
+    def feed(self, line: bytes) -> bytes | None:
+        """Takes one line, its ending kept or not; b"" (the end of the stream) ends an event as
+        a blank line does. Returns the data of the event the line ends, else None."""
+        line = line.rstrip(b"\r\n")
+        if line.startswith(b"data:"):
+            value = line[6:] if line[5:6] == b" " else line[5:]
+            self._data = value if self._data is None else self._data + b"\n" + value
+            return None
+        if line or self._data is None:
+            return None
+        data, self._data = self._data, None
+        return data
 
 
 def error_message(body: bytes) -> str:
@@ -97,7 +106,17 @@ def _is_token_event(chunk: dict[str, Any]) -> bool:
     return bool(choice.get("text")) or choice.get("finish_reason") is None
 
 
-async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict[str, Any],
+def open_session(max_connections: int | None) -> aiohttp.ClientSession:
+    """The HTTP session requests share: at most `max_connections` open at once (None: no limit,
+    not even per host), each kept alive for a later request; no timeout of its own (a request's
+    is its `timeout_s`); proxies from the environment, as curl."""
+    connector = aiohttp.TCPConnector(limit=max_connections or 0, limit_per_host=0)
+    # read_bufsize: the longest line read is twice this (a chunk packing many tokens can be long).
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(),
+                                 read_bufsize=1 << 20, trust_env=True)
+
+
+async def stream_completion(session: aiohttp.ClientSession, url: str, payload: dict[str, Any],
                             headers: dict[str, str], timeout_s: float) -> RequestOutcome:
     """POSTs one streamed completion and times its chunks; every failure, including running past
     `timeout_s` from start to `[DONE]`, is recorded in the outcome, never raised."""
@@ -106,18 +125,23 @@ async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict[s
     counted_tokens = 0
     completion_tokens: int | None = None
     finished = False
+    events = ServerSentEvents()
     try:
         async with asyncio.timeout(timeout_s):
-            async with client.stream("POST", url, json=payload, headers=headers) as response:
-                outcome.status = response.status_code
-                if response.status_code != 200:
-                    outcome.error = f"HTTP {response.status_code}: {error_message(await response.aread())}"
+            async with session.post(url, json=payload, headers=headers) as response:
+                outcome.status = response.status
+                if response.status != 200:
+                    outcome.error = f"HTTP {response.status}: {error_message(await response.read())}"
                     return outcome
-                async for data in sse_data(response.aiter_lines()):
+                readline, line = response.content.readline, b"\n"
+                while line and not finished:
+                    line = await readline()  # b"" once the stream has ended
+                    if (data := events.feed(line)) is None:
+                        continue
                     now = time.perf_counter()
                     if data == DONE:
                         finished = True
-                        break
+                        continue
                     chunk = json.loads(data)
                     if not isinstance(chunk, dict):
                         raise ValueError(f"event is not a JSON object: {data[:100]!r}")
@@ -137,7 +161,8 @@ async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict[s
     except TimeoutError:
         outcome.error = f"timed out after {timeout_s:g} s"
         return outcome
-    except (httpx.HTTPError, httpx.StreamError, ValueError) as error:  # ValueError: bad JSON
+    # ValueError: bad JSON or UTF-8; HttpProcessingError: a line longer than the read buffer allows.
+    except (aiohttp.ClientError, HttpProcessingError, ValueError) as error:
         outcome.error = f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]
         return outcome
     outcome.e2e_s = time.perf_counter() - start
@@ -151,20 +176,21 @@ async def stream_completion(client: httpx.AsyncClient, url: str, payload: dict[s
     return outcome
 
 
-async def first_model_id(client: httpx.AsyncClient, base_url: str, headers: dict[str, str],
+async def first_model_id(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str],
                          timeout_s: float) -> str:
     """The first model id GET /v1/models lists; ConnectionError says why there is none."""
     url = f"{base_url}/v1/models"
     try:
         async with asyncio.timeout(timeout_s):
-            response = await client.get(url, headers=headers)
+            async with session.get(url, headers=headers) as response:
+                status, body = response.status, await response.read()
     except TimeoutError:
         raise ConnectionError(f"GET {url}: no answer within {timeout_s:g} s") from None
-    except httpx.HTTPError as error:
+    except aiohttp.ClientError as error:
         raise ConnectionError(f"GET {url}: {type(error).__name__}: {error}") from None
-    if response.status_code != 200:
-        raise ConnectionError(f"GET {url}: HTTP {response.status_code}: {error_message(response.content)}")
+    if status != 200:
+        raise ConnectionError(f"GET {url}: HTTP {status}: {error_message(body)}")
     try:
-        return str(response.json()["data"][0]["id"])
+        return str(json.loads(body)["data"][0]["id"])
     except (ValueError, KeyError, IndexError, TypeError):
-        raise ConnectionError(f"GET {url}: no model id in {response.text[:200]!r}") from None
+        raise ConnectionError(f"GET {url}: no model id in {body[:200].decode(errors='replace')!r}") from None

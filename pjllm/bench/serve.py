@@ -34,11 +34,11 @@ import time
 from collections import Counter
 from typing import Any, Sequence
 
-import httpx
+import aiohttp
 import numpy as np
 from tqdm import tqdm
 
-from pjllm.bench.completions_client import RequestOutcome, first_model_id, stream_completion
+from pjllm.bench.completions_client import RequestOutcome, first_model_id, open_session, stream_completion
 from pjllm.bench.datasets import RANDOM_DEFAULTS
 from pjllm.bench.options import add_output_args, add_workload_args, build_workload, load_hf_config
 from pjllm.bench.report import environment, write_json
@@ -214,7 +214,7 @@ def _payload(request: ServeRequest, model: str, temperature: float, ignore_eos: 
             "temperature": temperature}
 
 
-async def _send_all(client: httpx.AsyncClient, url: str, payloads: Sequence[dict[str, Any]],
+async def _send_all(session: aiohttp.ClientSession, url: str, payloads: Sequence[dict[str, Any]],
                     headers: dict[str, str], offsets: np.ndarray, max_concurrency: int | None,
                     timeout_s: float, progress: tqdm) -> tuple[list[RequestOutcome], float]:
     """Sends each payload at its offset, at most `max_concurrency` in flight; returns the
@@ -227,7 +227,7 @@ async def _send_all(client: httpx.AsyncClient, url: str, payloads: Sequence[dict
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         async with slots:
             sent_at = time.perf_counter() - start
-            outcome = await stream_completion(client, url, payload, headers, timeout_s)
+            outcome = await stream_completion(session, url, payload, headers, timeout_s)
         outcome.sent_at_s = sent_at
         progress.update(1)
         return outcome
@@ -317,17 +317,15 @@ async def measure_async(args: argparse.Namespace, progress_enabled: bool = True)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     # One connection per request in flight (as many as requests without --max-concurrency), each
     # kept alive for the next request: the pool never makes a request wait.
-    limits = httpx.Limits(max_connections=args.max_concurrency,
-                          max_keepalive_connections=args.max_concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(args.timeout)) as client:
-        model = args.model or await first_model_id(client, base_url, headers,
+    async with open_session(args.max_concurrency) as session:
+        model = args.model or await first_model_id(session, base_url, headers,
                                                    min(args.timeout, MODELS_TIMEOUT_S))
         workload = load_workload(args, model)
         requests = workload.requests
         ignore_eos = args.ignore_eos if args.ignore_eos is not None else args.dataset_path is None
 
         test_payload = _payload(workload.test_request, model, args.temperature, ignore_eos)
-        check = await stream_completion(client, url, test_payload, headers, args.timeout)
+        check = await stream_completion(session, url, test_payload, headers, args.timeout)
         if not check.success:
             raise ConnectionError(f"the test request to {url} failed: {check.error}")
 
@@ -335,7 +333,7 @@ async def measure_async(args: argparse.Namespace, progress_enabled: bool = True)
                                   np.random.default_rng(args.seed))
         payloads = [_payload(r, model, args.temperature, ignore_eos) for r in requests]
         with tqdm(total=len(requests), desc="requests", disable=not progress_enabled) as progress:
-            outcomes, elapsed = await _send_all(client, url, payloads, headers, offsets,
+            outcomes, elapsed = await _send_all(session, url, payloads, headers, offsets,
                                                 args.max_concurrency, args.timeout, progress)
     rate = args.request_rate if math.isfinite(args.request_rate) else "inf"  # JSON has no inf
     return {

@@ -1,9 +1,13 @@
 """A stand-in OpenAI completions server for the `pjllm bench serve` tests.
 
 It streams `max_tokens` chunks, `token_delay_s` apart, then a usage chunk (unless told not to)
-and `data: [DONE]`; it records every request body, the arrival times and the most streams in
-flight at once. A text prompt picks a failure: "fail:503" (an error status), "fail:midstream"
-(an error event after one token), "fail:disconnect" (the connection cut after one token).
+and `data: [DONE]` in one write; it records every request body, the arrival times and the most
+streams in flight at once. A text prompt picks a failure: "fail:503" (an error status),
+"fail:midstream" (an error event after one token), "fail:disconnect" (the connection cut after
+one token), "fail:nodone" (the response ends without `[DONE]`), "fail:stall" (no token for an
+hour); "hold" waits (5 s at most) for `hold_streams` streams in flight before its first token; or a
+framing: "framing:split" (each event written in pieces of 7 bytes, a moment apart),
+"framing:crlf" (lines end in CRLF).
 It runs uvicorn in a background thread on 127.0.0.1 at a free port; `with StubServer() as stub:`
 stops it (connections closed within a second) however the block ends.
 """
@@ -24,12 +28,14 @@ from starlette.routing import Route
 
 MODEL_ID = "stub-model"
 START_TIMEOUT_S = 10.0
+HOLD_TIMEOUT_S = 5.0
 
 
 class StubServer:
     def __init__(self, token_delay_s: float = 0.002) -> None:
         self.token_delay_s = token_delay_s
         self.include_usage = True
+        self.hold_streams = 0
         self.bodies: list[dict[str, Any]] = []
         self.authorization: list[str | None] = []
         self.arrivals: list[float] = []   # time.perf_counter() at each completion request
@@ -42,10 +48,11 @@ class StubServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="stub-openai-server", daemon=True)
 
-    def reset(self, *, include_usage: bool = True) -> None:
+    def reset(self, *, include_usage: bool = True, hold_streams: int = 0) -> None:
         """Forgets what earlier requests recorded (all handlers run on the server's own thread,
         so call this only between runs)."""
         self.include_usage = include_usage
+        self.hold_streams = hold_streams
         self.bodies.clear()
         self.authorization.clear()
         self.arrivals.clear()
@@ -85,7 +92,13 @@ class StubServer:
 
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[str]:
         prompt, max_tokens = body["prompt"], body["max_tokens"]
+        framing = prompt.removeprefix("framing:") if isinstance(prompt, str) else None
         try:
+            if prompt == "fail:stall":
+                await asyncio.sleep(3600)
+            deadline = time.monotonic() + HOLD_TIMEOUT_S
+            while prompt == "hold" and self.in_flight < self.hold_streams and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             for index in range(max_tokens):
                 await asyncio.sleep(self.token_delay_s)
                 if index == 1 and prompt == "fail:midstream":
@@ -94,19 +107,33 @@ class StubServer:
                 if index == 1 and prompt == "fail:disconnect":
                     raise ConnectionAbortedError("the stub cuts the stream")
                 last = index == max_tokens - 1
-                yield _event({"id": "cmpl-stub", "object": "text_completion", "model": MODEL_ID,
-                              "choices": [{"index": 0, "text": f" t{index}", "logprobs": None,
-                                           "finish_reason": "length" if last else None}],
-                              "usage": None})
+                async for piece in _framed(framing, _event({
+                        "id": "cmpl-stub", "object": "text_completion", "model": MODEL_ID,
+                        "choices": [{"index": 0, "text": f" t{index}", "logprobs": None,
+                                     "finish_reason": "length" if last else None}],
+                        "usage": None})):
+                    yield piece
+            tail = "" if prompt == "fail:nodone" else "data: [DONE]\n\n"
             if self.include_usage:
                 prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
-                yield _event({"id": "cmpl-stub", "object": "text_completion", "model": MODEL_ID,
-                              "choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                                                       "completion_tokens": max_tokens,
-                                                       "total_tokens": prompt_tokens + max_tokens}})
-            yield "data: [DONE]\n\n"
+                tail = _event({"id": "cmpl-stub", "object": "text_completion", "model": MODEL_ID,
+                               "choices": [], "usage": {"prompt_tokens": prompt_tokens,
+                                                        "completion_tokens": max_tokens,
+                                                        "total_tokens": prompt_tokens + max_tokens}}) + tail
+            async for piece in _framed(framing, tail):
+                yield piece
         finally:
             self.in_flight -= 1
+
+
+async def _framed(framing: str | None, text: str) -> AsyncIterator[str]:
+    """`text` as the stub writes it: whole, in 7-byte pieces a moment apart, or with CRLF line ends."""
+    if framing == "split":
+        for at in range(0, len(text), 7):
+            await asyncio.sleep(0.001)
+            yield text[at:at + 7]
+    else:
+        yield text.replace("\n", "\r\n") if framing == "crlf" else text
 
 
 def _event(payload: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pjllm.bench import serve
-from pjllm.bench.completions_client import sse_data
+from pjllm.bench.completions_client import ServerSentEvents
 from pjllm.entrypoints.cli import build_parser, main
 from stub_openai_server import MODEL_ID, StubServer
 
@@ -85,6 +85,15 @@ def test_max_concurrency_is_respected(stub):
     assert 1 <= stub.peak_in_flight <= 2
 
 
+def test_without_max_concurrency_every_request_is_in_flight_at_once(stub, tmp_path):
+    # More streams than an HTTP client's default connection pool (aiohttp's is 100) holds: each
+    # "hold" stream sends no token until all of them are open.
+    stub.reset(hold_streams=120)
+    path = _write_prompts(tmp_path / "p.jsonl", ["hello"] + ["hold"] * 120, output_len=2)
+    record = _measure(stub, "--dataset-path", path, "--timeout", "60")
+    assert record["completed"] == 121 and stub.peak_in_flight >= 120
+
+
 def test_arrival_offsets_follow_the_rate_and_burstiness():
     rng = np.random.default_rng(0)
     assert not serve.arrival_offsets(5, float("inf"), 1.0, rng).any()
@@ -109,16 +118,18 @@ def test_requests_are_sent_at_their_arrival_times(stub):
 
 
 def test_failures_are_reported_not_raised(stub, tmp_path):
-    prompts = ["hello", "fail:503", "fail:midstream", "fail:disconnect", "hello again"]
-    record = _measure(stub, "--dataset-path", _write_prompts(tmp_path / "p.jsonl", prompts))
-    assert (record["completed"], record["failed"]) == (2, 3)
+    prompts = ["hello", "fail:503", "fail:midstream", "fail:disconnect", "fail:nodone", "fail:stall",
+               "hello again"]
+    record = _measure(stub, "--dataset-path", _write_prompts(tmp_path / "p.jsonl", prompts), "--timeout", "1")
+    assert (record["completed"], record["failed"]) == (2, 5)
     per_request = record["per_request"]
-    assert per_request["status"] == [200, 503, 200, 200, 200]
+    assert per_request["status"] == [200, 503, 200, 200, 200, 200, 200]
     errors = per_request["error"]
-    assert errors[0] is None and errors[4] is None
+    assert errors[0] is None and errors[6] is None
     assert errors[1] == "HTTP 503: overloaded" and errors[2] == "stream error: device failure"
-    assert errors[3].startswith("RemoteProtocolError")
-    assert record["errors"] == {error: 1 for error in errors[1:4]}
+    assert errors[3].startswith("ClientPayloadError")  # the chunked body cut short
+    assert errors[4] == "the stream ended before data: [DONE]" and errors[5] == "timed out after 1 s"
+    assert record["errors"] == {error: 1 for error in errors[1:6]}
     assert record["total_output_tokens"] == 2 * 3 and record["total_prompt_tokens"] == 1 + 2  # from usage
     assert all(body["ignore_eos"] is False for body in stub.bodies)  # a prompt file honours EOS
 
@@ -179,12 +190,19 @@ def test_prompt_files_are_validated(tmp_path):
 
 
 def test_server_sent_events_are_split_by_blank_lines():
-    async def lines():
-        for line in [": comment", "data: {\"a\": 1}", "", "event: x", "data:first", "data: second", "",
-                     "data: [DONE]"]:
-            yield line
+    events = ServerSentEvents()
+    lines = [b": comment\n", b'data: {"a": 1}\n', b"\n", b"event: x\r\n", b"data:first\r\n",
+             b"data: second\r\n", b"\r\n", b"\n", b"data:\n", b"\n", b"data: [DONE]", b""]
+    assert [data for line in lines if (data := events.feed(line)) is not None] == [
+        b'{"a": 1}', b"first\nsecond", b"", b"[DONE]"]  # the last event ends with the stream
 
-    async def collect():
-        return [data async for data in sse_data(lines())]
 
-    assert asyncio.run(collect()) == ['{"a": 1}', "first\nsecond", "[DONE]"]
+def test_events_split_across_reads_or_ending_in_crlf_are_read(stub, tmp_path):
+    # split: every event sent in pieces of 7 bytes, each piece its own write a moment apart;
+    # crlf: every line ending CRLF, several events in one write.
+    prompts = ["framing:split", "framing:crlf", "framing:split"]
+    record = _measure(stub, "--dataset-path", _write_prompts(tmp_path / "p.jsonl", prompts, output_len=4))
+    assert (record["completed"], record["failed"]) == (3, 0)
+    per_request = record["per_request"]
+    assert per_request["output_tokens"] == [4] * 3 and per_request["prompt_tokens"] == [1] * 3
+    assert all(len(itls) == 3 for itls in per_request["itl_s"])
