@@ -16,6 +16,7 @@ holds up a step.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import multiprocessing.connection
 import queue
@@ -201,6 +202,24 @@ class OutputAccumulator:
                 for token, lp in entry.items()}
 
 
+class _GarbageCollectionTimer:
+    """Seconds spent in Python's garbage collector while it is installed."""
+
+    def __init__(self) -> None:
+        self.total_s = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total_s += time.perf_counter() - self._start
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 class _Outbox:
     """Sends the core's messages from a thread of their own, in order, so the step loop never
     waits on the pipe: a step's message (~150 bytes per running request) is larger than a
@@ -260,6 +279,7 @@ def run_engine_core(config: EngineConfig, commands: multiprocessing.connection.C
     results.send(("ready",))
     tracker = _DeltaTracker()
     outbox = _Outbox(results)
+    gc_timer = _GarbageCollectionTimer()
     idle_s = 0.0
     try:
         while True:
@@ -278,8 +298,9 @@ def run_engine_core(config: EngineConfig, commands: multiprocessing.connection.C
     finally:
         timings = engine.step_timings
         logger.info("engine core: %d steps: %.1f s of host work, %.1f s waiting for the device; "
-                    "%.1f s idle, %.1f s waiting to send", timings.steps, timings.host_s,
-                    timings.wait_s, idle_s, outbox.wait_s)
+                    "%.1f s idle, %.1f s waiting to send, %.1f s collecting garbage", timings.steps,
+                    timings.host_s, timings.wait_s, idle_s, outbox.wait_s, gc_timer.total_s)
+        gc_timer.stop()
         outbox.close()
         engine.shutdown()
 

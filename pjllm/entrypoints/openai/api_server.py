@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -206,6 +207,7 @@ def serve(model: str, config: ServerConfig, engine_kwargs: dict[str, Any]) -> in
     engine = AsyncLLM(model, max_waiting_requests=config.max_waiting_requests, **engine_kwargs)
     try:
         app = build_app(engine, config, model)
+        gc.freeze()  # the startup heap (imports, the app): see LLMEngine.__init__
         server = uvicorn.Server(uvicorn.Config(
             app, host=config.host, port=config.port, log_level="info", access_log=False,
             timeout_graceful_shutdown=config.shutdown_timeout))
