@@ -134,8 +134,17 @@ def profile(llm, batch: int, mode_name: str, context: int, steps: int) -> dict:
         return (time.perf_counter() - start) / count * 1e3
 
     step_ms = min(time_steps(steps) for _ in range(3))
-    # The program alone, on the batch the scheduler makes next (one more decode of each).
-    inputs, variant = runner.prepare(engine.scheduler.schedule().scheduled)
+    # The program alone, on the batch of the engine's next step (one more decode of each).
+    dispatch, launched = runner.dispatch, []
+
+    def capturing_dispatch(batch, variant):
+        launched.append((batch, variant))
+        return dispatch(batch, variant)
+
+    runner.dispatch = capturing_dispatch
+    engine.step()
+    del runner.dispatch
+    inputs, variant = launched[0]
     inputs = jax.device_put(inputs)
     program = runner.programs.get(("forward", inputs.token_ids.shape[0]))
 

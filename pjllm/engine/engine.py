@@ -17,7 +17,7 @@ from pjllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from pjllm.engine.detokenizer import decode_new_text, decode_token, find_stop_string, start_detokenizer
 from pjllm.engine.input_processor import InputProcessor, PromptType
 from pjllm.engine.kv_cache_manager import KVCacheManager, pages_needed
-from pjllm.engine.scheduler import ScheduledSeq, Scheduler
+from pjllm.engine.scheduler import ScheduledSeq, ScheduledStep, Scheduler
 from pjllm.engine.sequence import Request, Sequence
 from pjllm.kernels import ops
 from pjllm.models.loader import build_model
@@ -268,14 +268,16 @@ class LLMEngine:
             if self._in_flight is not None and not self.config.async_scheduling:
                 previous, self._in_flight = self._in_flight, None
                 outputs += self._process_or_fail(previous, include_unfinished)
-            scheduled = self.scheduler.schedule().scheduled
+            scheduled_step = self.scheduler.schedule()
             previous, self._in_flight = self._in_flight, None
             device_lost = False
-            if scheduled:
+            if scheduled_step.scheduled:
                 try:
-                    self._in_flight = self._dispatch(scheduled)
+                    self._in_flight = self._dispatch(scheduled_step)
                 except Exception as error:  # noqa: BLE001 - its requests get the error
-                    outputs += self._fail([item.seq for item in scheduled], error)
+                    # The runner may have applied part of the message, or none of it.
+                    self.scheduler.reset_runner_batch()
+                    outputs += self._fail([item.seq for item in scheduled_step.scheduled], error)
                     # A launch that failed after taking the donated KV cache leaves none.
                     device_lost = self.model_runner.device_state_lost()
             if previous is not None:
@@ -293,12 +295,12 @@ class LLMEngine:
         timings.host_s += time.perf_counter() - start - (timings.wait_s - wait_before)
         return outputs
 
-    def _dispatch(self, scheduled: list[ScheduledSeq]) -> "_InFlightStep":
-        batch, variant = self.model_runner.prepare(scheduled)
+    def _dispatch(self, scheduled_step: ScheduledStep) -> "_InFlightStep":
+        batch, variant = self.model_runner.prepare(scheduled_step.message)
         handle = self.model_runner.dispatch(batch, variant)
         now = time.monotonic()
         chunk_starts, samples = [], []
-        for row, item in enumerate(scheduled):
+        for item in scheduled_step.scheduled:
             seq = item.seq
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = now
@@ -306,8 +308,8 @@ class LLMEngine:
             samples.append(item.samples)
             seq.num_computed_tokens += item.num_new_tokens
             if samples[-1]:
-                seq.add_pending_token(row)
-        return _InFlightStep(scheduled, chunk_starts, samples, handle)
+                seq.add_pending_token()
+        return _InFlightStep(scheduled_step.scheduled, chunk_starts, samples, handle)
 
     def _process_or_fail(self, step: "_InFlightStep", include_unfinished: bool) -> list[Request]:
         """Processes a dispatched step's tokens. If the device failed on it, the device state is
@@ -371,12 +373,14 @@ class LLMEngine:
     def _restart_running(self) -> None:
         """Forgets the step in flight and sends every running sequence back to be recomputed
         (its sampled tokens are kept; sampling keys depend only on the seed and token count,
-        so it continues exactly as it would have). Tokens still on the device are dropped."""
+        so it continues exactly as it would have). Tokens still on the device are dropped, and
+        the runner's batch is emptied: it may be halfway through a message."""
         self._in_flight = None
         for seq in list(reversed(self.scheduler.running)):  # newest first: the oldest ends up in front
             self.scheduler.preempt(seq)
         for seq in self.scheduler.waiting:
             seq.drop_pending_tokens()
+        self.scheduler.reset_runner_batch()
 
     def _recover_device(self) -> None:
         """After a step failed on the device: fresh KV cache, every running sequence recomputed."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pjllm.config import EngineConfig, ModelConfig
-from pjllm.runner.model_runner import MAX_BANNED_TOKENS
+from pjllm.runner.input_batch import MAX_BANNED_TOKENS
 from pjllm.sampling_params import SamplingParams
 from pjllm.validation import is_int
 

@@ -7,6 +7,7 @@ import dataclasses
 
 from pjllm.engine.kv_cache_manager import KVCacheManager
 from pjllm.engine.sequence import Sequence, SequenceStatus
+from pjllm.scheduler_output import NewSequence, SchedulerOutput
 
 
 @dataclasses.dataclass
@@ -21,9 +22,13 @@ class ScheduledSeq:
 
 
 @dataclasses.dataclass
-class SchedulerOutput:
+class ScheduledStep:
+    """What `Scheduler.schedule` decided, twice: as the engine's sequences, which it needs to
+    process the step's results, and as the runner's message, a diff over the batch it holds."""
+
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]
+    message: SchedulerOutput
 
     @property
     def num_tokens(self) -> int:
@@ -36,6 +41,9 @@ class Scheduler:
     recently admitted running sequence is preempted: its pages are freed and it goes back to the
     front of the queue to be recomputed. A sequence that fits the cache alone always progresses,
     so there is no deadlock.
+
+    It also knows which sequences the model runner holds, and how many of their pages, so that
+    each step's message (`ScheduledStep.message`) carries only what changed.
     """
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -45,6 +53,12 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # seq_id -> pages the runner has of it, for each sequence the runner holds.
+        self._pages_sent: dict[int, int] = {}
+        # Held sequences finished or preempted since the last message, and whether the runner must
+        # drop its whole batch first; both wait for the next message.
+        self._removed: list[int] = []
+        self._reset_runner = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -52,7 +66,7 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> ScheduledStep:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
@@ -87,7 +101,43 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        return SchedulerOutput(scheduled, preempted)
+        return ScheduledStep(scheduled, preempted, self._message(scheduled))
+
+    def _message(self, scheduled: list[ScheduledSeq]) -> SchedulerOutput:
+        """The runner's diff for this step; marks what it sends as held by the runner."""
+        new_seqs, new_pages, seq_ids, counts = [], {}, [], []
+        pages_sent = self._pages_sent
+        for item in scheduled:
+            seq = item.seq
+            seq_id, num_pages = seq.seq_id, len(seq.block_table)
+            seq_ids.append(seq_id)
+            counts.append(item.num_new_tokens)
+            sent = pages_sent.get(seq_id)
+            if sent == num_pages:
+                continue
+            if sent is None:
+                new_seqs.append(_new_sequence(seq))
+            else:
+                new_pages[seq_id] = seq.block_table[sent:]
+            pages_sent[seq_id] = num_pages
+        # Only a message that schedules something reaches the runner: the rest waits for one.
+        removed, reset = [], False
+        if scheduled:
+            removed, self._removed = self._removed, []
+            reset, self._reset_runner = self._reset_runner, False
+        return SchedulerOutput(reset, removed, new_seqs, new_pages, seq_ids, counts)
+
+    def reset_runner_batch(self) -> None:
+        """For when a message may not have reached the runner (preparing or launching a step
+        failed, or was interrupted): the next message has it drop its whole batch, and each
+        sequence is sent again as new when it is next scheduled."""
+        self._pages_sent.clear()
+        self._removed.clear()
+        self._reset_runner = True
+
+    def _release_from_runner(self, seq: Sequence) -> None:
+        if self._pages_sent.pop(seq.seq_id, None) is not None:
+            self._removed.append(seq.seq_id)
 
     def preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's pages and puts it at the front of the queue, to be
@@ -95,6 +145,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.running.remove(seq)
         self.kv_cache_manager.free(seq)
+        self._release_from_runner(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -107,8 +158,22 @@ class Scheduler:
         seq.finish_reason = finish_reason
         seq.stop_reason = stop_reason
         self.kv_cache_manager.free(seq)
+        self._release_from_runner(seq)
         seq.drop_pending_tokens()
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+
+def _new_sequence(seq: Sequence) -> NewSequence:
+    # A sequence joins the runner's batch only once the host knows all its tokens: one preempted
+    # with a token in flight is readmitted at the earliest one step later, after that token came.
+    assert seq.num_pending == 0, f"sequence {seq.seq_id} joins the runner with a token in flight"
+    params = seq.params
+    return NewSequence(
+        seq_id=seq.seq_id, token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
+        num_computed_tokens=seq.num_computed_tokens, params=params, seed=seq.seed,
+        sample_index=seq.sample_index,
+        banned_while_short=tuple(seq.request.eos_token_ids) + tuple(params.stop_token_ids),
+        page_ids=list(seq.block_table))

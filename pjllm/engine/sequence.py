@@ -44,9 +44,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # Async scheduling: the last `num_pending` entries of token_ids are placeholders for tokens
-    # still being sampled on device; the newest is row `pending_row` of the step in flight.
+    # still being sampled on device.
     num_pending: int = 0
-    pending_row: int = -1
     # Incremental detokenization state: tokens before `read_offset` are in `text`;
     # decoding from `prefix_offset` gives the context that merges multi-token characters.
     prefix_offset: int = 0
@@ -80,10 +79,9 @@ class Sequence:
         """All tokens exist or are pending: nothing more to compute, only to confirm."""
         return self.num_tokens >= self.max_num_tokens and self.num_computed_tokens >= self.num_tokens - 1
 
-    def add_pending_token(self, row: int) -> None:
+    def add_pending_token(self) -> None:
         self.token_ids.append(PENDING_TOKEN)
         self.num_pending += 1
-        self.pending_row = row
 
     def resolve_pending_token(self, token: int) -> None:
         """Replaces the oldest placeholder with the token the device sampled."""

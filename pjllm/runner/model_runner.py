@@ -24,18 +24,15 @@ import numpy as np
 from flax import nnx
 
 from pjllm.config import ModelConfig
-from pjllm.engine.scheduler import ScheduledSeq
 from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.llama import LlamaForCausalLM
+from pjllm.runner.input_batch import MAX_BANNED_TOKENS, InputBatch, SampledRows
 from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, SORT_FREE_TOP_K,
                                   SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
                                   compute_logprobs, sample)
-
-# Width of each row's banned-token list (min_tokens bans EOS and the stop ids): fixed, so the
-# sampler's inputs never change shape; the engine refuses a request whose list would not fit.
-MAX_BANNED_TOKENS = 32
+from pjllm.scheduler_output import SchedulerOutput
 
 
 # The smallest token bucket, by JAX platform. On a GPU a step of up to 256 tokens is bound by
@@ -71,13 +68,6 @@ def _bucket(value: int, buckets: list[int]) -> int:
         if size >= value:
             return size
     raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
-
-
-def _padded(lists: list[list[int]], rows: int, width: int) -> np.ndarray:
-    out = np.full((rows, width), -1, np.int32)
-    for i, values in enumerate(lists):
-        out[i, :len(values)] = values
-    return out
 
 
 @jax.tree_util.register_dataclass
@@ -124,10 +114,12 @@ DEFAULT_VARIANT = StepVariant(SamplerFlags(), False)
 
 @dataclasses.dataclass
 class StepHandle:
-    """Device outputs of a dispatched step, not yet waited for."""
+    """Device outputs of a dispatched step, not yet waited for, and the batch rows whose
+    sampled tokens they hold."""
 
     sampled: SamplerOutput
     prompt_logprobs: TokenLogprobs | None
+    sampled_rows: SampledRows
 
 
 @dataclasses.dataclass
@@ -251,6 +243,9 @@ class ModelRunner:
             SMALLEST_TOKEN_BUCKET.get(jax.default_backend(), DEFAULT_SMALLEST_TOKEN_BUCKET))
         self.bisect_thresholds = BISECT_THRESHOLDS.get(jax.default_backend(),
                                                        DEFAULT_BISECT_THRESHOLDS)
+        self.input_batch = InputBatch(max_num_seqs, self.max_pages_per_seq, model_config.vocab_size)
+        # The rows that sample in the step prepared last: its handle records their tokens.
+        self._sampled_rows: SampledRows | None = None
         self.reset_device_state()
         precision = matmul_precision(dtype)
         model_statics = dict(graphdef=graphdef, state_treedef=state_treedef, precision=precision)
@@ -292,7 +287,8 @@ class ModelRunner:
 
     def reset_device_state(self) -> None:
         """Fresh (zeroed) KV pages and sampled-token buffer, e.g. after a step failed on device
-        and left the donated ones unusable."""
+        and left the donated ones unusable. The persistent batch is the scheduler's to reset
+        (its next message has `reset_batch`): its sequences' KV must be recomputed."""
         cfg = self.model_config
         self.kv_caches = [ops.allocate_kv_pages(self.num_pages, self.page_size, cfg.num_kv_heads,
                                                 cfg.head_dim, self.dtype)
@@ -328,103 +324,106 @@ class ModelRunner:
         """The sequence bucket N of token bucket T: at most one sequence per token."""
         return seq_bucket(padded_tokens, self.max_num_seqs)
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[StepInput, StepVariant]:
-        """Flattens the scheduled chunks into one padded ragged batch (host numpy arrays)."""
-        num_tokens = sum(s.num_new_tokens for s in scheduled)
+    def prepare(self, message: SchedulerOutput) -> tuple[StepInput, StepVariant]:
+        """Applies the scheduler's message to the persistent batch, then lays out the n rows it
+        schedules as one padded ragged batch (host numpy arrays), which the next `dispatch`
+        launches."""
+        input_batch = self.input_batch
+        input_batch.apply(message)
+        rows = input_batch.rows(message.scheduled_seq_ids)  # [n]
+        counts = np.array(message.num_scheduled_tokens, np.int32)  # [n]
+        num_seqs, num_tokens = len(rows), int(counts.sum())
         padded_tokens = _bucket(num_tokens, self.token_buckets)
         padded_seqs = self.seq_bucket(padded_tokens)
+        padded_rows = np.full(padded_seqs, input_batch.padding_row, np.int64)
+        padded_rows[:num_seqs] = rows
 
+        start = input_batch.num_computed_tokens[rows]  # [n] each chunk's first position
+        stop = start + counts
+        ends = np.cumsum(counts)  # [n] where each chunk ends among the step's tokens
+        token_seq = np.repeat(np.arange(num_seqs), counts)  # [num_tokens] the chunk of each token
+        pos = start[token_seq] + np.arange(num_tokens) - (ends - counts)[token_seq]
+        page_size = self.page_size
+        positions = np.zeros(padded_tokens, np.int32)
+        positions[:num_tokens] = pos
+        slot_mapping = np.full(padded_tokens, -1, np.int32)
+        slot_mapping[:num_tokens] = (input_batch.block_tables[rows[token_seq], pos // page_size]
+                                     * page_size + pos % page_size)
+
+        # A newest token sampled by the step prepared last may not be on the host yet: the chunk
+        # that ends with it reads it on device, from that step's outputs.
         token_ids = np.zeros(padded_tokens, np.int32)
         last_token_rows = np.full(padded_tokens, -1, np.int32)
-        positions = np.zeros(padded_tokens, np.int32)
-        slot_mapping = np.full(padded_tokens, -1, np.int32)
+        on_device = input_batch.sampled_by_last_step(rows)
+        last_token_rows[ends[on_device] - 1] = input_batch.sampled_at_row[rows[on_device]]
+        # The rest comes from the host: prefill chunks, and decodes of a token fetched already
+        # (the engine fetches step k before it prepares step k + 2).
+        for i in np.flatnonzero((counts > 1) | ~on_device).tolist():
+            known = input_batch.token_ids[rows[i]]
+            first, last = int(start[i]), int(stop[i]) - int(on_device[i])
+            assert last <= len(known), (
+                f"sequence {message.scheduled_seq_ids[i]}: token {last - 1} is not on the host, "
+                f"nor in the outputs of the step prepared last")
+            cursor = ends[i] - counts[i]
+            token_ids[cursor:cursor + last - first] = known[first:last]
+
+        prompt_lens = input_batch.num_prompt_tokens[rows]
         prompt_targets = np.full(padded_tokens, -1, np.int32)
+        wants_prompt = input_batch.wants_prompt_logprobs[rows] & (start < prompt_lens - 1)
+        for i in np.flatnonzero(wants_prompt).tolist():
+            first, last = int(start[i]), min(int(stop[i]), int(prompt_lens[i]) - 1)
+            cursor = ends[i] - counts[i]
+            prompt_targets[cursor:cursor + last - first] = input_batch.token_ids[rows[i]][first + 1:last + 1]
+
         query_start_loc = np.full(padded_seqs + 1, num_tokens, np.int32)
-        seq_lens = np.zeros(padded_seqs, np.int32)
-        block_tables = np.zeros((padded_seqs, self.max_pages_per_seq), np.int32)
-        logits_indices = np.zeros(padded_seqs, np.int32)
-
-        page_size = self.page_size
-        cursor = 0
-        for i, item in enumerate(scheduled):
-            seq, count = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            stop = start + count
-            table = seq.block_table
-            if count == 1:  # a decode: plain Python scalars beat small numpy ops here
-                token_ids[cursor] = seq.token_ids[start]
-                positions[cursor] = start
-                slot_mapping[cursor] = table[start // page_size] * page_size + start % page_size
-            else:
-                token_ids[cursor:cursor + count] = seq.token_ids[start:stop]
-                pos = np.arange(start, stop)
-                positions[cursor:cursor + count] = pos
-                slot_mapping[cursor:cursor + count] = (np.asarray(table, np.int32)[pos // page_size]
-                                                       * page_size + pos % page_size)
-            if seq.num_pending and stop == seq.num_tokens:
-                # The last token was sampled by the step still in flight: read it on device.
-                token_ids[cursor + count - 1] = 0
-                last_token_rows[cursor + count - 1] = seq.pending_row
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
-                last = min(stop, seq.num_prompt_tokens - 1)
-                prompt_targets[cursor:cursor + last - start] = seq.token_ids[start + 1:last + 1]
-            query_start_loc[i] = cursor
-            seq_lens[i] = stop
-            block_tables[i, :len(table)] = table
-            cursor += count
-            logits_indices[i] = cursor - 1
         query_start_loc[0] = 0
-
-        sampling, sampler_flags = self._sampling_metadata([item.seq for item in scheduled], padded_seqs)
-        wants_prompt = any(s.seq.params.prompt_logprobs is not None
-                           and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1
-                           for s in scheduled)
-        variant = StepVariant(sampler_flags, wants_prompt)
-        batch = StepInput(
+        query_start_loc[1:num_seqs + 1] = ends
+        seq_lens = np.zeros(padded_seqs, np.int32)
+        seq_lens[:num_seqs] = stop
+        logits_indices = np.zeros(padded_seqs, np.int32)
+        logits_indices[:num_seqs] = ends - 1
+        sampling, sampler_flags = self._sampling_metadata(rows, padded_rows)
+        step_input = StepInput(
             token_ids=token_ids, last_token_rows=last_token_rows, positions=positions,
             attention=AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc,
-                                        seq_lens=seq_lens, block_tables=block_tables),
+                                        seq_lens=seq_lens,
+                                        block_tables=input_batch.block_tables[padded_rows]),
             logits_indices=logits_indices, sampling=sampling, prompt_logprob_targets=prompt_targets)
-        return batch, variant
+        self._sampled_rows = input_batch.advance(rows, counts)
+        return step_input, StepVariant(sampler_flags, bool(wants_prompt.any()))
 
-    def _sampling_metadata(self, seqs: list, rows: int) -> tuple[SamplingMetadata, SamplerFlags]:
-        def column(values: list, dtype: Any, fill: Any) -> np.ndarray:
-            out = np.full(rows, fill, dtype)
-            out[:len(values)] = values
-            return out
-
-        params = [seq.params for seq in seqs]
-        # top_k at or above the vocabulary keeps every token: off, as vLLM treats it.
-        top_k = [p.top_k if p.top_k < self.model_config.vocab_size else 0 for p in params]
-        banned = [list(seq.request.eos_token_ids) + seq.params.stop_token_ids
-                  if seq.num_output_tokens < seq.params.min_tokens else [] for seq in seqs]
-        filtered = [(p, k) for p, k in zip(params, top_k) if not p.is_greedy and (k > 0 or p.top_p < 1.0)]
+    def _sampling_metadata(self, rows: np.ndarray,
+                           padded_rows: np.ndarray) -> tuple[SamplingMetadata, SamplerFlags]:
+        """The sampler's inputs for `padded_rows` (the step's rows, then padding), and the
+        sampler program that the step's rows (`rows`) need."""
+        batch = self.input_batch
+        filtered = batch.filters[rows]
+        top_k = batch.top_k[rows][filtered]
         flags = SamplerFlags(
-            use_top_k_top_p=bool(filtered),
-            sort_free_top_k=bool(filtered) and not self.bisect_thresholds
-            and all(0 < k <= SORT_FREE_TOP_K for _, k in filtered),
-            bisect_thresholds=bool(filtered) and self.bisect_thresholds,
-            use_penalties=any(p.uses_penalties for p in params),
-            num_logprobs=self.num_logprobs if any(p.logprobs for p in params) else 0,
-        )
+            use_top_k_top_p=bool(filtered.any()),
+            sort_free_top_k=bool(filtered.any() and not self.bisect_thresholds
+                                 and ((top_k > 0) & (top_k <= SORT_FREE_TOP_K)).all()),
+            bisect_thresholds=bool(filtered.any()) and self.bisect_thresholds,
+            use_penalties=bool(batch.uses_penalties[rows].any()),
+            num_logprobs=self.num_logprobs if batch.wants_logprobs[rows].any() else 0)
+        # Generated so far, counting tokens still in flight: the sampling key's step.
+        step = batch.num_tokens[padded_rows] - batch.num_prompt_tokens[padded_rows]
+        short = step < batch.min_tokens[padded_rows]
         metadata = SamplingMetadata(
-            temperature=column([p.temperature for p in params], np.float32, 0.0),
-            top_k=column(top_k, np.int32, 0),
-            top_p=column([p.top_p for p in params], np.float32, 1.0),
-            min_p=column([p.min_p for p in params], np.float32, 0.0),
-            presence_penalty=column([p.presence_penalty for p in params], np.float32, 0.0),
-            frequency_penalty=column([p.frequency_penalty for p in params], np.float32, 0.0),
-            repetition_penalty=column([p.repetition_penalty for p in params], np.float32, 1.0),
-            seeds=column([seq.seed for seq in seqs], np.uint32, 0),
-            sample_index=column([seq.sample_index for seq in seqs], np.int32, 0),
-            step=column([seq.num_output_tokens for seq in seqs], np.int32, 0),
-            prompt_lens=column([seq.num_prompt_tokens for seq in seqs], np.int32, 0),
-            banned_token_ids=_padded(banned, rows, MAX_BANNED_TOKENS))
+            temperature=batch.temperature[padded_rows], top_k=batch.top_k[padded_rows],
+            top_p=batch.top_p[padded_rows], min_p=batch.min_p[padded_rows],
+            presence_penalty=batch.presence_penalty[padded_rows],
+            frequency_penalty=batch.frequency_penalty[padded_rows],
+            repetition_penalty=batch.repetition_penalty[padded_rows],
+            seeds=batch.seeds[padded_rows], sample_index=batch.sample_index[padded_rows], step=step,
+            prompt_lens=batch.num_prompt_tokens[padded_rows],
+            banned_token_ids=np.where(short[:, None], batch.banned_while_short[padded_rows],
+                                      np.int32(-1)))
         return metadata, flags
 
     def dispatch(self, batch: StepInput, variant: StepVariant) -> "StepHandle":
-        """Launches one step's programs on device and returns at once (JAX dispatch is
-        asynchronous), once they are compiled."""
+        """Launches the programs of the step `prepare` made last on device and returns at once
+        (JAX dispatch is asynchronous), once they are compiled."""
         tokens, seqs = batch.token_ids.shape[0], batch.logits_indices.shape[0]
         forward = self.programs.get(("forward", tokens))
         sampler = self.programs.get(("sampler", seqs, variant.sampler))
@@ -439,12 +438,13 @@ class ModelRunner:
         prompt = None
         if prompt_program is not None:
             prompt = prompt_program(self.weights, hidden, batch.prompt_logprob_targets)
-        return StepHandle(sampled, prompt)
+        return StepHandle(sampled, prompt, self._sampled_rows)
 
-    @staticmethod
-    def fetch(handle: "StepHandle") -> StepResult:
-        """Waits for a dispatched step and copies its (small) outputs to the host."""
+    def fetch(self, handle: "StepHandle") -> StepResult:
+        """Waits for a dispatched step and copies its (small) outputs to the host, where the
+        persistent batch records the sampled tokens."""
         sampled, prompt = jax.device_get((handle.sampled, handle.prompt_logprobs))
+        self.input_batch.record_sampled(handle.sampled_rows, sampled.token_ids)
         return StepResult(sampled, prompt)
 
     def program_keys(self) -> list[tuple]:

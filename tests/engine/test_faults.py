@@ -90,13 +90,17 @@ def test_a_finished_id_can_be_reused_at_once(make_llm):
 
 
 def _poison_prepare(engine):
-    """Makes every step that holds a POISON-prompt request fail while preparing its inputs."""
-    prepare = engine.model_runner.prepare
+    """Makes every step in which a POISON-prompt request joins the runner's batch fail while
+    preparing its inputs: in turn before and after the runner applied the step's message."""
+    prepare, failures = engine.model_runner.prepare, []
 
-    def failing_prepare(scheduled):
-        if any(item.seq.token_ids[0] == POISON for item in scheduled):
+    def failing_prepare(message):
+        if any(new.token_ids[0] == POISON for new in message.new_seqs):
+            failures.append(1)
+            if len(failures) % 2 == 0:
+                prepare(message)
             raise OverflowError("injected: a value the device cannot take")
-        return prepare(scheduled)
+        return prepare(message)
 
     engine.model_runner.prepare = failing_prepare
 
@@ -108,12 +112,13 @@ def test_a_failing_request_finishes_with_the_error_and_the_engine_goes_on(make_l
     expected = [o.outputs[0].token_ids for o in
                 llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)]
     _poison_prepare(llm.engine)
-    (bad,) = llm.generate({"prompt_token_ids": [POISON, 4, 5]}, GREEDY, use_tqdm=False)
-    assert bad.finished
-    assert bad.outputs[0].finish_reason.startswith("error: OverflowError: injected")
-    # The engine serves the next call, and the same requests give the same tokens.
-    again = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in again] == expected
+    for _ in range(2):  # the message lost before the runner applied it, then after
+        (bad,) = llm.generate({"prompt_token_ids": [POISON, 4, 5]}, GREEDY, use_tqdm=False)
+        assert bad.finished
+        assert bad.outputs[0].finish_reason.startswith("error: OverflowError: injected")
+        # The engine serves the next call, and the same requests give the same tokens.
+        again = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == expected
     _assert_idle_and_clean(llm.engine)
 
 

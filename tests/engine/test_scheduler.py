@@ -1,4 +1,7 @@
-"""Scheduler and page allocator, without a device: invariants under random workloads."""
+"""Scheduler and page allocator, without a device: invariants under random workloads, and the
+message the runner gets (a diff over the batch it holds)."""
+
+import pickle
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,15 +20,40 @@ def _make_seq(seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
     return seq
 
 
+def _apply(runner_pages: dict[int, list[int]], message) -> None:
+    """What the runner keeps of the messages: the pages of each sequence it holds."""
+    if message.reset_batch:
+        runner_pages.clear()
+    for seq_id in message.removed_seq_ids:
+        del runner_pages[seq_id]
+    for new in message.new_seqs:
+        assert new.seq_id not in runner_pages
+        runner_pages[new.seq_id] = list(new.page_ids)
+    for seq_id, pages in message.new_page_ids.items():
+        runner_pages[seq_id] += pages
+
+
 def _run(scheduler: Scheduler, seqs: list[Sequence], arrivals: list[int], max_steps: int):
-    """Simulates the engine loop; returns (steps taken, number of preemptions)."""
+    """Simulates the engine loop, with a runner that keeps only pages; returns (steps taken,
+    number of preemptions)."""
     kv = scheduler.kv_cache_manager
     pending = sorted(zip(arrivals, range(len(seqs))))
     step = preemptions = 0
+    runner_pages: dict[int, list[int]] = {}
     while pending or scheduler.has_unfinished():
         while pending and pending[0][0] <= step:
             scheduler.add(seqs[pending.pop(0)[1]])
         out = scheduler.schedule()
+        if out.scheduled:  # only then does the engine hand the message on
+            message = out.message
+            _apply(runner_pages, message)
+            assert message.scheduled_seq_ids == [item.seq.seq_id for item in out.scheduled]
+            assert message.num_scheduled_tokens == [item.num_new_tokens for item in out.scheduled]
+            assert all(runner_pages[item.seq.seq_id] == item.seq.block_table for item in out.scheduled)
+            assert set(runner_pages) <= {seq.seq_id for seq in scheduler.running}
+            for new in message.new_seqs:
+                seq = next(s for s in seqs if s.seq_id == new.seq_id)
+                assert (new.token_ids, new.num_computed_tokens) == (seq.token_ids, 0)
         preemptions += len(out.preempted)
         assert out.num_tokens <= scheduler.max_num_batched_tokens
         assert len(out.scheduled) <= scheduler.max_num_seqs
@@ -114,3 +142,97 @@ def test_finish_frees_pages_at_once():
     assert kv.num_free_pages == 5
     scheduler.finish(seq, "abort")
     assert kv.num_free_pages == 8 and not scheduler.has_unfinished()
+
+
+def _messages_of(scheduler: Scheduler, seq: Sequence, steps: int) -> list:
+    """Runs `steps` steps of `seq` alone (one token sampled per chunk that reaches the end)."""
+    messages = []
+    for _ in range(steps):
+        out = scheduler.schedule()
+        messages.append(out.message)
+        for item in out.scheduled:
+            samples = item.samples
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if samples:
+                item.seq.token_ids.append(7)
+    return messages
+
+
+def test_a_sequence_is_sent_once_then_only_counts_and_new_pages():
+    kv = KVCacheManager(num_pages=16, page_size=4)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    seq = _make_seq(3, 6, 20)
+    scheduler.add(seq)
+    first, *later = _messages_of(scheduler, seq, 5)
+    (new,) = first.new_seqs
+    assert (new.seq_id, new.token_ids, new.num_prompt_tokens, new.page_ids) == (3, list(range(6)), 6, [0, 1])
+    assert new.params is seq.params and new.num_computed_tokens == 0
+    assert (first.scheduled_seq_ids, first.num_scheduled_tokens) == ([3], [6])
+    assert first.removed_seq_ids == [] and first.new_page_ids == {} and not first.reset_batch
+    # Decodes at positions 6..9: position 8 is the first on a third page.
+    for position, message in zip(range(6, 10), later):
+        assert message.new_seqs == [] and message.removed_seq_ids == []
+        assert (message.scheduled_seq_ids, message.num_scheduled_tokens) == ([3], [1])
+        assert message.new_page_ids == ({3: [2]} if position == 8 else {})
+    assert pickle.loads(pickle.dumps(first)) == first
+
+
+def test_finished_and_preempted_sequences_are_removed_once():
+    kv = KVCacheManager(num_pages=16, page_size=4)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    done, aborted, preempted, other = (_make_seq(i, 5, 20) for i in range(4))
+    for seq in (done, aborted, preempted, other):
+        scheduler.add(seq)
+    _messages_of(scheduler, done, 2)
+    scheduler.finish(done, "stop")
+    scheduler.finish(aborted, "abort")
+    scheduler.preempt(preempted)
+    scheduler.finish(done, "stop")  # again: nothing more to remove
+    message = scheduler.schedule().message
+    # Removals come before additions: the preempted sequence is back, recomputed from scratch.
+    assert sorted(message.removed_seq_ids) == [0, 1, 2]
+    assert [new.seq_id for new in message.new_seqs] == [2]
+    assert message.new_seqs[0].token_ids == preempted.token_ids
+    assert message.scheduled_seq_ids == [3, 2]
+    assert scheduler.schedule().message.removed_seq_ids == []
+
+
+def test_a_waiting_sequence_that_finishes_was_never_sent():
+    kv = KVCacheManager(num_pages=16, page_size=4)
+    scheduler = Scheduler(kv, max_num_seqs=1, max_num_batched_tokens=64)
+    running, queued = _make_seq(0, 5, 20), _make_seq(1, 5, 20)
+    scheduler.add(running)
+    scheduler.add(queued)
+    scheduler.schedule()
+    scheduler.finish(queued, "abort")
+    assert scheduler.schedule().message.removed_seq_ids == []
+
+
+def test_removals_wait_for_a_message_that_reaches_the_runner():
+    kv = KVCacheManager(num_pages=16, page_size=4)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    seq = _make_seq(0, 5, 20)
+    scheduler.add(seq)
+    _messages_of(scheduler, seq, 1)
+    scheduler.finish(seq, "abort")
+    idle = scheduler.schedule()
+    assert idle.scheduled == []  # the engine dispatches nothing, so the runner never sees it
+    later = _make_seq(1, 5, 20)
+    scheduler.add(later)
+    assert scheduler.schedule().message.removed_seq_ids == [0]
+
+
+def test_a_reset_sends_every_sequence_again():
+    kv = KVCacheManager(num_pages=16, page_size=4)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    seqs = [_make_seq(i, 5, 20) for i in range(2)]
+    for seq in seqs:
+        scheduler.add(seq)
+    _messages_of(scheduler, seqs[0], 2)
+    scheduler.finish(seqs[1], "abort")
+    scheduler.reset_runner_batch()
+    message = scheduler.schedule().message
+    assert message.reset_batch and message.removed_seq_ids == []
+    (new,) = message.new_seqs
+    assert (new.seq_id, new.num_computed_tokens, new.page_ids) == (0, 6, seqs[0].block_table)
+    assert not scheduler.schedule().message.reset_batch
