@@ -98,12 +98,16 @@ def _json_error_message(parsed: Any) -> str:
     return json.dumps(parsed)
 
 
-def _is_token_event(chunk: dict[str, Any]) -> bool:
+def _is_token_event(chunk: dict[str, Any], first: bool) -> bool:
+    """Whether a chunk brought tokens: it has text, or it does not finish the choice. A
+    finishing chunk without text counts when it is the `first` with tokens: a server that fell
+    behind sends a short request's tokens and its finish together, and without a tokenizer
+    their text is empty."""
     choices = chunk.get("choices")
     if not choices:
         return False
     choice = choices[0]
-    return bool(choice.get("text")) or choice.get("finish_reason") is None
+    return bool(choice.get("text")) or choice.get("finish_reason") is None or first
 
 
 def open_session(max_connections: int | None) -> aiohttp.ClientSession:
@@ -148,7 +152,7 @@ async def stream_completion(session: aiohttp.ClientSession, url: str, payload: d
                     if "error" in chunk:
                         outcome.error = f"stream error: {_json_error_message(chunk)[:MAX_ERROR_CHARS]}"
                         return outcome
-                    if _is_token_event(chunk):
+                    if _is_token_event(chunk, first=outcome.ttft_s is None):
                         if outcome.ttft_s is None:
                             outcome.ttft_s = now - start
                         else:

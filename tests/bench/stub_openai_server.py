@@ -36,6 +36,7 @@ class StubServer:
         self.token_delay_s = token_delay_s
         self.include_usage = True
         self.hold_streams = 0
+        self.coalesce = False
         self.bodies: list[dict[str, Any]] = []
         self.authorization: list[str | None] = []
         self.arrivals: list[float] = []   # time.perf_counter() at each completion request
@@ -48,11 +49,14 @@ class StubServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="stub-openai-server", daemon=True)
 
-    def reset(self, *, include_usage: bool = True, hold_streams: int = 0) -> None:
+    def reset(self, *, include_usage: bool = True, hold_streams: int = 0,
+              coalesce: bool = False) -> None:
         """Forgets what earlier requests recorded (all handlers run on the server's own thread,
-        so call this only between runs)."""
+        so call this only between runs). `coalesce`: every stream is one finishing chunk with
+        no text, as a server without a tokenizer sends when it fell behind."""
         self.include_usage = include_usage
         self.hold_streams = hold_streams
+        self.coalesce = coalesce
         self.bodies.clear()
         self.authorization.clear()
         self.arrivals.clear()
@@ -100,6 +104,8 @@ class StubServer:
             while prompt == "hold" and self.in_flight < self.hold_streams and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             for index in range(max_tokens):
+                if self.coalesce and index < max_tokens - 1:
+                    continue
                 await asyncio.sleep(self.token_delay_s)
                 if index == 1 and prompt == "fail:midstream":
                     yield _event({"error": {"message": "device failure", "type": "server_error"}})
@@ -109,7 +115,8 @@ class StubServer:
                 last = index == max_tokens - 1
                 async for piece in _framed(framing, _event({
                         "id": "cmpl-stub", "object": "text_completion", "model": MODEL_ID,
-                        "choices": [{"index": 0, "text": f" t{index}", "logprobs": None,
+                        "choices": [{"index": 0, "text": "" if self.coalesce else f" t{index}",
+                                     "logprobs": None,
                                      "finish_reason": "length" if last else None}],
                         "usage": None})):
                     yield piece
