@@ -79,13 +79,18 @@ def main() -> None:
                 temperature = {"uniform": 1.0, "greedy": 0.0}[name]
                 params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, seed=i)
                           for i, n in enumerate(output_lens)]
+            timings = llm.engine.step_timings
+            before = (timings.steps, timings.host_s, timings.wait_s)
             start = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
             elapsed = time.perf_counter() - start
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+            # Host work against waiting for the device: whether a gap is the sampler's
+            # device time or the host's per-token work (logprob entries, say).
             run = {"run": name, "elapsed_s": elapsed, "output_tokens": tokens,
                    "output_tok_s": tokens / elapsed, "programs": len(programs),
-                   "resident_mib": resident_mib()}
+                   "resident_mib": resident_mib(), "steps": timings.steps - before[0],
+                   "host_s": timings.host_s - before[1], "wait_s": timings.wait_s - before[2]}
             record["runs"].append(run)
             print(json.dumps(run), flush=True)
     if args.output_json:
