@@ -239,23 +239,24 @@ class AsyncLLM:
         """The reader thread: each step's deltas to the callers, until the core goes away.
         Messages that are already waiting are published together: a reader that fell behind
         catches up with one wake-up per event loop, not one per step."""
-        message = self._receive()
-        while message is not None:
+        while True:
+            messages = [self._receive()]
+            while messages[-1] is not None and self._results.poll():
+                messages.append(self._receive())
             deltas: list[RequestDelta] = []
             stats = None
-            while message is not None:
+            for message in messages:
+                if message is None:
+                    break
                 if message[0] == "step":
                     deltas += message[1]
                     stats = message[2]
                 elif message[0] == "refused":  # checked here, so the core only refuses on a bug
                     self._fail_stream(message[1], ValueError(message[2]))
-                if not self._results.poll():
-                    break
-                message = self._receive()
             if stats is not None:
                 self._publish(deltas, stats)
-            if message is not None:
-                message = self._receive()
+            if messages[-1] is None:  # the core has gone away
+                break
         with self._lock:
             streams, self._streams = self._streams, {}
         error = self.dead_error or EngineDeadError(

@@ -399,11 +399,16 @@ class ModelRunner:
         batch = self.input_batch
         filtered = batch.filters[rows]
         top_k = batch.top_k[rows][filtered]
+        if not filtered.any():
+            method = "sort"  # unused: the filter is off
+        elif self.bisect_thresholds:
+            method = "bisect"
+        elif ((top_k > 0) & (top_k <= SORT_FREE_TOP_K)).all():
+            method = "top_k_prefix"
+        else:
+            method = "sort"
         flags = SamplerFlags(
-            use_top_k_top_p=bool(filtered.any()),
-            sort_free_top_k=bool(filtered.any() and not self.bisect_thresholds
-                                 and ((top_k > 0) & (top_k <= SORT_FREE_TOP_K)).all()),
-            bisect_thresholds=bool(filtered.any()) and self.bisect_thresholds,
+            use_top_k_top_p=bool(filtered.any()), threshold_method=method,
             use_penalties=bool(batch.uses_penalties[rows].any()),
             num_logprobs=self.num_logprobs if batch.wants_logprobs[rows].any() else 0)
         # Generated so far, counting tokens still in flight: the sampling key's step.

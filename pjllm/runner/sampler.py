@@ -94,10 +94,10 @@ class SamplerFlags:
     """Static (hashable) switches of the costly stages; each combination is one sampler program.
 
     use_top_k_top_p:  some row has top_k or top_p on.
-    sort_free_top_k:  with use_top_k_top_p: every such row has 0 < top_k <= SORT_FREE_TOP_K,
-                      so the vocabulary is not sorted (rows with top_p alone would be wrong).
-    bisect_thresholds: with use_top_k_top_p: the thresholds come from bisections over the
-                      logits' bits, for every row, with no sort (BISECT_THRESHOLDS: GPUs).
+    threshold_method: with use_top_k_top_p, how `apply_top_k_top_p` finds the thresholds:
+                      "top_k_prefix" when every such row has 0 < top_k <= SORT_FREE_TOP_K (no
+                      sort; rows with top_p alone would be wrong), "bisect" on GPUs
+                      (BISECT_THRESHOLDS; no sort, any row), else "sort".
     use_penalties:    some row has a presence/frequency/repetition penalty on.
     num_logprobs:     K, the number of top logprobs returned per row (0 -> none). The runner
                       uses one K (EngineConfig.max_logprobs) whatever the rows ask for, and the
@@ -105,8 +105,7 @@ class SamplerFlags:
     """
 
     use_top_k_top_p: bool = False
-    sort_free_top_k: bool = False
-    bisect_thresholds: bool = False
+    threshold_method: str = "sort"
     use_penalties: bool = False
     num_logprobs: int = 0
 
@@ -115,19 +114,12 @@ class SamplerFlags:
         """Every combination the runner can ask for when logprobs come with K = num_logprobs:
         the filter modes (off, sort-free top-k, sort; or off, bisection) x penalties on/off x
         logprobs on/off (12 or 8, half that when num_logprobs is 0)."""
-        filters = ([(False, False, False), (True, False, True)] if bisect_thresholds else
-                   [(False, False, False), (True, True, False), (True, False, False)])
-        return [cls(top_k_top_p, sort_free, bisect, penalties, k)
+        filters = ([(False, "sort"), (True, "bisect")] if bisect_thresholds else
+                   [(False, "sort"), (True, "top_k_prefix"), (True, "sort")])
+        return [cls(top_k_top_p, method, penalties, k)
                 for k in sorted({0, num_logprobs})
                 for penalties in (False, True)
-                for top_k_top_p, sort_free, bisect in filters]
-
-    @property
-    def threshold_method(self) -> str:
-        """How `apply_top_k_top_p` finds each row's threshold."""
-        if self.bisect_thresholds:
-            return "bisect"
-        return "top_k_prefix" if self.sort_free_top_k else "sort"
+                for top_k_top_p, method in filters]
 
 
 @jax.tree_util.register_dataclass

@@ -78,12 +78,12 @@ def test_top_k_request_samples_the_same_whether_or_not_its_steps_sort(make_llm):
                            ignore_eos=True)
     alone = llm.generate(prompts[1], top_k, use_tqdm=False)[0].outputs[0].token_ids
     variants = {key[2] for key in llm.engine.model_runner.programs._futures if key[0] == "sampler"}
-    assert any(flags.sort_free_top_k for flags in variants)  # top_k 50 needs no sort
+    assert any(flags.threshold_method == "top_k_prefix" for flags in variants)  # top_k 50 needs no sort
     top_p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=8, ignore_eos=True)
     batch = llm.generate(prompts, [top_p, top_k, top_p], use_tqdm=False)
     assert batch[1].outputs[0].token_ids == alone
     variants = {key[2] for key in llm.engine.model_runner.programs._futures if key[0] == "sampler"}
-    assert any(flags.use_top_k_top_p and not flags.sort_free_top_k for flags in variants)
+    assert any(flags.use_top_k_top_p and flags.threshold_method == "sort" for flags in variants)
 
 
 def test_n_samples_and_logprobs(make_llm):

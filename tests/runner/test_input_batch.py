@@ -98,11 +98,13 @@ def reference_step(runner: ModelRunner, seqs: list[Seq], counts: list[int], step
             ids = [EOS, *seq.params.stop_token_ids]
             banned[i, :len(ids)] = ids
     filtered = [k for p, k in zip(params, top_k) if not p.is_greedy and (k > 0 or p.top_p < 1)]
-    bisect = runner.bisect_thresholds
-    flags = dict(use_top_k_top_p=bool(filtered),
-                 sort_free_top_k=bool(filtered) and not bisect
-                 and all(0 < k <= SORT_FREE_TOP_K for k in filtered),
-                 bisect_thresholds=bool(filtered) and bisect,
+    if not filtered:
+        method = "sort"
+    elif runner.bisect_thresholds:
+        method = "bisect"
+    else:
+        method = "top_k_prefix" if all(0 < k <= SORT_FREE_TOP_K for k in filtered) else "sort"
+    flags = dict(use_top_k_top_p=bool(filtered), threshold_method=method,
                  use_penalties=any(p.uses_penalties for p in params),
                  num_logprobs=runner.num_logprobs if any(p.logprobs for p in params) else 0)
     sampling = dict(

@@ -466,7 +466,7 @@ def test_bisected_thresholds_match_a_sort(seed):
 def test_bisected_thresholds_sort_nothing():
     jaxpr = str(jax.make_jaxpr(sample, static_argnums=2)(
         jnp.zeros((4, 300), jnp.float32), make_metadata(4),
-        SamplerFlags(use_top_k_top_p=True, bisect_thresholds=True, num_logprobs=20)))
+        SamplerFlags(use_top_k_top_p=True, threshold_method="bisect", num_logprobs=20)))
     assert re.search(r"\bsort\[", jaxpr) is None
     # Top-20 logprobs as lax.top_k of 16 and 4: XLA's GPU TopK kernel takes k <= 16.
     assert sorted(map(int, re.findall(r"top_k\[[^\]]*k=(\d+)", jaxpr))) == [4, 16]
@@ -490,12 +490,12 @@ def test_top_k_rows_sample_the_same_with_or_without_the_sort():
                    top_p=np.array([0.95, 1.0, 1.0, 0.5, 0.9, 1.0, 0.99, 0.8]),
                    temperature=np.array([0.8, 1.0, 1.3, 0.7, 0.0, 1.0, 0.5, 1.1]),
                    seeds=np.arange(100, 100 + n), step=np.arange(n))
-    sort_free = SamplerFlags(use_top_k_top_p=True, sort_free_top_k=True)
+    sort_free = SamplerFlags(use_top_k_top_p=True, threshold_method="top_k_prefix")
     full_sort = SamplerFlags(use_top_k_top_p=True)
     want = _sample(jnp.asarray(logits), make_metadata(n, **small_k), sort_free).token_ids
     got = _sample(jnp.asarray(logits), make_metadata(n, **small_k), full_sort).token_ids
     np.testing.assert_array_equal(got, want)
-    bisect = SamplerFlags(use_top_k_top_p=True, bisect_thresholds=True)
+    bisect = SamplerFlags(use_top_k_top_p=True, threshold_method="bisect")
     got = _sample(jnp.asarray(logits), make_metadata(n, **small_k), bisect).token_ids
     np.testing.assert_array_equal(got, want)
     # The same rows next to rows that need the sort (the batch order changes nothing either).
@@ -509,7 +509,7 @@ def test_top_k_rows_sample_the_same_with_or_without_the_sort():
 def test_sort_free_top_k_sorts_nothing():
     logits = jnp.zeros((4, 300), jnp.float32)
     jaxpr = str(jax.make_jaxpr(sample, static_argnums=2)(
-        logits, make_metadata(4), SamplerFlags(use_top_k_top_p=True, sort_free_top_k=True)))
+        logits, make_metadata(4), SamplerFlags(use_top_k_top_p=True, threshold_method="top_k_prefix")))
     assert re.search(r"\bsort\[", jaxpr) is None and "top_k[" in jaxpr
 
 
