@@ -82,7 +82,17 @@ def test_a_failed_or_interrupted_build_is_built_again():
 
 def test_close_stops_the_warmup_and_drops_every_program():
     gate = threading.Event()  # never set: every compile waits, so the warmup cannot finish
-    cache, lowered, _ = _cache(gate)
+    lowered = []
+
+    def lower(key):
+        # Lowering costs nothing here, so the warmup could lower every key before `close` runs;
+        # from the second key on it waits (at most 10 s) for `close` to begin.
+        if lowered:
+            cache._closed.wait(timeout=10)
+        lowered.append(key)
+        return _Lowered(key, gate, [])
+
+    cache = ProgramCache(lower, max_compile_threads=2)
     keys = list(range(16, 16 * 40, 16))
     cache.warm(keys)
     cache.close()  # settles what the warmup waits for, then joins its thread
