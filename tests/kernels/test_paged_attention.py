@@ -17,6 +17,7 @@ from pjllm.kernels import ops, reference
 from pjllm.kernels import paged_attention as pallas_attention
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.kernels.testing import random_ragged_layout
+from tests.kernels.triton_lowering import lower_for_gpu, triton_modules
 
 # Fixed buckets, so that each (page_size, head_dim, heads, dtype) compiles once across examples.
 NUM_TOKENS = 48
@@ -255,17 +256,10 @@ def test_select_config_nearest_table_entry():
         assert isinstance(cfg, BlockConfig)
 
 
-def lower_for_gpu(q, kv, md: AttentionMetadata, config=None):
-    """jit(paged_attention).lower for CUDA on an abstract H200 (no GPU needed; compiling needs
-    one): the Triton lowering of the kernels runs, with its own checks."""
-    from jax.sharding import AbstractDevice, AbstractMesh
-
-    fn = jax.jit(lambda q, kv, md: pallas_attention.paged_attention(q, kv, md, sm_scale=0.1,
-                                                                    config=config))
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-        device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        return fn.trace(q, kv, md).lower(lowering_platforms=("cuda",))
+def lower_attention_for_gpu(q, kv, md: AttentionMetadata, config=None):
+    """paged_attention lowered for CUDA on an abstract H200 (tests/kernels/triton_lowering.py)."""
+    return lower_for_gpu(lambda q, kv, md: pallas_attention.paged_attention(
+        q, kv, md, sm_scale=0.1, config=config), q, kv, md)
 
 
 def lowering_inputs(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim,
@@ -296,33 +290,9 @@ def test_triton_lowering_for_hopper(num_tokens, num_seqs, num_q_heads, num_kv_he
     """The kernels lower to Triton for every head_dim a model may have, power of two or not
     (Triton tensors must have power-of-two sizes; interpret mode does not check that)."""
     q, kv, md = lowering_inputs(num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim)
-    text = lower_for_gpu(q, kv, md, config).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
-
-
-def triton_modules(lowered) -> list[str]:
-    """The Triton IR (generic op form) of each Pallas kernel in a lowered computation: the
-    bytecode that the custom call carries in its backend config, parsed back with the Triton
-    dialect that jax's lowering registers."""
-    from jax._src.lib.mlir import ir
-    from jax._src.pallas.triton import lowering as triton_lowering
-
-    modules = []
-
-    def visit(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    if child.operation.name == "stablehlo.custom_call":
-                        config = ir.DictAttr(child.operation.attributes["mhlo.backend_config"])
-                        bytecode = ir.StringAttr(config["ir"]).value_bytes
-                        with triton_lowering._new_ir_context():
-                            module = ir.Module.parse(bytecode)
-                            modules.append(module.operation.get_asm(print_generic_op_form=True))
-                    visit(child.operation)
-
-    visit(lowered.compiler_ir("stablehlo").operation)
-    return modules
+    lowered = lower_attention_for_gpu(q, kv, md, config)
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+    assert len(triton_modules(lowered)) == 1  # and the module passes MLIR's verifier
 
 
 @pytest.mark.parametrize("head_dim", [64, 80])
@@ -335,7 +305,7 @@ def test_float32_dots_are_ieee_not_tf32(dtype, num_tokens, num_seqs, head_dim):
     from jax._src.pallas.triton.lowering import tt_dialect
 
     q, kv, md = lowering_inputs(num_tokens, num_seqs, 8, 2, head_dim, dtype)
-    (module,) = triton_modules(lower_for_gpu(q, kv, md))
+    (module,) = triton_modules(lower_attention_for_gpu(q, kv, md))
     precisions = re.findall(r'"tt\.dot".*?inputPrecision = (\d+)', module)
     want = (tt_dialect.InputPrecision.IEEE if dtype == jnp.float32
             else tt_dialect.InputPrecision.TF32)
