@@ -9,7 +9,10 @@ Each run is one `LLM.generate` of the whole workload, timed by wall clock:
   uniform  temperature 1.0 for every request (as `pjllm bench throughput`);
   greedy   temperature 0;
   mixed    per request, drawn from a fixed seed: temperature 0.7/0.8/1.0, top_k 0/20/50/100,
-           top_p 1.0/0.9/0.95, min_p 0/0.05, logprobs none/0-5 (the mix a server sees).
+           top_p 1.0/0.9/0.95, min_p 0/0.05, logprobs none/0-5 (the mix a server sees);
+  mixed-nolp   the same mix without logprobs;
+  uniform-lp5  uniform with 5 logprobs for every request.
+The last two split mixed's cost between its filters and its logprobs.
 Running `mixed` twice shows whether the first run paid for compiles the second did not. The
 record holds the number of compiled step programs and the process's resident memory after each run.
 """
@@ -29,7 +32,8 @@ def resident_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def mixed_params(count: int, output_lens: list[int], seed: int = 0) -> list:
+def mixed_params(count: int, output_lens: list[int], seed: int = 0,
+                 with_logprobs: bool = True) -> list:
     from pjllm import SamplingParams
 
     rng = np.random.default_rng(seed)
@@ -39,8 +43,8 @@ def mixed_params(count: int, output_lens: list[int], seed: int = 0) -> list:
         params.append(SamplingParams(
             temperature=float(rng.choice([0.7, 0.8, 1.0])), top_k=int(rng.choice([0, 20, 50, 100])),
             top_p=float(rng.choice([1.0, 0.9, 0.95])), min_p=float(rng.choice([0.0, 0.05])),
-            logprobs=None if logprobs < 0 else logprobs, max_tokens=output_lens[i], ignore_eos=True,
-            seed=i))
+            logprobs=logprobs if logprobs >= 0 and with_logprobs else None,
+            max_tokens=output_lens[i], ignore_eos=True, seed=i))
     return params
 
 
@@ -73,11 +77,13 @@ def main() -> None:
         programs = llm.engine.model_runner.programs
         record["programs_after_warmup"] = len(programs)
         for name in args.runs.split(","):
-            if name == "mixed":
-                params = mixed_params(len(prompts), output_lens)
+            if name in ("mixed", "mixed-nolp"):
+                params = mixed_params(len(prompts), output_lens, with_logprobs=name == "mixed")
             else:
-                temperature = {"uniform": 1.0, "greedy": 0.0}[name]
-                params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, seed=i)
+                temperature = {"uniform": 1.0, "greedy": 0.0, "uniform-lp5": 1.0}[name]
+                logprobs = 5 if name == "uniform-lp5" else None
+                params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True,
+                                         seed=i, logprobs=logprobs)
                           for i, n in enumerate(output_lens)]
             timings = llm.engine.step_timings
             before = (timings.steps, timings.host_s, timings.wait_s)

@@ -25,10 +25,11 @@ import time
 from typing import Any, Callable
 
 from pjllm.config import EngineConfig
-from pjllm.engine.detokenizer import decode_new_text, decode_token, find_stop_string, start_detokenizer
+from pjllm.engine.detokenizer import (TokenTexts, decode_new_text, find_stop_string,
+                                      start_detokenizer)
 from pjllm.engine.sequence import Request
-from pjllm.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput,
-                           SampleLogprobs)
+from pjllm.outputs import (CompletionOutput, FlatLogprobs, Logprob, PromptLogprobs,
+                           RequestMetrics, RequestOutput, SampleLogprobs)
 from pjllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pjllm")
@@ -138,6 +139,7 @@ class OutputAccumulator:
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
+        self._token_texts = TokenTexts(tokenizer) if tokenizer is not None else None
         self._requests: dict[str, _RequestText] = {}
 
     def start(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
@@ -145,7 +147,7 @@ class OutputAccumulator:
         seqs = {}
         for index in range(params.n):
             text = _Text(params, list(prompt_token_ids), len(prompt_token_ids),
-                         [] if params.logprobs is not None else None)
+                         FlatLogprobs() if params.logprobs is not None else None)
             start_detokenizer(text)
             seqs[index] = text
         self._requests[request_id] = _RequestText(prompt, list(prompt_token_ids), None, seqs)
@@ -169,9 +171,11 @@ class OutputAccumulator:
             for offset, token in enumerate(token_ids):
                 seq.token_ids.append(token)
                 if seq.logprobs is not None:
-                    entry = self._decoded(logprobs[offset])
-                    seq.logprobs.append(entry)
-                    seq.cumulative_logprob += entry[token].logprob
+                    ids, values, ranks, texts = logprobs.position(offset)
+                    if self._token_texts is not None:
+                        texts = [self._token_texts(t) for t in ids]
+                    seq.logprobs.append(ids, values, ranks, texts)
+                    seq.cumulative_logprob += values[0]  # the sampled token comes first
                 stop = self._stop_string(seq)
                 if stop is not None:
                     seq.finish_reason, seq.stop_reason, seq.stopped_here = "stop", stop, True
@@ -182,7 +186,8 @@ class OutputAccumulator:
         completions = [CompletionOutput(
             index, seq.text, seq.token_ids[seq.num_prompt_tokens:],
             seq.cumulative_logprob if seq.logprobs is not None else None,
-            list(seq.logprobs) if seq.logprobs is not None else None, seq.finish_reason, seq.stop_reason)
+            seq.logprobs.snapshot() if seq.logprobs is not None else None, seq.finish_reason,
+            seq.stop_reason)
             for index, seq in sorted(state.seqs.items())]
         finished = all(c.finish_reason is not None for c in completions)
         output = RequestOutput(request_id, state.prompt, state.prompt_token_ids,
@@ -196,9 +201,9 @@ class OutputAccumulator:
         return find_stop_string(seq, len(decode_new_text(self.tokenizer, seq)))
 
     def _decoded(self, entry: dict[int, Logprob]) -> dict[int, Logprob]:
-        if self.tokenizer is None:
+        if self._token_texts is None:
             return entry
-        return {token: dataclasses.replace(lp, decoded_token=decode_token(self.tokenizer, token))
+        return {token: Logprob(lp.logprob, lp.rank, self._token_texts(token))
                 for token, lp in entry.items()}
 
 

@@ -33,9 +33,19 @@ def decode_new_text(tokenizer, seq: Sequence) -> str:
     return new_text
 
 
-def decode_token(tokenizer, token: int) -> str | None:
-    """One token's text (a logprob's `decoded_token`); None without a tokenizer."""
-    return tokenizer.decode([token]) if tokenizer is not None else None
+class TokenTexts:
+    """Each token's text on its own (a logprob's `decoded_token`), decoded once per token id:
+    a step with logprobs asks for thousands, mostly the same few."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self._tokenizer.decode([token])
+        return text
 
 
 def find_stop_string(seq: Sequence, new_text_len: int) -> str | None:

@@ -14,14 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from pjllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
-from pjllm.engine.detokenizer import decode_new_text, decode_token, find_stop_string, start_detokenizer
+from pjllm.engine.detokenizer import (TokenTexts, decode_new_text, find_stop_string,
+                                      start_detokenizer)
 from pjllm.engine.input_processor import InputProcessor, PromptType
 from pjllm.engine.kv_cache_manager import KVCacheManager, pages_needed
 from pjllm.engine.scheduler import ScheduledSeq, ScheduledStep, Scheduler
 from pjllm.engine.sequence import Request, Sequence
 from pjllm.kernels import ops
 from pjllm.models.loader import build_model
-from pjllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pjllm.outputs import CompletionOutput, FlatLogprobs, Logprob, RequestMetrics, RequestOutput
 from pjllm.runner.memory import kv_cache_bytes
 from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
 from pjllm.runner.sampler import SamplerOutput, TokenLogprobs
@@ -87,6 +88,7 @@ class LLMEngine:
         enable_compilation_cache(config.compilation_cache_dir)
         self.model_config = self.inputs.model_config
         self.tokenizer = self.inputs.tokenizer
+        self._token_texts = TokenTexts(self.tokenizer) if self.tokenizer is not None else None
         self.max_model_len = self.inputs.max_model_len
         self.dtype = _resolve_dtype(config.dtype)
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -193,7 +195,7 @@ class LLMEngine:
                            len(token_ids), max_num_tokens)
             self._next_seq_id += 1
             if params.logprobs is not None:
-                seq.logprobs = []
+                seq.logprobs = FlatLogprobs()
             start_detokenizer(seq)
             request.seqs.append(seq)
             self.scheduler.add(seq)
@@ -408,12 +410,15 @@ class LLMEngine:
     def _logprob_entry(self, token: int, logprobs: TokenLogprobs, row: int,
                        num: int) -> dict[int, Logprob]:
         """{token: its Logprob, then each of the row's top `num` tokens: theirs}."""
-        entry = {token: Logprob(float(logprobs.logprobs[row]), int(logprobs.ranks[row]),
-                                decode_token(self.tokenizer, token))}
-        for index, candidate in enumerate(logprobs.top_ids[row, :num].tolist()):
-            entry.setdefault(candidate, Logprob(float(logprobs.top_logprobs[row, index]), index + 1,
-                                                decode_token(self.tokenizer, candidate)))
-        return entry
+        entry = FlatLogprobs()
+        self._append_logprobs(entry, token, logprobs, row, num)
+        return entry[0]
+
+    def _append_logprobs(self, out: FlatLogprobs, token: int, logprobs: TokenLogprobs, row: int,
+                         num: int) -> None:
+        out.append_sample(token, float(logprobs.logprobs[row]), int(logprobs.ranks[row]),
+                          logprobs.top_ids[row, :num].tolist(),
+                          logprobs.top_logprobs[row, :num].tolist(), self._token_texts)
 
     def _append_token(self, seq: Sequence, row: int, sampled: SamplerOutput) -> None:
         token = int(sampled.token_ids[row])
@@ -423,7 +428,7 @@ class LLMEngine:
         seq.cumulative_logprob += float(sampled.logprobs.logprobs[row])
         params = seq.params
         if seq.logprobs is not None:
-            seq.logprobs.append(self._logprob_entry(token, sampled.logprobs, row, params.logprobs))
+            self._append_logprobs(seq.logprobs, token, sampled.logprobs, row, params.logprobs)
         new_text_len = len(decode_new_text(self.tokenizer, seq)) if self.tokenizer is not None else 0
 
         past_min = seq.num_resolved_tokens - seq.num_prompt_tokens >= params.min_tokens
@@ -440,7 +445,8 @@ class LLMEngine:
         completions = [CompletionOutput(
             index=seq.sample_index, text=seq.text, token_ids=list(seq.output_token_ids),
             cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-            logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+            logprobs=seq.logprobs.snapshot() if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
             for seq in request.seqs]
         metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time,
                                  request.first_token_time)
