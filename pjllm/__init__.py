@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
+from pjllm.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from pjllm.config import EngineConfig, ModelConfig
 from pjllm.engine.async_engine import AsyncLLM
 from pjllm.entrypoints.llm import LLM, generate
@@ -17,5 +18,5 @@ from pjllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pjllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig",
-           "ModelConfig", "generate"]
+           "ModelConfig", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "generate"]
 __version__ = "0.1.0"

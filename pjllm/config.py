@@ -17,6 +17,8 @@ ATTENTION_BACKENDS = ("auto", "pallas", "reference")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 WARMUP_MODES = ("auto", "background", "blocking", "off")
 GENERATION_CONFIG_MODES = ("auto", "none")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+PREEMPTION_MODES = ("recompute", "swap")
 PAGE_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
@@ -150,6 +152,18 @@ class EngineConfig:
     seed: int = 0
     # Prepare step N+1 on the host while the device runs step N (off: one step at a time).
     async_scheduling: bool = True
+    # Automatic prefix caching (on, as in vLLM): a request starts after the longest run of
+    # cached full pages matching its tokens; pages no request holds stay cached until evicted,
+    # least recently used first.
+    enable_prefix_caching: bool = True
+    # The order requests are scheduled in: "fcfs" (arrival) or "priority" (each request's
+    # `priority`, lower first, then arrival; the least urgent running one is preempted first).
+    scheduling_policy: str = "fcfs"
+    # What preemption does with a sequence's KV when pages run out: "recompute" (vLLM V1's only
+    # mode: drop it, compute it again on readmission) or "swap" (copy it to host memory, up to
+    # swap_space GiB, and back; past that, recompute).
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0
     attention_backend: str = "auto"
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "pjllm", "xla"))
@@ -187,6 +201,11 @@ class EngineConfig:
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("warmup", self.warmup, WARMUP_MODES)
         _check_choice("generation_config", self.generation_config, GENERATION_CONFIG_MODES)
+        _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        _check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        if (isinstance(self.swap_space, bool) or not isinstance(self.swap_space, (int, float))
+                or not 0 <= self.swap_space < float("inf")):
+            raise ValueError(f"swap_space must be a number of GiB >= 0; got {self.swap_space!r}")
         _check_int("page_size", self.page_size, 1)
         _check_choice("page_size", self.page_size, PAGE_SIZES)
         for name, minimum in (("max_num_seqs", 1), ("seed", None), ("max_logprobs", 0)):
@@ -198,7 +217,7 @@ class EngineConfig:
         if utilization is None or not 0.0 < utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be a number in (0, 1]; "
                              f"got {self.gpu_memory_utilization!r}")
-        for name in ("skip_tokenizer_init", "async_scheduling"):
+        for name in ("skip_tokenizer_init", "async_scheduling", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if self.compilation_cache_dir is not None and not isinstance(self.compilation_cache_dir, str):

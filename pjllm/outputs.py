@@ -142,3 +142,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # Prompt tokens found in the prefix cache (their KV was reused, not computed); None before
+    # the request is first scheduled.
+    num_cached_tokens: int | None = None

@@ -22,7 +22,8 @@ class NewSequence:
     token_ids:           every token id the host knows: the prompt, then the outputs generated
                          so far (a readmitted sequence recomputes them)
     num_prompt_tokens:   where the outputs start in token_ids
-    num_computed_tokens: tokens whose KV is already in its pages (0 unless sent again after a reset)
+    num_computed_tokens: tokens whose KV is already in its pages (a cached prefix, or what it had
+                         computed when sent again after a reset)
     params:              its request's sampling parameters
     seed, sample_index:  its sampling key (fold_in(fold_in(key(seed), sample_index), step))
     banned_while_short:  EOS and stop token ids, banned while it has fewer than params.min_tokens

@@ -15,6 +15,8 @@ It writes:
   GGUF (the file `pjllm.models.default_model` downloads), to check our dequantizer against.
 - tests/golden/smollm2_chat.json: that model's chat template rendering, its token ids, sample
   tokenizations, transformers' greedy continuation, and the file's quant types.
+- tests/golden/beam_search.json: HF beam search on two of the tiny models (`--only beam` writes
+  just this, from the tiny models already there).
 """
 
 from __future__ import annotations
@@ -232,19 +234,71 @@ def make_smollm2(gguf_path: str) -> None:
     print(f"smollm2: {dict(quant_types)}; greedy: {chat['greedy_text']!r}")
 
 
+BEAM_MODELS = ("llama3", "qwen2")
+BEAM_CASES = ((4, 6, 1.0), (3, 5, 0.5))  # (num_beams, max_new_tokens, length_penalty)
+# Beams whose scores lie closer than this could swap under float32 rounding differences.
+MIN_BEAM_GAP = 1e-3
+
+
+def make_beam_goldens() -> None:
+    """tests/golden/beam_search.json: HF beam search (no EOS, every beam returned) on tiny
+    models written by make_tiny, for the prompts of their expected.json. A case is kept only when
+    its returned beams' scores are at least MIN_BEAM_GAP apart."""
+    records = {}
+    for name in BEAM_MODELS:
+        model_dir = os.path.join(GOLDEN, name)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # else generate merges the config's EOS back in
+        with open(os.path.join(model_dir, "expected.json")) as f:
+            prompts = [p["prompt_ids"] for p in json.load(f)["prompts"]]
+        cases = []
+        for ids in prompts:
+            for num_beams, max_new, length_penalty in BEAM_CASES:
+                config = GenerationConfig(do_sample=False, num_beams=num_beams,
+                                          num_return_sequences=num_beams, max_new_tokens=max_new,
+                                          length_penalty=length_penalty, early_stopping=False,
+                                          eos_token_id=None, pad_token_id=0, bos_token_id=None,
+                                          output_scores=True, return_dict_in_generate=True)
+                with torch.no_grad():
+                    out = model.generate(torch.tensor([ids]), generation_config=config,
+                                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+                scores = out.sequences_scores.tolist()
+                gaps = [a - b for a, b in zip(scores, scores[1:])]
+                if gaps and min(gaps) < MIN_BEAM_GAP:
+                    print(f"{name}: skipping prompt of {len(ids)} tokens, beams {num_beams}: "
+                          f"scores {min(gaps):.2e} apart")
+                    continue
+                cases.append({"prompt_ids": ids, "beam_width": num_beams, "max_tokens": max_new,
+                              "length_penalty": length_penalty,
+                              "output_ids": out.sequences[:, len(ids):].tolist(),
+                              "scores": scores})
+        records[name] = cases
+    golden = {"doc": ("HF generate num_beams=beam_width, num_return_sequences=beam_width, no EOS, "
+                      "early_stopping=False; scores = sum of output logprobs / "
+                      "output_len ** length_penalty, best first. float32, CPU."),
+              "transformers_version": transformers.__version__, "torch_version": torch.__version__,
+              "models": records}
+    with open(os.path.join(GOLDEN, "beam_search.json"), "w") as f:
+        json.dump(golden, f, indent=1)
+    print("beam_search.json:", {name: len(cases) for name, cases in records.items()}, "cases")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gguf", help="path of SmolLM2-135M-Instruct.Q4_1.gguf "
                         "(default: pjllm's cached download)")
     parser.add_argument("--skip-gguf", action="store_true")
-    parser.add_argument("--only", action="append", choices=sorted(TINY_MODELS),
-                        help="write only this tiny model's goldens (repeatable)")
+    parser.add_argument("--only", action="append", choices=sorted(TINY_MODELS) + ["beam"],
+                        help="write only this tiny model's goldens, or (beam) the beam search "
+                             "goldens from the tiny models already written (repeatable)")
     args = parser.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
     torch.set_num_threads(4)
     for name, config in TINY_MODELS.items():
         if args.only is None or name in args.only:
             make_tiny(name, config)
+    if args.only is None or "beam" in args.only:
+        make_beam_goldens()
     if not args.skip_gguf:
         gguf_path = args.gguf
         if gguf_path is None:

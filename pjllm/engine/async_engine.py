@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Callable
 
 from pjllm.config import EngineConfig
 from pjllm.engine.core_process import CoreStats, OutputAccumulator, RequestDelta, run_engine_core
-from pjllm.engine.input_processor import InputProcessor, PromptType
+from pjllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pjllm.outputs import RequestOutput
 from pjllm.sampling_params import SamplingParams
 
@@ -132,7 +132,7 @@ class AsyncLLM:
     def default_sampling_params(self) -> SamplingParams:
         return self.inputs.default_sampling_params()
 
-    def process_prompt(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+    def process_prompt(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
         """Checks a request and tokenizes its prompt, on the caller's thread (ValueError names
         the field)."""
         return self.inputs.process_prompt(prompt, params)
@@ -156,7 +156,7 @@ class AsyncLLM:
         return self.stats.kv_cache_usage
 
     async def generate(self, prompt: PromptType, params: SamplingParams | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Adds a request and yields its state each time it has new tokens; the last output has
         `finished=True`. Raises ValueError for a request that cannot run (before any output),
         EngineOverloadedError when too many wait, EngineDeadError when the core has stopped.
@@ -167,7 +167,9 @@ class AsyncLLM:
             raise EngineOverloadedError(f"{self.num_waiting_requests()} requests are waiting "
                                         f"(max_waiting_requests {self.max_waiting_requests})")
         params = params if params is not None else self.default_sampling_params()
-        text, token_ids = self.process_prompt(prompt, params)
+        processed = self.process_prompt(prompt, params)
+        self.inputs.check_priority(priority)
+        text, token_ids = processed.text, processed.token_ids
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
         with self._lock:
             if request_id in self._streams:
@@ -175,7 +177,7 @@ class AsyncLLM:
             self._streams[request_id] = stream
             self._accumulator.start(request_id, text, token_ids, params)
             self._num_unseen_adds += 1
-            self._send(("add", request_id, {"prompt": text, "prompt_token_ids": token_ids}, params))
+            self._send(("add", request_id, processed.as_dict(), params, priority))
         finished = False
         try:
             while not finished:

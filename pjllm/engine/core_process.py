@@ -41,13 +41,14 @@ logger = logging.getLogger("pjllm")
 # CompletionDelta: (token_ids, logprobs, finish_reason, stop_reason): a sequence's output tokens
 #                  new since its last delta, their logprobs (None: not asked for; decoded_token
 #                  None, the front end decodes), and its finish and stop reasons.
-# RequestDelta:    (request_id, finished, metrics, prompt_logprobs, completions): metrics is
-#                  (arrival_time, first_scheduled_time, first_token_time); prompt_logprobs come
+# RequestDelta:    (request_id, finished, metrics, num_cached_tokens, prompt_logprobs,
+#                  completions): metrics is (arrival_time, first_scheduled_time,
+#                  first_token_time); num_cached_tokens as RequestOutput's; prompt_logprobs come
 #                  once, in the first delta after the prompt is done, else None; completions has
 #                  one CompletionDelta per sequence, by sample index.
 CompletionDelta = tuple[list[int], SampleLogprobs | None, str | None, int | str | None]
-RequestDelta = tuple[str, bool, tuple[float, float | None, float | None], PromptLogprobs | None,
-                     list[CompletionDelta]]
+RequestDelta = tuple[str, bool, tuple[float, float | None, float | None], int | None,
+                     PromptLogprobs | None, list[CompletionDelta]]
 
 
 @dataclasses.dataclass
@@ -58,6 +59,9 @@ class CoreStats:
     num_waiting: int
     kv_cache_usage: float
     num_preemptions: int
+    # Prefix cache totals since start, in tokens: looked up, and found cached.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class _DeltaTracker:
@@ -96,7 +100,7 @@ class _DeltaTracker:
             self._sent[key] = num_known
         return (request.request_id, finished, (request.arrival_time, request.first_scheduled_time,
                                                request.first_token_time),
-                prompt_logprobs, completions)
+                request.num_cached_tokens, prompt_logprobs, completions)
 
 
 @dataclasses.dataclass(eq=False)
@@ -158,7 +162,7 @@ class OutputAccumulator:
     def apply(self, delta: RequestDelta) -> tuple[RequestOutput, list[tuple[str, int, str]]]:
         """The request's output after `delta`, and the (request_id, index, stop string) of each
         sequence a stop string ended in this delta."""
-        request_id, _, metrics, prompt_logprobs, changes = delta
+        request_id, _, metrics, num_cached_tokens, prompt_logprobs, changes = delta
         state = self._requests[request_id]
         if prompt_logprobs is not None:
             state.prompt_logprobs = [None if entry is None else self._decoded(entry)
@@ -191,7 +195,8 @@ class OutputAccumulator:
             for index, seq in sorted(state.seqs.items())]
         finished = all(c.finish_reason is not None for c in completions)
         output = RequestOutput(request_id, state.prompt, state.prompt_token_ids,
-                               state.prompt_logprobs, completions, finished, RequestMetrics(*metrics))
+                               state.prompt_logprobs, completions, finished, RequestMetrics(*metrics),
+                               num_cached_tokens)
         return output, stopped
 
     def _stop_string(self, seq: _Text) -> str | None:
@@ -326,9 +331,9 @@ def _apply(engine: Any, tracker: _DeltaTracker, command: tuple,
         if engine.abort_request(command[1]) is not None:  # its final state, finish reason "abort"
             send(("step", [tracker.delta(request)], _stats(engine)))
         return True
-    _, request_id, prompt, params = command
+    _, request_id, prompt, params, priority = command
     try:
-        engine.add_request(request_id, prompt, params)
+        engine.add_request(request_id, prompt, params, priority)
     except Exception as error:  # noqa: BLE001 - the front end checked it; report, don't die
         send(("refused", request_id, f"{type(error).__name__}: {error}"))
     return True
@@ -337,4 +342,5 @@ def _apply(engine: Any, tracker: _DeltaTracker, command: tuple,
 def _stats(engine: Any) -> CoreStats:
     manager = engine.kv_cache_manager
     return CoreStats(len(engine.scheduler.running), len(engine.scheduler.waiting),
-                     1.0 - manager.num_free_pages / manager.num_pages, engine.scheduler.num_preemptions)
+                     1.0 - manager.num_free_pages / manager.num_pages, engine.scheduler.num_preemptions,
+                     manager.num_queried_tokens, manager.num_hit_tokens)

@@ -119,9 +119,11 @@ class LLMEngine:
             max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, dtype=self.dtype,
             attention_backend=self.attention_backend, max_logprobs=config.max_logprobs)
-        self.kv_cache_manager = KVCacheManager(num_pages, config.page_size)
+        self.kv_cache_manager = KVCacheManager(num_pages, config.page_size,
+                                               config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,
-                                   self.max_num_batched_tokens)
+                                   self.max_num_batched_tokens, config.scheduling_policy,
+                                   self._num_swap_pages())
         self.requests: dict[str, Request] = {}
         self._seed_rng = np.random.default_rng(config.seed)
         self._next_seq_id = 0
@@ -146,10 +148,21 @@ class LLMEngine:
         self.startup_timings.update(self.model_runner.wait_for_warmup())
         gc.freeze()
 
+    def _page_bytes(self) -> int:
+        """Bytes of one page over all layers."""
+        cfg = self.model_config
+        return cfg.num_layers * ops.kv_cache_bytes_per_page(
+            self.config.page_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+
+    def _num_swap_pages(self) -> int:
+        """Pages of host memory for swap preemption: swap_space GiB ("swap" mode), else 0."""
+        if self.config.preemption_mode != "swap":
+            return 0
+        return int(self.config.swap_space * 2**30) // self._page_bytes()
+
     def _num_pages_from_memory(self, weights_bytes: int) -> int:
         cfg = self.model_config
-        page_bytes = cfg.num_layers * ops.kv_cache_bytes_per_page(
-            self.config.page_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        page_bytes = self._page_bytes()
         itemsize = jnp.dtype(self.dtype).itemsize
         # Peak activations of one step: MLP intermediates for the token budget, plus float32
         # logits (and their sort) for every sequence, plus a margin for XLA's workspace.
@@ -171,20 +184,24 @@ class LLMEngine:
     def default_sampling_params(self) -> SamplingParams:
         return self.inputs.default_sampling_params()
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    priority: int = 0) -> None:
         """Validates and queues a request; it joins the running batch at the next step.
 
         `request_id` must not belong to an unfinished request (a finished or aborted one's id can
-        be used again). Raises ValueError naming the field when the request cannot run.
+        be used again). `priority` orders requests under scheduling_policy="priority" (lower
+        first). Raises ValueError naming the field when the request cannot run.
         """
         self._check_open()
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string; got {type(request_id).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, token_ids = self.inputs.process_prompt(prompt, params)
+        text, token_ids, cache_salt = self.inputs.process_prompt(prompt, params)
+        self.inputs.check_priority(priority)
         eos = () if params.ignore_eos else self.model_config.eos_token_ids
-        request = Request(request_id, text, token_ids, params, eos_token_ids=eos)
+        request = Request(request_id, text, token_ids, params, eos_token_ids=eos,
+                          cache_salt=cache_salt, priority=priority)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(token_ids)
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
@@ -226,6 +243,12 @@ class LLMEngine:
             return None
         self._forget(request)
         return request
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix; pages that requests hold stay theirs. True once done."""
+        self._check_open()
+        self.kv_cache_manager.reset_prefix_cache()
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -271,6 +294,7 @@ class LLMEngine:
                 previous, self._in_flight = self._in_flight, None
                 outputs += self._process_or_fail(previous, include_unfinished)
             scheduled_step = self.scheduler.schedule()
+            self._swap(scheduled_step)
             previous, self._in_flight = self._in_flight, None
             device_lost = False
             if scheduled_step.scheduled:
@@ -297,6 +321,15 @@ class LLMEngine:
         timings.host_s += time.perf_counter() - start - (timings.wait_s - wait_before)
         return outputs
 
+    def _swap(self, scheduled_step: ScheduledStep) -> None:
+        """Swap preemption's copies, launched before the step (device order keeps them right):
+        preempted sequences' pages to host memory, then readmitted ones' back into new pages."""
+        for seq, pages in scheduled_step.swap_out:
+            seq.swapped_kv = self.model_runner.swap_out(pages)
+        for seq, pages in scheduled_step.swap_in:
+            self.model_runner.swap_in(pages, seq.swapped_kv)
+            seq.swapped_kv = None
+
     def _dispatch(self, scheduled_step: ScheduledStep) -> "_InFlightStep":
         batch, variant = self.model_runner.prepare(scheduled_step.message)
         handle = self.model_runner.dispatch(batch, variant)
@@ -306,6 +339,7 @@ class LLMEngine:
             seq = item.seq
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = now
+                seq.request.num_cached_tokens = seq.num_computed_tokens  # its cached prefix
             chunk_starts.append(seq.num_computed_tokens)
             samples.append(item.samples)
             seq.num_computed_tokens += item.num_new_tokens
@@ -366,6 +400,8 @@ class LLMEngine:
         logger.error("a step failed; finishing requests %s with the error",
                      [request.request_id for request in requests], exc_info=error)
         reason = f"error: {type(error).__name__}: {error}"
+        # Pages cached for a step that failed may never have been written.
+        self.kv_cache_manager.reset_prefix_cache()
         for request in requests:
             for seq in request.seqs:
                 self.scheduler.finish(seq, reason)
@@ -379,10 +415,13 @@ class LLMEngine:
         the runner's batch is emptied: it may be halfway through a message."""
         self._in_flight = None
         for seq in list(reversed(self.scheduler.running)):  # newest first: the oldest ends up in front
-            self.scheduler.preempt(seq)
+            self.scheduler.preempt(seq, allow_swap=False)
+        self.scheduler.drop_swapped()  # what went to host memory may never have been read
         for seq in self.scheduler.waiting:
             seq.drop_pending_tokens()
         self.scheduler.reset_runner_batch()
+        # The step in flight, which filled cached pages, may not have run (or its KV is gone).
+        self.kv_cache_manager.reset_prefix_cache()
 
     def _recover_device(self) -> None:
         """After a step failed on the device: fresh KV cache, every running sequence recomputed."""
@@ -451,7 +490,8 @@ class LLMEngine:
         metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time,
                                  request.first_token_time)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             request.prompt_logprobs, completions, request.is_finished, metrics)
+                             request.prompt_logprobs, completions, request.is_finished, metrics,
+                             request.num_cached_tokens)
 
     def run_to_completion(self, progress=None) -> dict[str, RequestOutput]:
         """Steps until nothing is left; returns each request's final output by id."""

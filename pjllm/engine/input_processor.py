@@ -9,7 +9,7 @@ own process, so the engine's step loop receives token ids it will accept.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,6 +19,22 @@ from pjllm.sampling_params import SamplingParams
 from pjllm.validation import is_int
 
 PromptType = str | dict[str, Any] | list[int]
+
+
+class ProcessedPrompt(NamedTuple):
+    """A checked prompt: its text (None when given as ids), its token ids, and its prefix-cache
+    salt (a prompt dict's "cache_salt": requests share cached pages only with equal salts)."""
+
+    text: str | None
+    token_ids: list[int]
+    cache_salt: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The prompt dict an engine accepts back (token ids checked already)."""
+        prompt = {"prompt": self.text, "prompt_token_ids": self.token_ids}
+        if self.cache_salt is not None:
+            prompt["cache_salt"] = self.cache_salt
+        return prompt
 
 
 def _short_repr(values, limit: int = 8) -> str:
@@ -80,10 +96,10 @@ class InputProcessor:
         defaults (`EngineConfig.generation_config`), else SamplingParams' own."""
         return SamplingParams(**self.generation_defaults)
 
-    def process_prompt(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
-        """Checks a request against the model and tokenizes its prompt: (prompt text or None,
-        token ids). Reads no engine state, so a server calls it on its own thread, before
-        handing the ids to the step loop. Raises ValueError naming the field."""
+    def process_prompt(self, prompt: PromptType, params: SamplingParams) -> ProcessedPrompt:
+        """Checks a request against the model and tokenizes its prompt. Reads no engine state,
+        so a server calls it on its own thread, before handing the ids to the step loop. Raises
+        ValueError naming the field."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams; got {type(params).__name__}")
         self._check_against_model(params)
@@ -91,7 +107,18 @@ class InputProcessor:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens; it must be shorter than "
                              f"max_model_len ({self.max_model_len})")
-        return text, token_ids
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise ValueError(f"cache_salt must be a non-empty string; got {salt!r}")
+        return ProcessedPrompt(text, token_ids, salt)
+
+    def check_priority(self, priority: object) -> None:
+        """A request's priority: an integer, and other than 0 only under the priority policy."""
+        if not is_int(priority):
+            raise ValueError(f"priority must be an integer; got {priority!r}")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority must be 0 unless scheduling_policy is 'priority' (it is "
+                             f"{self.config.scheduling_policy!r}); got {priority}")
 
     def _check_against_model(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: limits set by the model and the engine."""
@@ -119,10 +146,10 @@ class InputProcessor:
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, token ids), checked: ids are integers in [0, vocab_size)."""
         if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown or not prompt:
-                raise ValueError("a prompt dict takes 'prompt' (text) or 'prompt_token_ids'; got keys "
-                                 f"{sorted(map(str, prompt))}")
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
+            if unknown or not set(prompt) & {"prompt", "prompt_token_ids"}:
+                raise ValueError("a prompt dict takes 'prompt' (text) or 'prompt_token_ids', and "
+                                 f"optionally 'cache_salt'; got keys {sorted(map(str, prompt))}")
             text = prompt.get("prompt")
             if text is not None and not isinstance(text, str):
                 raise ValueError(f"prompt must be a string; got {type(text).__name__}")

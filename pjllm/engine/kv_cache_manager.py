@@ -1,8 +1,19 @@
-"""The page allocator: which KV pages each sequence owns. Plain Python, no JAX."""
+"""The KV block pool: pages with reference counts, each sequence's block table, and the prefix
+cache over them. Plain Python, no JAX.
+
+A page is held (reference count > 0) by the sequences whose block tables name it, or free. A
+full page whose tokens are known carries a hash that chains its parent page's hash, its token ids
+and the request's extra keys (its `cache_salt`), so equal hashes mean equal prefixes. A new
+sequence starts from the longest run of cached pages that matches its tokens and computes only
+the rest. Freed pages keep their hash and stay findable until a page is needed and they are the
+least recently used free page.
+"""
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import struct
 
 from pjllm.engine.sequence import Sequence
 
@@ -11,55 +22,180 @@ def pages_needed(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
 
-class KVCacheManager:
-    """Hands out pages of the global KV page arrays to sequences and takes them back.
+def hash_page(parent: bytes, token_ids: list[int], extra_keys: bytes = b"") -> bytes:
+    """sha256 of (parent page's hash, this page's token ids as little-endian int32, extra keys):
+    the same in every process and on every host."""
+    digest = hashlib.sha256(parent)
+    digest.update(struct.pack(f"<{len(token_ids)}i", *token_ids))
+    digest.update(extra_keys)
+    return digest.digest()
 
-    Invariants (checked by `check_invariants`, used by the property tests): every page is either
-    free or owned by exactly one sequence; a sequence owns exactly the pages its tokens need.
+
+class KVCacheManager:
+    """Hands out pages of the global KV page arrays to sequences, shares cached ones, and takes
+    them back.
+
+    Invariants (`check_invariants`, used by the property tests): reference counts are >= 0 and
+    equal the number of block tables naming the page; a page is free exactly when its count is
+    0, and on the free list once; a cached hash names a page carrying that hash; a sequence owns
+    the pages its computed tokens need.
     """
 
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1; got {num_pages}")
         self.num_pages = num_pages
         self.page_size = page_size
-        self._free_pages: collections.deque[int] = collections.deque(range(num_pages))
-        self._owners: dict[int, Sequence] = {}
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_pages
+        self._page_hashes: list[bytes | None] = [None] * num_pages
+        # Pages no sequence holds, least recently used first: taken from the front. Pages that
+        # hold nothing reusable go to the front, cached ones to the back.
+        self._free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(
+            range(num_pages))
+        self._cached: dict[bytes, int] = {}
+        self._tables: dict[int, list[int]] = {}
+        # seq_id -> the chained hashes of its full pages whose tokens are known, in order, and
+        # how many of its pages are cached already (or were looked at for caching).
+        self._seq_hashes: dict[int, list[bytes]] = {}
+        self._num_pages_cached: dict[int, int] = {}
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
 
     @property
     def num_free_pages(self) -> int:
-        return len(self._free_pages)
+        """Pages no sequence holds, cached or not."""
+        return len(self._free)
+
+    def block_table(self, seq: Sequence) -> list[int]:
+        """`seq`'s pages in order (the pool's list: read it, do not change it)."""
+        return self._tables.get(seq.seq_id, [])
 
     def num_new_pages(self, seq: Sequence, num_new_tokens: int) -> int:
         """Pages `seq` needs beyond those it holds to store `num_new_tokens` more tokens of KV."""
         total = pages_needed(seq.num_computed_tokens + num_new_tokens, self.page_size)
-        return max(0, total - len(seq.block_table))
+        return max(0, total - len(self.block_table(seq)))
+
+    def claim_cached_prefix(self, seq: Sequence) -> int:
+        """For a sequence holding no pages: takes the cached pages that match its leading
+        tokens and returns how many tokens they hold (a multiple of the page size, and less than
+        its tokens: the last one is always computed, as its logits sample). 0 when caching is
+        off or the request wants prompt logprobs (those need the prompt's logits)."""
+        assert not self.block_table(seq), f"sequence {seq.seq_id} already holds pages"
+        if not self.enable_prefix_caching:
+            return 0
+        hashes = self._hashes(seq, seq.num_resolved_tokens)
+        pages = []
+        if seq.params.prompt_logprobs is None:
+            for page_hash in hashes:
+                page = self._cached.get(page_hash)
+                if page is None:
+                    break
+                pages.append(page)
+        if pages and len(pages) * self.page_size >= seq.num_tokens:
+            pages.pop()
+        for page in pages:
+            self._take(page)
+        self._tables[seq.seq_id] = pages
+        self._num_pages_cached[seq.seq_id] = len(pages)
+        return len(pages) * self.page_size
+
+    def count_prefix_lookup(self, num_tokens: int, num_cached_tokens: int) -> None:
+        """Counts a sequence admitted with `num_cached_tokens` of its `num_tokens` cached (the
+        prefix_cache_queries and prefix_cache_hits metrics, in tokens)."""
+        if self.enable_prefix_caching:
+            self.num_queried_tokens += num_tokens
+            self.num_hit_tokens += num_cached_tokens
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Gives `seq` the pages for `num_new_tokens` more tokens; False (and no change) if short."""
+        """Gives `seq` the pages for `num_new_tokens` more tokens, and caches the pages that
+        those tokens fill; False (and no change) if short of free pages."""
         needed = self.num_new_pages(seq, num_new_tokens)
-        if needed > len(self._free_pages):
+        if needed > len(self._free):
             return False
+        table = self._tables.setdefault(seq.seq_id, [])
         for _ in range(needed):
-            page = self._free_pages.popleft()
-            self._owners[page] = seq
-            seq.block_table.append(page)
+            page = next(iter(self._free))
+            self._uncache(page)
+            self._take(page)
+            table.append(page)
+        if self.enable_prefix_caching:
+            self._cache_full_pages(seq, seq.num_computed_tokens + num_new_tokens)
         return True
 
     def free(self, seq: Sequence) -> None:
-        """Returns all of `seq`'s pages to the free list."""
-        for page in seq.block_table:
-            del self._owners[page]
-            self._free_pages.append(page)
-        seq.block_table = []
+        """Drops `seq`'s hold on its pages. A page no one else holds becomes free; one with a
+        hash stays cached, the sequence's later pages ahead of its earlier ones in eviction
+        order (a shared prefix outlives the tails that branch from it)."""
+        table = self._tables.pop(seq.seq_id, [])
+        self._seq_hashes.pop(seq.seq_id, None)
+        self._num_pages_cached.pop(seq.seq_id, None)
+        for page in reversed(table):
+            self.ref_counts[page] -= 1
+            if self.ref_counts[page] == 0:
+                self._free[page] = None
+                if self._page_hashes[page] is None:
+                    self._free.move_to_end(page, last=False)
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (after the KV cache was rebuilt, or a step that filled
+        pages may not have run). Pages stay where they are; only their hashes go."""
+        self._cached.clear()
+        self._page_hashes = [None] * self.num_pages
+        self._num_pages_cached.clear()
+
+    def _take(self, page: int) -> None:
+        """One more hold on `page`; a free page leaves the free list."""
+        if self.ref_counts[page] == 0:
+            del self._free[page]
+        self.ref_counts[page] += 1
+
+    def _uncache(self, page: int) -> None:
+        """Evicts a free page's prefix: its KV is about to be overwritten."""
+        page_hash = self._page_hashes[page]
+        if page_hash is not None:
+            self._page_hashes[page] = None
+            del self._cached[page_hash]
+
+    def _hashes(self, seq: Sequence, num_tokens: int) -> list[bytes]:
+        """The chained hashes of `seq`'s full pages among its first `num_tokens` tokens (each
+        computed once per sequence)."""
+        hashes = self._seq_hashes.setdefault(seq.seq_id, [])
+        size = self.page_size
+        for index in range(len(hashes), num_tokens // size):
+            parent = hashes[-1] if hashes else b""
+            extra = seq.request.cache_salt.encode() if index == 0 and seq.request.cache_salt else b""
+            hashes.append(hash_page(parent, seq.token_ids[index * size:(index + 1) * size], extra))
+        return hashes[:num_tokens // size]
+
+    def _cache_full_pages(self, seq: Sequence, num_computed: int) -> None:
+        """Caches `seq`'s pages that are full once `num_computed` tokens are, as far as their
+        token ids are known (with async scheduling the newest may still be on the device)."""
+        done = self._num_pages_cached.get(seq.seq_id, 0)
+        if (min(num_computed, seq.num_resolved_tokens) // self.page_size) <= done:
+            return
+        table = self._tables[seq.seq_id]
+        hashes = self._hashes(seq, min(num_computed, seq.num_resolved_tokens))
+        for index in range(done, len(hashes)):
+            page, page_hash = table[index], hashes[index]
+            # A prefix computed twice at once (or a page claimed from the cache): the copy
+            # cached first stays the one found.
+            if self._page_hashes[page] is None and page_hash not in self._cached:
+                self._page_hashes[page] = page_hash
+                self._cached[page_hash] = page
+        self._num_pages_cached[seq.seq_id] = len(hashes)
 
     def check_invariants(self, live_seqs: list[Sequence]) -> None:
-        free = set(self._free_pages)
-        assert len(free) == len(self._free_pages), "a page is free twice"
-        owned = [page for seq in live_seqs for page in seq.block_table]
-        assert len(owned) == len(set(owned)), "a page is owned twice"
-        assert not free & set(owned), "a page is both free and owned"
-        assert len(free) + len(owned) == self.num_pages, "a page leaked"
+        counts = [0] * self.num_pages
         for seq in live_seqs:
-            assert len(seq.block_table) >= pages_needed(seq.num_computed_tokens, self.page_size), \
+            for page in self.block_table(seq):
+                counts[page] += 1
+        assert set(self._tables) <= {seq.seq_id for seq in live_seqs}, "a dead sequence holds pages"
+        assert counts == self.ref_counts, "a reference count is off"
+        free = [page for page in range(self.num_pages) if counts[page] == 0]
+        assert sorted(self._free) == free, "the free list is not the unheld pages"
+        for page_hash, page in self._cached.items():
+            assert self._page_hashes[page] == page_hash, "a cached hash names the wrong page"
+        for seq in live_seqs:
+            assert len(self.block_table(seq)) >= pages_needed(seq.num_computed_tokens, self.page_size), \
                 "a sequence has KV beyond its pages"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 
-from pjllm.engine.kv_cache_manager import KVCacheManager
+from pjllm.engine.kv_cache_manager import KVCacheManager, pages_needed
 from pjllm.engine.sequence import Sequence, SequenceStatus
 from pjllm.scheduler_output import NewSequence, SchedulerOutput
 
@@ -29,28 +30,89 @@ class ScheduledStep:
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]
     message: SchedulerOutput
+    # Swap preemption, for the engine to carry out before the step: (sequence, pages) whose KV
+    # goes to host memory, and (sequence, pages) it comes back into.
+    swap_out: list[tuple[Sequence, list[int]]] = dataclasses.field(default_factory=list)
+    swap_in: list[tuple[Sequence, list[int]]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+class WaitingQueue:
+    """Sequences waiting to run, in the order they are admitted: arrival order ("fcfs"), or
+    (priority, arrival) with lower priority values first ("priority"). A preempted sequence goes
+    back in front (fcfs) or where its key puts it (priority)."""
+
+    def __init__(self, policy: str = "fcfs"):
+        self.policy = policy
+        self._seqs: collections.deque[Sequence] | list[Sequence] = (
+            collections.deque() if policy == "fcfs" else [])
+
+    @staticmethod
+    def key(seq: Sequence) -> tuple:
+        """(priority, arrival, id): smaller goes first."""
+        return seq.request.priority, seq.request.arrival_time, seq.seq_id
+
+    def add(self, seq: Sequence) -> None:
+        if self.policy == "fcfs":
+            self._seqs.append(seq)
+        else:
+            bisect.insort(self._seqs, seq, key=self.key)
+
+    def add_preempted(self, seq: Sequence) -> None:
+        if self.policy == "fcfs":
+            self._seqs.appendleft(seq)
+        else:
+            self.add(seq)
+
+    def peek(self) -> Sequence:
+        return self._seqs[0]
+
+    def pop(self) -> Sequence:
+        return self._seqs.popleft() if self.policy == "fcfs" else self._seqs.pop(0)
+
+    def remove(self, seq: Sequence) -> None:
+        self._seqs.remove(seq)
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return seq in self._seqs
+
+    def __iter__(self):
+        return iter(self._seqs)
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+
 class Scheduler:
-    """One token budget per step, spent first on running sequences (oldest first), then on
-    waiting ones (FIFO). Prefills are chunked to fit the budget. When pages run out, the most
-    recently admitted running sequence is preempted: its pages are freed and it goes back to the
-    front of the queue to be recomputed. A sequence that fits the cache alone always progresses,
+    """One token budget per step, spent first on running sequences, then on waiting ones, each
+    of which starts after its cached prefix (prefix caching). Prefills are chunked to fit the
+    budget. Both lists are in admission order: arrival ("fcfs"), or (priority, arrival) with
+    lower priority values first ("priority"). When pages run out, the last running sequence (the
+    newest, or the least urgent) is preempted: its pages are freed and it goes back to the
+    waiting queue, in front (fcfs) or by its key, to be recomputed. A sequence that fits the cache alone always progresses,
     so there is no deadlock.
 
     It also knows which sequences the model runner holds, and how many of their pages, so that
     each step's message (`ScheduledStep.message`) carries only what changed.
     """
 
-    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs", num_swap_pages: int = 0):
+        """num_swap_pages: pages of host memory for swap preemption (0: always recompute)."""
         self.kv_cache_manager = kv_cache_manager
+        self.num_swap_pages = num_swap_pages
+        self.num_swapped_pages = 0
+        self.num_swaps = 0
+        # seq_id -> tokens whose KV a preempted sequence has in host memory.
+        self.swapped: dict[int, int] = {}
+        self._swap_out: list[tuple[Sequence, list[int]]] = []
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.policy = policy
+        self.waiting = WaitingQueue(policy)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         # seq_id -> pages the runner has of it, for each sequence the runner holds.
@@ -61,7 +123,7 @@ class Scheduler:
         self._reset_runner = False
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.add(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -70,6 +132,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
+        swap_in: list[tuple[Sequence, list[int]]] = []
 
         index = 0
         while index < len(self.running) and budget > 0:
@@ -90,18 +153,36 @@ class Scheduler:
                 index += 1
 
         # New work waits while anything was preempted this step: memory is short already.
+        manager = self.kv_cache_manager
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
+            # A waiting sequence holds no pages (new, or preempted): it starts after the longest
+            # cached prefix of its tokens, or after its KV swapped to host memory.
+            swapped = self.swapped.get(seq.seq_id)
+            seq.num_computed_tokens = (manager.claim_cached_prefix(seq) if swapped is None
+                                       else swapped)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.kv_cache_manager.allocate_slots(seq, num_new):
+            if not manager.allocate_slots(seq, num_new):
+                manager.free(seq)
+                seq.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            if swapped is None:
+                manager.count_prefix_lookup(seq.num_resolved_tokens, seq.num_computed_tokens)
+            else:
+                num_pages = pages_needed(swapped, manager.page_size)
+                swap_in.append((seq, manager.block_table(seq)[:num_pages]))
+                self._drop_swap(seq)
+            self.waiting.pop()
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            if self.policy == "fcfs":
+                self.running.append(seq)
+            else:
+                bisect.insort(self.running, seq, key=WaitingQueue.key)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        return ScheduledStep(scheduled, preempted, self._message(scheduled))
+        swap_out, self._swap_out = self._swap_out, []
+        return ScheduledStep(scheduled, preempted, self._message(scheduled), swap_out, swap_in)
 
     def _message(self, scheduled: list[ScheduledSeq]) -> SchedulerOutput:
         """The runner's diff for this step; marks what it sends as held by the runner."""
@@ -109,16 +190,17 @@ class Scheduler:
         pages_sent = self._pages_sent
         for item in scheduled:
             seq = item.seq
-            seq_id, num_pages = seq.seq_id, len(seq.block_table)
+            table = self.kv_cache_manager.block_table(seq)
+            seq_id, num_pages = seq.seq_id, len(table)
             seq_ids.append(seq_id)
             counts.append(item.num_new_tokens)
             sent = pages_sent.get(seq_id)
             if sent == num_pages:
                 continue
             if sent is None:
-                new_seqs.append(_new_sequence(seq))
+                new_seqs.append(_new_sequence(seq, table))
             else:
-                new_pages[seq_id] = seq.block_table[sent:]
+                new_pages[seq_id] = table[sent:]
             pages_sent[seq_id] = num_pages
         # Only a message that schedules something reaches the runner: the rest waits for one.
         removed, reset = [], False
@@ -139,21 +221,48 @@ class Scheduler:
         if self._pages_sent.pop(seq.seq_id, None) is not None:
             self._removed.append(seq.seq_id)
 
-    def preempt(self, seq: Sequence) -> None:
-        """Frees a running sequence's pages and puts it at the front of the queue, to be
-        recomputed from its tokens when it is admitted again."""
+    def preempt(self, seq: Sequence, allow_swap: bool = True) -> None:
+        """Frees a running sequence's pages and puts it back in the waiting queue. With swap
+        space left (and `allow_swap`), its computed KV goes to host memory first (the next
+        ScheduledStep's `swap_out`) and comes back when it is admitted again; else it is
+        recomputed from its tokens (or found in the prefix cache)."""
         self.num_preemptions += 1
         self.running.remove(seq)
-        self.kv_cache_manager.free(seq)
+        manager = self.kv_cache_manager
+        num_pages = pages_needed(seq.num_computed_tokens, manager.page_size)
+        if (allow_swap and 0 < num_pages <= self.num_swap_pages - self.num_swapped_pages):
+            self._swap_out.append((seq, manager.block_table(seq)[:num_pages]))
+            self.swapped[seq.seq_id] = seq.num_computed_tokens
+            self.num_swapped_pages += num_pages
+            self.num_swaps += 1
+        manager.free(seq)
         self._release_from_runner(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.add_preempted(seq)
+
+
+
+    def _drop_swap(self, seq: Sequence) -> None:
+        """Forgets `seq`'s KV in host memory (swapped back in, or no longer wanted)."""
+        swapped = self.swapped.pop(seq.seq_id, None)
+        if swapped is not None:
+            self.num_swapped_pages -= pages_needed(swapped, self.kv_cache_manager.page_size)
+            self._swap_out = [(s, pages) for s, pages in self._swap_out if s is not seq]
+
+    def drop_swapped(self) -> None:
+        """Forgets all KV in host memory: those sequences will be recomputed (after a failed
+        step, when what was swapped out may never have been read)."""
+        for seq in list(self.waiting):
+            self._drop_swap(seq)
+            seq.swapped_kv = None
 
     def finish(self, seq: Sequence, finish_reason: str, stop_reason: int | str | None = None) -> None:
         """Marks `seq` finished and frees its pages at once, wherever it is queued."""
         if seq.is_finished:
             return
+        self._drop_swap(seq)
+        seq.swapped_kv = None
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = finish_reason
         seq.stop_reason = stop_reason
@@ -166,7 +275,7 @@ class Scheduler:
             self.waiting.remove(seq)
 
 
-def _new_sequence(seq: Sequence) -> NewSequence:
+def _new_sequence(seq: Sequence, block_table: list[int]) -> NewSequence:
     # A sequence joins the runner's batch only once the host knows all its tokens: one preempted
     # with a token in flight is readmitted at the earliest one step later, after that token came.
     assert seq.num_pending == 0, f"sequence {seq.seq_id} joins the runner with a token in flight"
@@ -176,4 +285,4 @@ def _new_sequence(seq: Sequence) -> NewSequence:
         num_computed_tokens=seq.num_computed_tokens, params=params, seed=seq.seed,
         sample_index=seq.sample_index,
         banned_while_short=tuple(seq.request.eos_token_ids) + tuple(params.stop_token_ids),
-        page_ids=list(seq.block_table))
+        page_ids=list(block_table))

@@ -23,8 +23,10 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """One generated stream: a prompt plus the tokens sampled so far, and where its KV lives.
 
-    `num_computed_tokens` counts tokens whose KV is in `block_table`'s pages; the scheduler moves
-    it forward by each step's chunk and resets it to 0 on preemption (the KV is recomputed later).
+    `num_computed_tokens` counts tokens whose KV is in its pages (its block table, which the
+    KVCacheManager keeps); it starts at the length of the cached prefix the sequence was admitted
+    with, the scheduler moves it forward by each step's chunk and resets it to 0 on preemption
+    (the KV is recomputed later, or found cached).
     """
 
     seq_id: int
@@ -37,7 +39,6 @@ class Sequence:
     max_num_tokens: int
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    block_table: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     logprobs: SampleLogprobs | None = None
     cumulative_logprob: float = 0.0
@@ -46,6 +47,8 @@ class Sequence:
     # Async scheduling: the last `num_pending` entries of token_ids are placeholders for tokens
     # still being sampled on device.
     num_pending: int = 0
+    # Swap preemption: its KV pages in host memory while it waits (the runner's SwappedPages).
+    swapped_kv: object = None
     # Incremental detokenization state: tokens before `read_offset` are in `text`;
     # decoding from `prefix_offset` gives the context that merges multi-token characters.
     prefix_offset: int = 0
@@ -118,6 +121,12 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Extra key of the prefix cache: requests share cached pages only when their salts match.
+    cache_salt: str | None = None
+    # With scheduling_policy "priority": lower values are scheduled first and preempted last.
+    priority: int = 0
+    # Prompt tokens found in the prefix cache when it was first scheduled (None: not yet).
+    num_cached_tokens: int | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pjllm.beam_search import (BeamSearchOutput, BeamSearchParams, BeamSearchSequence, best_beams,
+                               extend_beams)
 from pjllm.config import EngineConfig
 from pjllm.engine.engine import LLMEngine, PromptType
 from pjllm.engine.input_processor import render_chat
@@ -29,7 +31,9 @@ class LLM:
 
     Keyword arguments are the fields of `EngineConfig` (dtype, max_model_len, page_size,
     gpu_memory_utilization, num_pages, max_num_seqs, max_num_batched_tokens, seed,
-    attention_backend, load_format, compilation_cache_dir, warmup, max_logprobs, tokenizer).
+    attention_backend, load_format, compilation_cache_dir, warmup, max_logprobs, tokenizer,
+    enable_prefix_caching). A prompt dict may carry a "cache_salt": requests share cached prompt
+    pages only with requests of the same salt.
     """
 
     def __init__(self, model: str, **engine_kwargs: Any):
@@ -45,6 +49,11 @@ class LLM:
         reference to an LLM frees the same memory once it is garbage-collected."""
         self.engine.shutdown()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prompt prefix (later requests compute their prompts in full
+        until the cache fills again); True once done."""
+        return self.engine.reset_prefix_cache()
+
     def __enter__(self) -> "LLM":
         return self
 
@@ -53,12 +62,14 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """Generates completions for each prompt; returns one RequestOutput per prompt, in order.
 
-        A prompt is a string, a list of token ids, or a dict with `prompt` or `prompt_token_ids`;
-        `prompts` is one prompt or a list of them. If generation fails or is interrupted, this
-        call's requests are aborted, so the engine is ready for the next call.
+        A prompt is a string, a list of token ids, or a dict with `prompt` or `prompt_token_ids`
+        (and optionally `cache_salt`); `prompts` is one prompt or a list of them. `priority`: one
+        per prompt, with scheduling_policy="priority" (lower runs first). If generation fails or
+        is interrupted, this call's requests are aborted, so the engine is ready for the next call.
         """
         prompts = _prompt_list(prompts)
         if not prompts:
@@ -74,11 +85,16 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for "
                              f"{len(prompts)} prompts; give one, or one per prompt")
+        if priority is None:
+            priority = [0] * len(prompts)
+        if not isinstance(priority, (list, tuple)) or len(priority) != len(prompts):
+            raise ValueError(f"priority must be a list with one integer per prompt ({len(prompts)}); "
+                             f"got {priority!r}")
         request_ids = []
         try:
-            for prompt, params in zip(prompts, sampling_params):
+            for prompt, params, rank in zip(prompts, sampling_params, priority):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, rank)
                 request_ids.append(request_id)
             with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as progress:
                 finished = self.engine.run_to_completion(progress=progress)
@@ -87,6 +103,52 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
         return [finished[request_id] for request_id in request_ids]
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search (vLLM's `LLM.beam_search`): per prompt, its `params.beam_width` best beams,
+        best first, scored as HF transformers scores them (summed output logprobs over output
+        length ** length_penalty). Each step generates one token of every live beam with its top
+        2 x beam_width logprobs (so 2 x beam_width must be <= max_logprobs); the beams share their
+        pages through the prefix cache."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams; got {type(params).__name__}")
+        max_logprobs = self.engine.config.max_logprobs
+        if 2 * params.beam_width > max_logprobs:
+            raise ValueError(f"BeamSearchParams.beam_width must be <= max_logprobs / 2 "
+                             f"({max_logprobs // 2}); got {params.beam_width}")
+        step_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                                     logprobs=2 * params.beam_width)
+        live, salts = [], []
+        for prompt in _prompt_list(prompts):
+            _, token_ids, salt = self.engine.inputs.process_prompt(prompt, step_params)
+            salts.append({} if salt is None else {"cache_salt": salt})
+            if len(token_ids) + params.max_tokens > self.engine.max_model_len:
+                raise ValueError(f"prompt of {len(token_ids)} tokens plus max_tokens "
+                                 f"({params.max_tokens}) exceeds max_model_len "
+                                 f"({self.engine.max_model_len})")
+            live.append([BeamSearchSequence(token_ids, [], num_prompt_tokens=len(token_ids))])
+        finished: list[list[BeamSearchSequence]] = [[] for _ in live]
+        eos = self.engine.model_config.eos_token_ids
+        for _ in range(params.max_tokens):
+            step_prompts = [{"prompt_token_ids": beam.tokens, **salts[index]}
+                            for index, beams in enumerate(live) for beam in beams]
+            if not step_prompts:
+                break
+            outputs = self.generate(step_prompts, step_params, use_tqdm=False)
+            entries = iter(output.outputs[0].logprobs[0] for output in outputs)
+            for index, beams in enumerate(live):
+                live[index], done = extend_beams(beams, [next(entries) for _ in beams], params, eos)
+                finished[index] += done
+        results = []
+        for index, beams in enumerate(live):
+            best = best_beams(finished[index], beams, params)
+            for beam in best:
+                if self.engine.tokenizer is not None:
+                    beam.text = self.engine.tokenizer.decode(beam.output_token_ids,
+                                                             skip_special_tokens=True)
+            results.append(BeamSearchOutput(best))
+        return results
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -23,6 +23,17 @@ def allocate_kv_pages(num_pages: int, page_size: int, num_kv_heads: int, head_di
     return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), dtype)
 
 
+def read_pages(kv_pages: jax.Array, pages: jax.Array) -> jax.Array:
+    """Pages `pages` (i32[B]) of one layer: [2, num_kv_heads, B, page_size, head_dim]."""
+    return kv_pages[:, :, pages]
+
+
+def write_pages(kv_pages: jax.Array, pages: jax.Array, data: jax.Array) -> jax.Array:
+    """kv_pages with pages `pages` (i32[B]; an id past the last page writes nothing) set to
+    `data` [2, num_kv_heads, B, page_size, head_dim]."""
+    return kv_pages.at[:, :, pages].set(data.astype(kv_pages.dtype), mode="drop")
+
+
 def kv_cache_bytes_per_page(page_size: int, num_kv_heads: int, head_dim: int,
                             dtype: jnp.dtype) -> int:
     """Bytes one page takes in one layer, K and V together."""

@@ -123,6 +123,38 @@ class StepHandle:
 
 
 @dataclasses.dataclass
+class SwappedPages:
+    """A sequence's KV pages copied off the device (swap preemption): per layer
+    [2, num_kv_heads, B, page_size, head_dim] and their slots' token ids i32[B * page_size], B
+    the page count padded to a power of two. Device arrays until the next `fetch` moves them to
+    host memory."""
+
+    kv: list[Any]
+    page_tokens: Any
+    num_pages: int
+
+
+def _pad_pages(pages: list[int], fill: int) -> np.ndarray:
+    """Page ids padded with `fill` to a power-of-two length (a few compiled shapes)."""
+    size = 1 << max(len(pages) - 1, 0).bit_length()
+    return np.asarray(pages + [fill] * (size - len(pages)), np.int32)
+
+
+def read_swapped(kv_caches: list[jax.Array], page_tokens: jax.Array, pages: jax.Array,
+                 page_size: int) -> tuple[list[jax.Array], jax.Array]:
+    slots = (pages[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
+    return [ops.read_pages(cache, pages) for cache in kv_caches], page_tokens[slots]
+
+
+def write_swapped(kv_caches: list[jax.Array], page_tokens: jax.Array, pages: jax.Array,
+                  kv: list[jax.Array], tokens: jax.Array,
+                  page_size: int) -> tuple[list[jax.Array], jax.Array]:
+    slots = (pages[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
+    caches = [ops.write_pages(cache, pages, data) for cache, data in zip(kv_caches, kv)]
+    return caches, page_tokens.at[slots].set(tokens, mode="drop")
+
+
+@dataclasses.dataclass
 class StepResult:
     """Host copies of one step's outputs (rows follow the scheduled order)."""
 
@@ -244,6 +276,9 @@ class ModelRunner:
         self.bisect_thresholds = BISECT_THRESHOLDS.get(jax.default_backend(),
                                                        DEFAULT_BISECT_THRESHOLDS)
         self.input_batch = InputBatch(max_num_seqs, self.max_pages_per_seq, model_config.vocab_size)
+        self._read_swapped = jax.jit(functools.partial(read_swapped, page_size=page_size))
+        self._write_swapped = jax.jit(functools.partial(write_swapped, page_size=page_size),
+                                      donate_argnames=("kv_caches", "page_tokens"))
         # The rows that sample in the step prepared last: its handle records their tokens.
         self._sampled_rows: SampledRows | None = None
         self.reset_device_state()
@@ -298,6 +333,8 @@ class ModelRunner:
         self.last_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
         # The token id of every KV slot (4 bytes beside each token's KV): the penalties' history.
         self.page_tokens = jnp.zeros(self.num_pages * self.page_size, jnp.int32)
+        # Swapped-out pages still on the device, moved to the host at the next fetch.
+        self._swaps_on_device: list[SwappedPages] = []
 
     def device_state_lost(self) -> bool:
         """Whether the KV cache is gone: donated to a step launch that then failed."""
@@ -447,10 +484,32 @@ class ModelRunner:
 
     def fetch(self, handle: "StepHandle") -> StepResult:
         """Waits for a dispatched step and copies its (small) outputs to the host, where the
-        persistent batch records the sampled tokens."""
+        persistent batch records the sampled tokens; pages swapped out before it move to the
+        host now too (they were read before this step ran)."""
         sampled, prompt = jax.device_get((handle.sampled, handle.prompt_logprobs))
         self.input_batch.record_sampled(handle.sampled_rows, sampled.token_ids)
+        for swapped in self._swaps_on_device:
+            swapped.kv, swapped.page_tokens = jax.device_get((swapped.kv, swapped.page_tokens))
+        self._swaps_on_device = []
         return StepResult(sampled, prompt)
+
+    def swap_out(self, pages: list[int]) -> SwappedPages:
+        """Copies KV pages `pages` off the device (launched now, before any later step can
+        overwrite them; in host memory after the next fetch)."""
+        kv, tokens = self._read_swapped(self.kv_caches, self.page_tokens,
+                                        _pad_pages(pages, pages[0]))
+        for array in (*kv, tokens):
+            array.copy_to_host_async()
+        swapped = SwappedPages(kv, tokens, len(pages))
+        self._swaps_on_device.append(swapped)
+        return swapped
+
+    def swap_in(self, pages: list[int], swapped: SwappedPages) -> None:
+        """Writes `swapped` into KV pages `pages` (as many as it holds), before the next step."""
+        assert len(pages) == swapped.num_pages, (len(pages), swapped.num_pages)
+        padded = _pad_pages(pages, self.num_pages)  # padding ids past the last page: dropped
+        self.kv_caches, self.page_tokens = self._write_swapped(
+            self.kv_caches, self.page_tokens, padded, swapped.kv, swapped.page_tokens)
 
     def program_keys(self) -> list[tuple]:
         """Every program a step can need, in the order the warmup builds them: the forward and

@@ -150,6 +150,43 @@ def test_prompt_logprobs_cover_every_prompt_token(make_llm):
                                                                         abs=1e-4)
 
 
+def test_a_chunked_prompt_matches_unchunked_and_decodes_go_on_meanwhile(make_llm):
+    """A prompt longer than the token budget: the same greedy tokens and logprobs as prefilled
+    whole, and the running decodes each get a token every step while it is prefilled."""
+    long_prompt = _prompts(1, seed=6, low=70, high=71)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, ignore_eos=True)
+    (whole,) = make_llm(max_num_batched_tokens=128).generate(
+        {"prompt_token_ids": long_prompt}, params, use_tqdm=False)
+    llm = make_llm(max_num_batched_tokens=16)
+    engine = llm.engine
+    decode_params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    for index, prompt in enumerate(_prompts(3, seed=7, low=3, high=5)):
+        engine.add_request(f"d{index}", {"prompt_token_ids": prompt}, decode_params)
+    for _ in range(3):  # the decodes are running
+        engine.step()
+    engine.add_request("long", {"prompt_token_ids": long_prompt}, params)
+    counts, chunked = {}, None
+    long_seq = engine.requests["long"].seqs[0]
+    steps_prefilling = 0
+    while not long_seq.is_prefill_done:
+        outputs = {o.request_id: o for o in engine.step()}
+        steps_prefilling += 1
+        for request_id in ("d0", "d1", "d2"):
+            produced = len(outputs[request_id].outputs[0].token_ids)
+            if request_id in counts:
+                assert produced == counts[request_id] + 1
+            counts[request_id] = produced
+    assert steps_prefilling >= 5  # 70 tokens, at most 13 a step beside three decodes
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.request_id == "long" and output.finished:
+                chunked = output
+    assert chunked.outputs[0].token_ids == whole.outputs[0].token_ids
+    for a, b in zip(chunked.outputs[0].logprobs, whole.outputs[0].logprobs):
+        assert {t: lp.logprob for t, lp in a.items()} == pytest.approx(
+            {t: lp.logprob for t, lp in b.items()}, abs=1e-4)
+
+
 def test_pallas_backend_matches_reference_greedy(make_llm):
     prompts = _prompts(3, seed=5)
     reference = _solo(make_llm(attention_backend="reference"), prompts, GREEDY)
@@ -217,3 +254,62 @@ def test_background_warmup_serves_at_once_and_changes_no_output(make_llm):
     assert all(runner.programs.is_ready(key) for key in runner.program_keys())
     assert len(runner.programs) == len(runner.program_keys())  # the steps used the warmup's programs
     assert llm.engine.startup_timings["compile_s"] > 0
+
+
+def test_priority_policy_runs_lower_values_first(make_llm):
+    llm = make_llm(scheduling_policy="priority", max_num_seqs=1)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(3, seed=8)]
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False, priority=[2, 0, 1])
+    started = [o.metrics.first_scheduled_time for o in outputs]
+    assert started[1] < started[2] < started[0]
+    # The same tokens as without priorities: only the order changed.
+    assert [o.outputs[0].token_ids for o in outputs] == _solo(llm, [p["prompt_token_ids"] for p in prompts],
+                                                              GREEDY)
+
+
+def test_priority_needs_the_priority_policy(make_llm):
+    llm = make_llm()
+    with pytest.raises(ValueError, match="priority must be 0 unless scheduling_policy"):
+        llm.generate({"prompt_token_ids": [5, 6]}, GREEDY, use_tqdm=False, priority=[1])
+    with pytest.raises(ValueError, match="priority must be a list"):
+        llm.generate({"prompt_token_ids": [5, 6]}, GREEDY, use_tqdm=False, priority=[0, 0])
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        make_llm(scheduling_policy="lifo")
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_swap_and_recompute_preemption_lose_nothing(make_llm, policy):
+    """Under a page budget that forces preemption, swapping KV to host memory and back gives
+    the same greedy tokens as recomputing it, and as no preemption at all."""
+    prompts = _prompts(6, seed=1, low=20, high=40)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=2)
+    expected = make_llm().generate([{"prompt_token_ids": p} for p in prompts], params,
+                                   use_tqdm=False)
+    for mode in ("swap", "recompute"):
+        # No prefix caching: a readmitted sequence must get its KV back from host memory or
+        # from its tokens, not from cached pages.
+        llm = make_llm(num_pages=16, preemption_mode=mode, scheduling_policy=policy,
+                       enable_prefix_caching=False)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        scheduler = llm.engine.scheduler
+        assert scheduler.num_preemptions > 0
+        assert (scheduler.num_swaps > 0) == (mode == "swap")
+        assert scheduler.num_swapped_pages == 0 and not scheduler.swapped
+        for got, want in zip(outputs, expected):
+            assert got.outputs[0].token_ids == want.outputs[0].token_ids
+            for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+                assert {t: lp.logprob for t, lp in a.items()} == pytest.approx(
+                    {t: lp.logprob for t, lp in b.items()}, abs=1e-4)
+
+
+def test_swap_space_bounds_what_is_swapped(make_llm):
+    llm = make_llm(num_pages=16, preemption_mode="swap", swap_space=0.0,
+                   enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in _prompts(6, seed=1, low=20, high=40)], params,
+                 use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.scheduler.num_swaps == 0
+    with pytest.raises(ValueError, match="swap_space"):
+        make_llm(swap_space=-1)
+    with pytest.raises(ValueError, match="preemption_mode"):
+        make_llm(preemption_mode="drop")

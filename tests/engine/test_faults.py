@@ -18,12 +18,15 @@ def _prompt(rng, low=3, high=30):
 
 
 def _greedy_baseline(llm, seed, num_prompts, low, high, max_tokens):
-    """Prompts, greedy params and the tokens an undisturbed run gives them."""
+    """Prompts, greedy params and the tokens an undisturbed run gives them. The prefix cache is
+    emptied after, so the run under test prefills the prompts as the baseline did (the steps a
+    fault hits are the same)."""
     rng = np.random.default_rng(seed)
     prompts = [_prompt(rng, low, high) for _ in range(num_prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in
                 llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    llm.reset_prefix_cache()
     return prompts, params, expected
 
 

@@ -12,10 +12,14 @@ from pjllm.engine.sequence import Request, Sequence
 from pjllm.sampling_params import SamplingParams
 
 
-def _make_seq(seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
+def _make_seq(seq_id: int, prompt_len: int, max_tokens: int,
+              prefix: list[int] | None = None) -> Sequence:
+    """A sequence whose prompt is `prefix` (shared with others) then tokens of its own."""
+    prefix = (prefix or [])[:prompt_len]
+    prompt = prefix + [1000 * (seq_id + 1) + i for i in range(prompt_len - len(prefix))]
     params = SamplingParams(max_tokens=max_tokens)
-    request = Request(str(seq_id), None, list(range(prompt_len)), params, ())
-    seq = Sequence(seq_id, request, 0, 0, list(range(prompt_len)), prompt_len, prompt_len + max_tokens)
+    request = Request(str(seq_id), None, prompt, params, ())
+    seq = Sequence(seq_id, request, 0, 0, list(prompt), prompt_len, prompt_len + max_tokens)
     request.seqs.append(seq)
     return seq
 
@@ -33,9 +37,11 @@ def _apply(runner_pages: dict[int, list[int]], message) -> None:
         runner_pages[seq_id] += pages
 
 
-def _run(scheduler: Scheduler, seqs: list[Sequence], arrivals: list[int], max_steps: int):
-    """Simulates the engine loop, with a runner that keeps only pages; returns (steps taken,
-    number of preemptions)."""
+def _run(scheduler: Scheduler, seqs: list[Sequence], arrivals: list[int], max_steps: int,
+         aborts: dict[int, int] | None = None):
+    """Simulates the engine loop, with a runner that keeps only pages; `aborts` maps a
+    sequence's index to the step at which it is aborted. Returns (steps taken, number of
+    preemptions)."""
     kv = scheduler.kv_cache_manager
     pending = sorted(zip(arrivals, range(len(seqs))))
     step = preemptions = 0
@@ -43,25 +49,35 @@ def _run(scheduler: Scheduler, seqs: list[Sequence], arrivals: list[int], max_st
     while pending or scheduler.has_unfinished():
         while pending and pending[0][0] <= step:
             scheduler.add(seqs[pending.pop(0)[1]])
+        for index, abort_step in (aborts or {}).items():
+            if abort_step == step and seqs[index] in scheduler.running + list(scheduler.waiting):
+                scheduler.finish(seqs[index], "abort")
         out = scheduler.schedule()
         if out.scheduled:  # only then does the engine hand the message on
             message = out.message
             _apply(runner_pages, message)
             assert message.scheduled_seq_ids == [item.seq.seq_id for item in out.scheduled]
             assert message.num_scheduled_tokens == [item.num_new_tokens for item in out.scheduled]
-            assert all(runner_pages[item.seq.seq_id] == item.seq.block_table for item in out.scheduled)
+            assert all(runner_pages[item.seq.seq_id] == kv.block_table(item.seq)
+                       for item in out.scheduled)
             assert set(runner_pages) <= {seq.seq_id for seq in scheduler.running}
             for new in message.new_seqs:
                 seq = next(s for s in seqs if s.seq_id == new.seq_id)
-                assert (new.token_ids, new.num_computed_tokens) == (seq.token_ids, 0)
+                # It starts after its cached prefix: whole pages, and never all of its tokens.
+                assert (new.token_ids, new.num_computed_tokens) == (seq.token_ids,
+                                                                    seq.num_computed_tokens)
+                assert new.num_computed_tokens % kv.page_size == 0
+                assert new.num_computed_tokens < len(seq.token_ids)
+                if not kv.enable_prefix_caching:
+                    assert new.num_computed_tokens == 0
         preemptions += len(out.preempted)
         assert out.num_tokens <= scheduler.max_num_batched_tokens
         assert len(out.scheduled) <= scheduler.max_num_seqs
         assert len({id(s.seq) for s in out.scheduled}) == len(out.scheduled)
         for item in out.scheduled:
             seq = item.seq
-            assert len(seq.block_table) >= pages_needed(seq.num_computed_tokens + item.num_new_tokens,
-                                                        kv.page_size)
+            assert len(kv.block_table(seq)) >= pages_needed(seq.num_computed_tokens + item.num_new_tokens,
+                                                            kv.page_size)
             samples = item.samples
             seq.num_computed_tokens += item.num_new_tokens
             if samples:
@@ -82,18 +98,34 @@ def _run(scheduler: Scheduler, seqs: list[Sequence], arrivals: list[int], max_st
     extra_pages=st.integers(0, 30),
     max_num_seqs=st.integers(1, 6),
     budget=st.integers(1, 64),
+    prefix_groups=st.lists(st.integers(0, 2), min_size=12, max_size=12),
+    aborts=st.dictionaries(st.integers(0, 11), st.integers(0, 40), max_size=4),
+    caching=st.booleans(),
+    priorities=st.one_of(st.none(), st.lists(st.integers(-2, 2), min_size=12, max_size=12)),
 )
 def test_random_workloads_finish_without_leaks(lengths, arrivals, page_size, extra_pages, max_num_seqs,
-                                               budget):
+                                               budget, prefix_groups, aborts, caching, priorities):
+    """Random request streams, many sharing prompt prefixes, random aborts, page budgets down to
+    one sequence's worth, first come first served or by random priorities: every sequence ends, nothing leaks or is freed twice (the pool's
+    invariants hold after every step), and every page is free at the end."""
     longest = max(p + m for p, m in lengths)
     num_pages = pages_needed(longest, page_size) + extra_pages
-    kv = KVCacheManager(num_pages, page_size)
-    scheduler = Scheduler(kv, max_num_seqs, budget)
-    seqs = [_make_seq(i, p, m) for i, (p, m) in enumerate(lengths)]
-    _run(scheduler, seqs, arrivals[:len(seqs)], max_steps=20_000)
-    assert all(seq.is_finished and seq.finish_reason == "length" for seq in seqs)
-    assert all(seq.num_output_tokens == seq.params.max_tokens for seq in seqs)
-    assert kv.num_free_pages == num_pages
+    kv = KVCacheManager(num_pages, page_size, enable_prefix_caching=caching)
+    scheduler = Scheduler(kv, max_num_seqs, budget, "fcfs" if priorities is None else "priority")
+    prefixes = [[], list(range(100, 140)), list(range(200, 230))]
+    seqs = [_make_seq(i, p, m, prefixes[group])
+            for i, ((p, m), group) in enumerate(zip(lengths, prefix_groups))]
+    for seq, priority in zip(seqs, priorities or []):
+        seq.request.priority = priority
+    aborts = {index: step for index, step in aborts.items() if index < len(seqs)}
+    _run(scheduler, seqs, arrivals[:len(seqs)], max_steps=20_000, aborts=aborts)
+    for index, seq in enumerate(seqs):
+        assert seq.is_finished
+        if seq.finish_reason == "length":
+            assert seq.num_output_tokens == seq.params.max_tokens
+        else:
+            assert (seq.finish_reason, index in aborts) == ("abort", True)
+    assert kv.num_free_pages == num_pages and not any(kv.ref_counts)
 
 
 def test_preemption_under_tiny_page_budget():
@@ -165,7 +197,8 @@ def test_a_sequence_is_sent_once_then_only_counts_and_new_pages():
     scheduler.add(seq)
     first, *later = _messages_of(scheduler, seq, 5)
     (new,) = first.new_seqs
-    assert (new.seq_id, new.token_ids, new.num_prompt_tokens, new.page_ids) == (3, list(range(6)), 6, [0, 1])
+    assert (new.seq_id, new.token_ids, new.num_prompt_tokens, new.page_ids) == (3, seq.token_ids[:6], 6,
+                                                                                 [0, 1])
     assert new.params is seq.params and new.num_computed_tokens == 0
     assert (first.scheduled_seq_ids, first.num_scheduled_tokens) == ([3], [6])
     assert first.removed_seq_ids == [] and first.new_page_ids == {} and not first.reset_batch
@@ -234,5 +267,43 @@ def test_a_reset_sends_every_sequence_again():
     message = scheduler.schedule().message
     assert message.reset_batch and message.removed_seq_ids == []
     (new,) = message.new_seqs
-    assert (new.seq_id, new.num_computed_tokens, new.page_ids) == (0, 6, seqs[0].block_table)
+    assert (new.seq_id, new.num_computed_tokens, new.page_ids) == (0, 6, kv.block_table(seqs[0]))
     assert not scheduler.schedule().message.reset_batch
+
+
+def _with_priority(seq: Sequence, priority: int) -> Sequence:
+    seq.request.priority = priority
+    return seq
+
+
+def test_priority_policy_admits_lower_values_first_and_preempts_the_least_urgent():
+    kv = KVCacheManager(num_pages=5, page_size=4)  # 20 tokens for two 4 + 8-token sequences
+    scheduler = Scheduler(kv, max_num_seqs=2, max_num_batched_tokens=64, policy="priority")
+    low, high, urgent = (_with_priority(_make_seq(i, 4, 8), p) for i, p in enumerate((5, 1, 0)))
+    for seq in (low, high, urgent):  # arrival order: least urgent first
+        scheduler.add(seq)
+    out = scheduler.schedule()
+    assert [item.seq for item in out.scheduled] == [urgent, high]  # max_num_seqs = 2
+    assert list(scheduler.waiting) == [low]
+    # Decode until pages run out: the less urgent running sequence is preempted, not `urgent`.
+    preempted = []
+    for _ in range(12):
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                item.seq.token_ids.append(7)
+        out = scheduler.schedule()
+        preempted += out.preempted
+        if preempted:
+            break
+    assert preempted and preempted[0] is high and urgent in scheduler.running
+    assert list(scheduler.waiting) == [high, low]  # back by its priority, ahead of `low`
+
+
+def test_fcfs_ignores_priority_and_preempts_the_newest():
+    kv = KVCacheManager(num_pages=64, page_size=4)
+    scheduler = Scheduler(kv, max_num_seqs=2, max_num_batched_tokens=64)
+    first, second, third = (_with_priority(_make_seq(i, 4, 8), p) for i, p in enumerate((5, 1, 0)))
+    for seq in (first, second, third):
+        scheduler.add(seq)
+    assert [item.seq for item in scheduler.schedule().scheduled] == [first, second]

@@ -192,6 +192,8 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [10**7]}, "stop_token_ids"),
     ("/v1/completions", {}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "cache_salt": ""}, "cache_salt"),
+    ("/v1/completions", {"prompt": "x", "priority": 3}, "priority"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
@@ -295,6 +297,26 @@ def test_metrics_parse_and_count_finished_requests(server, client):
         assert _metric(after, name) == _metric(before, name) + 1, name
     assert _metric(after, "pjllm:inter_token_latency_seconds_count") >= \
         _metric(before, "pjllm:inter_token_latency_seconds_count") + 1
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics_and_salts_separate(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    prompt = " ".join(f"word{i}" for i in range(40))  # several 16-token pages
+
+    def cached_tokens(salt):
+        body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "cache_salt": salt}
+        response = httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    before = _metrics(server)
+    assert cached_tokens("first") == 0
+    hit = cached_tokens("first")
+    assert hit > 0 and hit % 16 == 0
+    assert cached_tokens("second") == 0
+    after = _metrics(server)
+    assert _metric(after, "pjllm:prefix_cache_hits_total") - _metric(before, "pjllm:prefix_cache_hits_total") == hit
+    assert _metric(after, "pjllm:prefix_cache_queries_total") > _metric(before, "pjllm:prefix_cache_queries_total")
 
 
 def test_sigterm_lets_running_requests_finish_and_exits_zero(server):

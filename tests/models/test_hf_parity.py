@@ -58,3 +58,27 @@ def test_greedy_continuations_match_transformers(golden):
         assert output.outputs[0].token_ids == prompt["greedy_ids"]
     kv = llm.engine.kv_cache_manager
     assert kv.num_free_pages == kv.num_pages
+
+
+BEAM_GOLDEN = json.loads((GOLDEN / "beam_search.json").read_text())
+
+
+@pytest.mark.parametrize("model", sorted(BEAM_GOLDEN["models"]))
+def test_beam_search_matches_transformers(model):
+    """`LLM.beam_search` (ignore_eos) returns transformers' beams in its order, with its scores
+    (summed output logprobs over output length ** length_penalty)."""
+    with pjllm.LLM(str(GOLDEN / model), dtype="float32", max_model_len=128, page_size=8,
+                   max_num_seqs=16, max_num_batched_tokens=128, compilation_cache_dir=None,
+                   skip_tokenizer_init=True) as llm:
+        for case in BEAM_GOLDEN["models"][model]:
+            params = pjllm.BeamSearchParams(beam_width=case["beam_width"],
+                                            max_tokens=case["max_tokens"], ignore_eos=True,
+                                            length_penalty=case["length_penalty"])
+            [output] = llm.beam_search([{"prompt_token_ids": case["prompt_ids"]}], params)
+            assert [beam.output_token_ids for beam in output.sequences] == case["output_ids"]
+            np.testing.assert_allclose([beam.score(params.length_penalty) for beam in output.sequences],
+                                       case["scores"], atol=ATOL, rtol=0)
+            assert all(beam.tokens[:len(case["prompt_ids"])] == case["prompt_ids"]
+                       and beam.finish_reason == "length" for beam in output.sequences)
+        kv = llm.engine.kv_cache_manager
+        assert kv.num_hit_tokens > 0  # the beams' steps read their prefixes from the cache

@@ -45,6 +45,9 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.preemptions = counter("num_preemptions", "Sequences preempted for lack of KV pages.")
+        self.prefix_cache_queries = counter("prefix_cache_queries",
+                                            "Tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Tokens found in the prefix cache.")
         self._request_success = Counter("pjllm:request_success", "Finished requests, by finish reason.",
                                         ["model_name", "finished_reason"], registry=self.registry)
         self._model_name = model_name
@@ -52,7 +55,7 @@ class ServerMetrics:
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Between a request's tokens.")
         self.e2e_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.")
-        self._preemptions_seen = 0
+        self._counts_seen = {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
         # For the periodic log line: totals since the last line.
         self._lock = threading.Lock()
         self._logged = (time.monotonic(), 0, 0)  # (time, prompt tokens, generation tokens)
@@ -78,9 +81,14 @@ class ServerMetrics:
         self.running.set(self.engine.num_running_requests())
         self.waiting.set(self.engine.num_waiting_requests())
         self.kv_cache_usage.set(self.engine.kv_cache_usage())
-        preemptions = self.engine.stats.num_preemptions
-        self.preemptions.inc(max(preemptions - self._preemptions_seen, 0))
-        self._preemptions_seen = preemptions
+        # The core's totals advance the counters by what they gained since the last read.
+        stats = self.engine.stats
+        for name, metric in (("num_preemptions", self.preemptions),
+                             ("prefix_cache_queries", self.prefix_cache_queries),
+                             ("prefix_cache_hits", self.prefix_cache_hits)):
+            total = getattr(stats, name)
+            metric.inc(max(total - self._counts_seen[name], 0))
+            self._counts_seen[name] = total
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric, gauges read now."""

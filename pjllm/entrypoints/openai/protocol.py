@@ -36,6 +36,10 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's prefix-cache salt: requests share cached prompt pages only with the same salt.
+    cache_salt: str | None = Field(None, min_length=1)
+    # vLLM's request priority (scheduling_policy "priority": lower first).
+    priority: int = 0
     # vLLM's extra sampling fields
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)

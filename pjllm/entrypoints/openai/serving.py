@@ -47,8 +47,8 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFou
 
 
 # What a refusal's message may start with that is also a request field.
-_FIELDS = {field.name for field in dataclasses.fields(SamplingParams)} | {"prompt", "prompt_token_ids",
-                                                                          "messages"}
+_FIELDS = {field.name for field in dataclasses.fields(SamplingParams)} | {
+    "prompt", "prompt_token_ids", "messages", "cache_salt", "priority"}
 
 
 def bad_request(error: ValueError) -> APIError:
@@ -116,7 +116,8 @@ class OpenAIServing:
         if request.echo and request.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", param="echo")
         params = self._params(request, request.max_tokens, request.logprobs)
-        prompts = [self._prepare({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}, params)
+        prompts = [self._prepare({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p},
+                                 params, request.cache_salt)
                    for p in request.prompts()]
         prefixes = [(p.get("prompt") or self._decode(p["prompt_token_ids"])) if request.echo else ""
                     for p in prompts]
@@ -124,7 +125,7 @@ class OpenAIServing:
                              request.n, self.tokenizer)
         if request.stream:
             return self._stream(request, response, prompts, params, prefixes, chat=False)
-        outputs = await self._final_outputs(response.id, prompts, params)
+        outputs = await self._final_outputs(response.id, prompts, params, request.priority)
         choices = []
         for i, output in enumerate(outputs):
             for completion in output.outputs:
@@ -152,12 +153,12 @@ class OpenAIServing:
         params = self._params(request, request.max_completion_tokens or request.max_tokens, num_logprobs)
         token_ids = self._render_chat(request.messages, request.add_generation_prompt,
                                       request.chat_template_kwargs)
-        prompts = [self._prepare({"prompt_token_ids": token_ids}, params)]
+        prompts = [self._prepare({"prompt_token_ids": token_ids}, params, request.cache_salt)]
         response = _Response(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", self.model_name,
                              request.n, self.tokenizer)
         if request.stream:
             return self._stream(request, response, prompts, params, [""], chat=True)
-        [output] = await self._final_outputs(response.id, prompts, params)
+        [output] = await self._final_outputs(response.id, prompts, params, request.priority)
         choices = []
         for completion in output.outputs:
             choice = {"index": completion.index,
@@ -185,17 +186,20 @@ class OpenAIServing:
     def _params(self, request: SamplingRequest, max_tokens: int | None,
                 logprobs: int | None) -> SamplingParams:
         try:
+            self.engine.inputs.check_priority(request.priority)
             return request.sampling_params(self.defaults, max_tokens, logprobs)
         except ValueError as error:
             raise bad_request(error) from error
 
-    def _prepare(self, prompt: dict[str, Any], params: SamplingParams) -> dict[str, Any]:
+    def _prepare(self, prompt: dict[str, Any], params: SamplingParams,
+                 cache_salt: str | None) -> dict[str, Any]:
         """Tokenizes and checks a prompt here, so the engine loop gets token ids it accepts."""
+        if cache_salt is not None:
+            prompt = {**prompt, "cache_salt": cache_salt}
         try:
-            text, token_ids = self.engine.process_prompt(prompt, params)
+            return self.engine.process_prompt(prompt, params).as_dict()
         except ValueError as error:
             raise bad_request(error) from error
-        return {"prompt": text, "prompt_token_ids": token_ids}
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
@@ -211,9 +215,9 @@ class OpenAIServing:
             choice["prompt_logprobs"] = _prompt_logprobs_json(output.prompt_logprobs)
 
     async def _final_outputs(self, request_id: str, prompts: list[dict[str, Any]],
-                             params: SamplingParams) -> list[RequestOutput]:
+                             params: SamplingParams, priority: int) -> list[RequestOutput]:
         finals: list[RequestOutput | None] = [None] * len(prompts)
-        async for index, output in _merged(self.engine, request_id, prompts, params):
+        async for index, output in _merged(self.engine, request_id, prompts, params, priority):
             finals[index] = output
         for output in finals:
             for completion in output.outputs:
@@ -231,7 +235,8 @@ class OpenAIServing:
         finals: dict[int, RequestOutput] = {}
         include_usage = request.stream_options is not None and request.stream_options.include_usage
         try:
-            async for index, output in _merged(self.engine, response.id, prompts, params):
+            async for index, output in _merged(self.engine, response.id, prompts, params,
+                                               request.priority):
                 finals[index] = output
                 for completion in output.outputs:
                     key = (index, completion.index)
@@ -266,11 +271,12 @@ class OpenAIServing:
 
 
 async def _merged(engine: AsyncLLM, request_id: str, prompts: list[dict[str, Any]],
-                  params: SamplingParams) -> AsyncIterator[tuple[int, RequestOutput]]:
+                  params: SamplingParams, priority: int) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) of every prompt's request as outputs come. Closing this iterator
     (the client went away) cancels them all, which aborts their requests in the engine."""
     if len(prompts) == 1:  # the usual case: no tasks and no second queue in the way
-        async with contextlib.aclosing(engine.generate(prompts[0], params, f"{request_id}-0")) as outputs:
+        async with contextlib.aclosing(engine.generate(prompts[0], params, f"{request_id}-0",
+                                                       priority)) as outputs:
             async for output in outputs:
                 yield 0, output
         return
@@ -278,7 +284,8 @@ async def _merged(engine: AsyncLLM, request_id: str, prompts: list[dict[str, Any
 
     async def pump(index: int) -> None:
         try:
-            async for output in engine.generate(prompts[index], params, f"{request_id}-{index}"):
+            async for output in engine.generate(prompts[index], params, f"{request_id}-{index}",
+                                                priority):
                 queue.put_nowait((index, output))
         except BaseException as error:  # noqa: BLE001 - handed to the reader
             queue.put_nowait((index, error))
@@ -308,10 +315,12 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
+def _usage(outputs: list[RequestOutput]) -> dict[str, Any]:
     prompt = sum(len(output.prompt_token_ids) for output in outputs)
     completion = sum(len(c.token_ids) for output in outputs for c in output.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(output.num_cached_tokens or 0 for output in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _prompt_logprobs_json(prompt_logprobs) -> list[dict[str, Any] | None] | None:
@@ -334,11 +343,11 @@ class _Response:
         self.created = int(time.time())
         self.tokenizer = tokenizer
 
-    def body(self, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+    def body(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage}
 
-    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         chunk_object = "chat.completion.chunk" if self.object == "chat.completion" else self.object
         body = {"id": self.id, "object": chunk_object, "created": self.created, "model": self.model,
                 "choices": choices}

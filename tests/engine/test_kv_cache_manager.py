@@ -1,0 +1,97 @@
+"""The block pool on its own: reference counts, the prefix cache, eviction order."""
+
+import hashlib
+import struct
+
+from pjllm.engine.kv_cache_manager import KVCacheManager, hash_page
+from pjllm.engine.sequence import Request, Sequence
+from pjllm.sampling_params import SamplingParams
+
+PAGE = 4
+
+
+def _seq(seq_id: int, tokens: list[int], salt: str | None = None, **params) -> Sequence:
+    request = Request(str(seq_id), None, list(tokens), SamplingParams(max_tokens=8, **params), (),
+                      cache_salt=salt)
+    seq = Sequence(seq_id, request, 0, 0, list(tokens), len(tokens), len(tokens) + 8)
+    request.seqs.append(seq)
+    return seq
+
+
+def _admit(kv: KVCacheManager, seq: Sequence) -> int:
+    """What the scheduler does for a waiting sequence: claim its cached prefix, then pages for
+    the rest of its tokens; returns the cached token count."""
+    seq.num_computed_tokens = kv.claim_cached_prefix(seq)
+    assert kv.allocate_slots(seq, seq.num_tokens - seq.num_computed_tokens)
+    return seq.num_computed_tokens
+
+
+def test_page_hashes_are_sha256_chains_stable_across_processes():
+    first = hash_page(b"", [1, 2, 3, 4])
+    assert first == hashlib.sha256(struct.pack("<4i", 1, 2, 3, 4)).digest()
+    assert first == hash_page(b"", [1, 2, 3, 4])
+    assert hash_page(first, [5, 6, 7, 8]) != hash_page(b"", [5, 6, 7, 8])
+    assert hash_page(b"", [1, 2, 3, 4], b"salt") != first
+
+
+def test_a_second_sequence_shares_the_first_ones_full_pages():
+    kv = KVCacheManager(num_pages=16, page_size=PAGE)
+    shared = list(range(10, 22))  # three full pages
+    a, b = _seq(0, shared + [1, 2]), _seq(1, shared + [3])
+    assert _admit(kv, a) == 0
+    assert _admit(kv, b) == 3 * PAGE
+    assert kv.block_table(b)[:3] == kv.block_table(a)[:3]
+    assert kv.block_table(b)[3] != kv.block_table(a)[3]
+    assert [kv.ref_counts[p] for p in kv.block_table(a)] == [2, 2, 2, 1]
+    assert kv.num_free_pages == 16 - 5
+    kv.check_invariants([a, b])
+    kv.free(a)
+    kv.free(b)
+    kv.check_invariants([])
+    assert kv.num_free_pages == 16
+
+
+def test_never_the_whole_prompt_nor_for_prompt_logprobs_nor_across_salts():
+    kv = KVCacheManager(num_pages=32, page_size=PAGE)
+    tokens = list(range(30, 38))  # exactly two pages
+    _admit(kv, _seq(0, tokens))
+    assert _admit(kv, _seq(1, tokens)) == PAGE  # its last token is computed
+    assert _admit(kv, _seq(2, tokens + [9], prompt_logprobs=1)) == 0
+    assert _admit(kv, _seq(3, tokens + [9], salt="a")) == 0
+    assert _admit(kv, _seq(4, tokens + [9], salt="a")) == 2 * PAGE
+    assert _admit(kv, _seq(5, tokens + [9], salt="b")) == 0
+
+
+def test_freed_pages_stay_cached_until_evicted_least_recently_used_first():
+    kv = KVCacheManager(num_pages=6, page_size=PAGE)
+    old, new = _seq(0, list(range(100, 108)) + [0]), _seq(1, list(range(200, 208)) + [0])
+    for seq in (old, new):
+        _admit(kv, seq)  # two full pages (cached) and a partial one (not)
+        kv.free(seq)
+    assert kv.num_free_pages == 6
+    # A 3-page newcomer takes the two uncached pages, then the least recently used cached one:
+    # `old`'s, and of those its tail before its head.
+    _admit(kv, _seq(2, list(range(300, 312))))
+    probe = _seq(3, list(range(100, 108)) + [1])
+    assert kv.claim_cached_prefix(probe) == PAGE
+    kv.free(probe)
+    assert kv.claim_cached_prefix(_seq(4, list(range(200, 208)) + [1])) == 2 * PAGE
+
+
+def test_reset_forgets_prefixes_but_not_holders():
+    kv = KVCacheManager(num_pages=8, page_size=PAGE)
+    a = _seq(0, list(range(8)) + [99])
+    _admit(kv, a)
+    kv.reset_prefix_cache()
+    b = _seq(1, list(range(8)) + [98])
+    assert _admit(kv, b) == 0
+    kv.check_invariants([a, b])
+    assert all(kv.ref_counts[p] == 1 for p in kv.block_table(a))
+
+
+def test_caching_off_shares_nothing():
+    kv = KVCacheManager(num_pages=8, page_size=PAGE, enable_prefix_caching=False)
+    tokens = list(range(9))
+    _admit(kv, _seq(0, tokens))
+    assert _admit(kv, _seq(1, tokens)) == 0
+    assert kv.num_free_pages == 8 - 6
