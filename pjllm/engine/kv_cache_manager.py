@@ -123,12 +123,15 @@ class KVCacheManager:
             self._cache_full_pages(seq, seq.num_computed_tokens + num_new_tokens)
         return True
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: Sequence, finished: bool = True) -> None:
         """Drops `seq`'s hold on its pages. A page no one else holds becomes free; one with a
         hash stays cached, the sequence's later pages ahead of its earlier ones in eviction
-        order (a shared prefix outlives the tails that branch from it)."""
+        order (a shared prefix outlives the tails that branch from it). A sequence that will
+        come back (`finished=False`: preempted, or not admitted after all) keeps its page
+        hashes, so its next lookup hashes only tokens that are new."""
         table = self._tables.pop(seq.seq_id, [])
-        self._seq_hashes.pop(seq.seq_id, None)
+        if finished:
+            self._seq_hashes.pop(seq.seq_id, None)
         self._num_pages_cached.pop(seq.seq_id, None)
         for page in reversed(table):
             self.ref_counts[page] -= 1

@@ -164,7 +164,7 @@ class Scheduler:
                                        else swapped)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not manager.allocate_slots(seq, num_new):
-                manager.free(seq)
+                manager.free(seq, finished=False)
                 seq.num_computed_tokens = 0
                 break
             if swapped is None:
@@ -235,7 +235,7 @@ class Scheduler:
             self.swapped[seq.seq_id] = seq.num_computed_tokens
             self.num_swapped_pages += num_pages
             self.num_swaps += 1
-        manager.free(seq)
+        manager.free(seq, finished=False)
         self._release_from_runner(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING

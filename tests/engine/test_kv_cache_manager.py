@@ -95,3 +95,14 @@ def test_caching_off_shares_nothing():
     _admit(kv, _seq(0, tokens))
     assert _admit(kv, _seq(1, tokens)) == 0
     assert kv.num_free_pages == 8 - 6
+
+
+def test_a_sequence_that_comes_back_keeps_its_hashes_and_one_that_ends_does_not():
+    kv = KVCacheManager(num_pages=8, page_size=PAGE)
+    seq = _seq(0, list(range(12)) + [5])
+    _admit(kv, seq)
+    kv.free(seq, finished=False)  # preempted: back later, its tokens' hashes still good
+    assert len(kv._seq_hashes[seq.seq_id]) == 3
+    assert _admit(kv, seq) == 3 * PAGE
+    kv.free(seq)
+    assert seq.seq_id not in kv._seq_hashes
