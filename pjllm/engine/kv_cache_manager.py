@@ -175,10 +175,11 @@ class KVCacheManager:
         """Caches `seq`'s pages that are full once `num_computed` tokens are, as far as their
         token ids are known (with async scheduling the newest may still be on the device)."""
         done = self._num_pages_cached.get(seq.seq_id, 0)
-        if (min(num_computed, seq.num_resolved_tokens) // self.page_size) <= done:
+        known = min(num_computed, seq.num_resolved_tokens)
+        if known // self.page_size <= done:
             return
         table = self._tables[seq.seq_id]
-        hashes = self._hashes(seq, min(num_computed, seq.num_resolved_tokens))
+        hashes = self._hashes(seq, known)
         for index in range(done, len(hashes)):
             page, page_hash = table[index], hashes[index]
             # A prefix computed twice at once (or a page claimed from the cache): the copy

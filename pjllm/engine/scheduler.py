@@ -40,6 +40,15 @@ class ScheduledStep:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+def _enqueue(seqs, seq: Sequence, policy: str) -> None:
+    """Adds `seq` to a list in admission order: at the end ("fcfs"), or by WaitingQueue.key
+    ("priority")."""
+    if policy == "fcfs":
+        seqs.append(seq)
+    else:
+        bisect.insort(seqs, seq, key=WaitingQueue.key)
+
+
 class WaitingQueue:
     """Sequences waiting to run, in the order they are admitted: arrival order ("fcfs"), or
     (priority, arrival) with lower priority values first ("priority"). A preempted sequence goes
@@ -56,10 +65,7 @@ class WaitingQueue:
         return seq.request.priority, seq.request.arrival_time, seq.seq_id
 
     def add(self, seq: Sequence) -> None:
-        if self.policy == "fcfs":
-            self._seqs.append(seq)
-        else:
-            bisect.insort(self._seqs, seq, key=self.key)
+        _enqueue(self._seqs, seq, self.policy)
 
     def add_preempted(self, seq: Sequence) -> None:
         if self.policy == "fcfs":
@@ -92,8 +98,8 @@ class Scheduler:
     budget. Both lists are in admission order: arrival ("fcfs"), or (priority, arrival) with
     lower priority values first ("priority"). When pages run out, the last running sequence (the
     newest, or the least urgent) is preempted: its pages are freed and it goes back to the
-    waiting queue, in front (fcfs) or by its key, to be recomputed. A sequence that fits the cache alone always progresses,
-    so there is no deadlock.
+    waiting queue, in front (fcfs) or by its key, to be recomputed or swapped back in. A
+    sequence that fits the cache alone always progresses, so there is no deadlock.
 
     It also knows which sequences the model runner holds, and how many of their pages, so that
     each step's message (`ScheduledStep.message`) carries only what changed.
@@ -175,10 +181,7 @@ class Scheduler:
                 self._drop_swap(seq)
             self.waiting.pop()
             seq.status = SequenceStatus.RUNNING
-            if self.policy == "fcfs":
-                self.running.append(seq)
-            else:
-                bisect.insort(self.running, seq, key=WaitingQueue.key)
+            _enqueue(self.running, seq, self.policy)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         swap_out, self._swap_out = self._swap_out, []
@@ -241,18 +244,16 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.add_preempted(seq)
 
-
-
     def _drop_swap(self, seq: Sequence) -> None:
         """Forgets `seq`'s KV in host memory (swapped back in, or no longer wanted)."""
         swapped = self.swapped.pop(seq.seq_id, None)
         if swapped is not None:
             self.num_swapped_pages -= pages_needed(swapped, self.kv_cache_manager.page_size)
-            self._swap_out = [(s, pages) for s, pages in self._swap_out if s is not seq]
 
     def drop_swapped(self) -> None:
         """Forgets all KV in host memory: those sequences will be recomputed (after a failed
         step, when what was swapped out may never have been read)."""
+        self._swap_out.clear()  # copies a schedule() cut short had not handed out
         for seq in list(self.waiting):
             self._drop_swap(seq)
             seq.swapped_kv = None

@@ -140,18 +140,22 @@ def _pad_pages(pages: list[int], fill: int) -> np.ndarray:
     return np.asarray(pages + [fill] * (size - len(pages)), np.int32)
 
 
+def _page_slots(pages: jax.Array, page_size: int) -> jax.Array:
+    """The KV slots of pages i32[B], page by page: i32[B * page_size]."""
+    return (pages[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
+
+
 def read_swapped(kv_caches: list[jax.Array], page_tokens: jax.Array, pages: jax.Array,
                  page_size: int) -> tuple[list[jax.Array], jax.Array]:
-    slots = (pages[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
-    return [ops.read_pages(cache, pages) for cache in kv_caches], page_tokens[slots]
+    return ([ops.read_pages(cache, pages) for cache in kv_caches],
+            page_tokens[_page_slots(pages, page_size)])
 
 
 def write_swapped(kv_caches: list[jax.Array], page_tokens: jax.Array, pages: jax.Array,
                   kv: list[jax.Array], tokens: jax.Array,
                   page_size: int) -> tuple[list[jax.Array], jax.Array]:
-    slots = (pages[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
     caches = [ops.write_pages(cache, pages, data) for cache, data in zip(kv_caches, kv)]
-    return caches, page_tokens.at[slots].set(tokens, mode="drop")
+    return caches, page_tokens.at[_page_slots(pages, page_size)].set(tokens, mode="drop")
 
 
 @dataclasses.dataclass
