@@ -1,11 +1,12 @@
 """Two KV-memory measurements on a GPU, one engine per setting (random weights, EOS ignored,
-warmup run to completion before anything is timed).
+every step program compiled before anything is timed).
 
     python -m benchmarks.kv_pressure itl benchmarks/configs/llama-3-8b.json --output-json itl.json
     python -m benchmarks.kv_pressure preemption benchmarks/configs/llama-3-8b.json \
         --num-pages 2048 --output-json preemption.json
 
-itl: inter-token latency of 64 running decodes while one 8,192-token prompt is prefilled,
+itl: inter-token latency of 64 running decodes while one 8,191-token prompt is prefilled (with
+     its one output token, Llama-3-8B's whole 8,192-token context),
      chunked (a 2,048-token step budget: the prompt goes in four chunks beside the decodes) and
      unchunked (a budget that takes the whole prompt in one step). Latencies are the gaps
      between a decode's consecutive tokens reaching the host, from the step that starts the
@@ -39,7 +40,8 @@ def measure_itl(model: str, vocab: int, num_decodes: int, prompt_len: int,
     decodes = [rng.integers(10, vocab - 10, 32).tolist() for _ in range(num_decodes)]
     records = []
     for name, budget in budgets.items():
-        with _engine(model, max_model_len=prompt_len + 1024, max_num_batched_tokens=budget,
+        with _engine(model, max_model_len=max(prompt_len + 1, 32 + 1000),
+                     max_num_batched_tokens=budget,
                      max_num_seqs=max(num_decodes + 1, 16)) as llm:
             engine = llm.engine
             params = SamplingParams(temperature=1.0, max_tokens=1000, ignore_eos=True)
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("measurement", choices=["itl", "preemption"])
     parser.add_argument("model")
     parser.add_argument("--num-decodes", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=8192)
+    parser.add_argument("--prompt-len", type=int, default=8191)
     parser.add_argument("--chunked-budget", type=int, default=2048)
     parser.add_argument("--num-pages", type=int, default=2048)
     parser.add_argument("--num-prompts", type=int, default=1000)

@@ -118,7 +118,8 @@ class LLMEngine:
             self.model_config, graphdef, state, num_pages=num_pages, page_size=config.page_size,
             max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, dtype=self.dtype,
-            attention_backend=self.attention_backend, max_logprobs=config.max_logprobs)
+            attention_backend=self.attention_backend, max_logprobs=config.max_logprobs,
+            swap_enabled=config.preemption_mode == "swap")
         self.kv_cache_manager = KVCacheManager(num_pages, config.page_size,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,

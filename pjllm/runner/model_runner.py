@@ -263,8 +263,9 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, dtype: Any, attention_backend: str,
-                 max_logprobs: int):
+                 max_logprobs: int, swap_enabled: bool = False):
         self.model_config = model_config
+        self.swap_enabled = swap_enabled  # whether the warmup builds the swap programs
         # One K for every step that returns top logprobs (each request's own count is sliced on
         # the host), so the logprob count of a request selects no program.
         self.num_logprobs = min(max_logprobs, model_config.vocab_size)
@@ -280,9 +281,6 @@ class ModelRunner:
         self.bisect_thresholds = BISECT_THRESHOLDS.get(jax.default_backend(),
                                                        DEFAULT_BISECT_THRESHOLDS)
         self.input_batch = InputBatch(max_num_seqs, self.max_pages_per_seq, model_config.vocab_size)
-        self._read_swapped = jax.jit(functools.partial(read_swapped, page_size=page_size))
-        self._write_swapped = jax.jit(functools.partial(write_swapped, page_size=page_size),
-                                      donate_argnames=("kv_caches", "page_tokens"))
         # The rows that sample in the step prepared last: its handle records their tokens.
         self._sampled_rows: SampledRows | None = None
         self.reset_device_state()
@@ -296,6 +294,9 @@ class ModelRunner:
         prompt_logprobs = jax.jit(
             functools.partial(run_prompt_logprobs, num_logprobs=self.num_logprobs, **model_statics),
             compiler_options=STEP_COMPILER_OPTIONS)
+        swap_out = jax.jit(functools.partial(read_swapped, page_size=page_size))
+        swap_in = jax.jit(functools.partial(write_swapped, page_size=page_size),
+                          donate_argnames=("kv_caches", "page_tokens"))
         # Abstract shapes only: the lowering closure (which the warmup thread holds) must keep
         # no device array, and no reference to the runner, alive.
         weights, kv_caches, page_tokens, last_tokens = _abstract(
@@ -304,7 +305,8 @@ class ModelRunner:
         max_pages = self.max_pages_per_seq
 
         def lower(key: tuple) -> jax.stages.Lowered:
-            """Keys: ("forward", T), ("sampler", N, flags), ("prompt_logprobs", T)."""
+            """Keys: ("forward", T), ("sampler", N, flags), ("prompt_logprobs", T), ("swap_out", B)
+            and ("swap_in", B) (B pages, a power of two)."""
             kind, size = key[0], key[1]
             if kind == "forward":
                 batch = _abstract(dummy_batch(size, seq_bucket(size, max_num_seqs), max_pages))
@@ -318,6 +320,12 @@ class ModelRunner:
             if kind == "prompt_logprobs":
                 hidden = jax.ShapeDtypeStruct((size, hidden_size), dtype)
                 return prompt_logprobs.lower(weights, hidden, jax.ShapeDtypeStruct((size,), jnp.int32))
+            pages = jax.ShapeDtypeStruct((size,), jnp.int32)
+            if kind == "swap_out":
+                return swap_out.lower(kv_caches, page_tokens, pages)
+            if kind == "swap_in":
+                kv, tokens = jax.eval_shape(swap_out, kv_caches, page_tokens, pages)
+                return swap_in.lower(kv_caches, page_tokens, pages, kv, tokens)
             raise ValueError(f"unknown step program {key!r}")
 
         self.programs = ProgramCache(lower, describe=_describe_program)
@@ -500,8 +508,9 @@ class ModelRunner:
     def swap_out(self, pages: list[int]) -> SwappedPages:
         """Copies KV pages `pages` off the device (launched now, before any later step can
         overwrite them; in host memory after the next fetch)."""
-        kv, tokens = self._read_swapped(self.kv_caches, self.page_tokens,
-                                        _pad_pages(pages, pages[0]))
+        padded = _pad_pages(pages, pages[0])
+        kv, tokens = self.programs.get(("swap_out", len(padded)))(self.kv_caches, self.page_tokens,
+                                                                   padded)
         for array in (*kv, tokens):
             array.copy_to_host_async()
         swapped = SwappedPages(kv, tokens, len(pages))
@@ -512,13 +521,14 @@ class ModelRunner:
         """Writes `swapped` into KV pages `pages` (as many as it holds), before the next step."""
         assert len(pages) == swapped.num_pages, (len(pages), swapped.num_pages)
         padded = _pad_pages(pages, self.num_pages)  # padding ids past the last page: dropped
-        self.kv_caches, self.page_tokens = self._write_swapped(
+        self.kv_caches, self.page_tokens = self.programs.get(("swap_in", len(padded)))(
             self.kv_caches, self.page_tokens, padded, swapped.kv, swapped.page_tokens)
 
     def program_keys(self) -> list[tuple]:
         """Every program a step can need, in the order the warmup builds them: the forward and
         the plain sampler of each bucket, smallest first (enough to serve), then the other
-        sampler variants, then the prompt logprobs programs."""
+        sampler variants, then the prompt logprobs programs, then (swap preemption on) the swap
+        programs of every padded page count a sequence can hold."""
         seq_buckets = sorted({seqs for _, seqs in self.buckets()})
         variants = SamplerFlags.all_variants(self.num_logprobs, self.bisect_thresholds)
         default = DEFAULT_VARIANT.sampler
@@ -528,6 +538,9 @@ class ModelRunner:
         keys += [("sampler", seqs, flags) for seqs in seq_buckets for flags in variants
                  if flags != default]
         keys += [("prompt_logprobs", tokens) for tokens in self.token_buckets]
+        if self.swap_enabled:
+            sizes = [1 << i for i in range((self.max_pages_per_seq - 1).bit_length() + 1)]
+            keys += [(kind, size) for size in sizes for kind in ("swap_out", "swap_in")]
         return list(dict.fromkeys(keys))
 
     def start_warmup(self) -> None:
@@ -570,4 +583,5 @@ def dummy_batch(tokens: int, seqs: int, max_pages_per_seq: int) -> StepInput:
 
 def _describe_program(key: tuple) -> str:
     kind, size, *flags = key
-    return f"{kind} {'N' if kind == 'sampler' else 'T'}={size}{''.join(f' {f}' for f in flags)}"
+    unit = {"sampler": "N", "swap_out": "B", "swap_in": "B"}.get(kind, "T")
+    return f"{kind} {unit}={size}{''.join(f' {f}' for f in flags)}"

@@ -103,6 +103,11 @@ class ProgramCache:
         """Programs built or being built."""
         return len(self._futures)
 
+    def keys(self) -> list[Hashable]:
+        """The keys built or being built."""
+        with self._lock:
+            return list(self._futures)
+
     def is_ready(self, key: Hashable) -> bool:
         future = self._futures.get(key)
         return future is not None and future.done()

@@ -295,6 +295,9 @@ def test_swap_and_recompute_preemption_lose_nothing(make_llm, policy):
         assert scheduler.num_preemptions > 0
         assert (scheduler.num_swaps > 0) == (mode == "swap")
         assert scheduler.num_swapped_pages == 0 and not scheduler.swapped
+        runner = llm.engine.model_runner  # a warmup would have built every program it used
+        assert set(runner.programs.keys()) <= set(runner.program_keys())
+        assert any(key[0] == "swap_in" for key in runner.program_keys()) == (mode == "swap")
         for got, want in zip(outputs, expected):
             assert got.outputs[0].token_ids == want.outputs[0].token_ids
             for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
