@@ -10,7 +10,7 @@ anything is timed. For caching on, then off (one engine each, built in turn):
   shared   the same requests, each prompt after one 1,024-token system prompt;
 each one `LLM.generate`, timed by wall clock, after an untimed pass over a few other requests
 (for `shared`, after the system prompt: with caching on it is then cached, as on a running
-server).
+server). --workloads, --repeats and --caching pick what runs.
 Then, caching on and off: the pages held once the four prefills of one request with n = 4 and a
 2,000-token prompt are scheduled, against four separate prompts' worth.
 """
@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--output-json")
     parser.add_argument("--num-pages", type=int, help="KV pages (default: from memory)")
     parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--workloads", default="chat,shared", help="comma-separated: chat, shared")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each workload")
+    parser.add_argument("--caching", default="on,off", help="engines to run: on, off or both")
     args = parser.parse_args()
 
     import pjllm
@@ -55,13 +58,13 @@ def main() -> None:
               "num_prompts": len(workload.requests), "workload_digest": workload.digest(),
               "system_prompt_len": args.system_prompt_len, "runs": [], "n4_pages": {}}
     long_prompt = rng.choice(allowed, 2000).tolist()
-    for caching in (True, False):
+    for caching in [{"on": True, "off": False}[c] for c in args.caching.split(",")]:
         start = time.perf_counter()
         with LLM(args.model, load_format="dummy", warmup="blocking", max_model_len=max_model_len,
                  enable_prefix_caching=caching, num_pages=args.num_pages,
                  max_num_seqs=args.max_num_seqs) as llm:
             construct_s = time.perf_counter() - start
-            for name in ("chat", "shared"):
+            for name in [w for w in args.workloads.split(",") for _ in range(args.repeats)]:
                 # Untimed: 8 requests of random prompts (after the system prompt for `shared`),
                 # so nothing of the timed prompts is cached but the system prompt.
                 llm.reset_prefix_cache()

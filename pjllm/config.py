@@ -156,6 +156,11 @@ class EngineConfig:
     # cached full pages matching its tokens; pages no request holds stay cached until evicted,
     # least recently used first.
     enable_prefix_caching: bool = True
+    # Cascade attention (as vLLM's, which disable_cascade_attn turns off): when every sequence of
+    # a step begins with the same cached pages (a shared system prompt), attention reads them
+    # once for the whole step instead of once per sequence. Needs prefix caching, which is what
+    # shares pages between requests.
+    disable_cascade_attn: bool = False
     # The order requests are scheduled in: "fcfs" (arrival) or "priority" (each request's
     # `priority`, lower first, then arrival; the least urgent running one is preempted first).
     scheduling_policy: str = "fcfs"
@@ -217,7 +222,8 @@ class EngineConfig:
         if utilization is None or not 0.0 < utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be a number in (0, 1]; "
                              f"got {self.gpu_memory_utilization!r}")
-        for name in ("skip_tokenizer_init", "async_scheduling", "enable_prefix_caching"):
+        for name in ("skip_tokenizer_init", "async_scheduling", "enable_prefix_caching",
+                     "disable_cascade_attn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if self.compilation_cache_dir is not None and not isinstance(self.compilation_cache_dir, str):

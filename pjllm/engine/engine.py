@@ -119,7 +119,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, dtype=self.dtype,
             attention_backend=self.attention_backend, max_logprobs=config.max_logprobs,
-            swap_enabled=config.preemption_mode == "swap")
+            swap_enabled=config.preemption_mode == "swap",
+            cascade_attention=config.enable_prefix_caching and not config.disable_cascade_attn)
         self.kv_cache_manager = KVCacheManager(num_pages, config.page_size,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,

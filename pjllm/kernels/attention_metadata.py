@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 
 @jax.tree_util.register_dataclass
@@ -22,9 +23,26 @@ class AttentionMetadata:
     query_start_loc: [N + 1] cumulative query lengths, query_start_loc[0] == 0.
     seq_lens:        [N]     context length after this step's tokens are written.
     block_tables:    [N, W]  page ids of each sequence, in order; unused entries are 0.
+    common_prefix_len: []    None, or a whole number of pages of tokens that begin every real
+                             sequence's context in the same pages (block_tables[0]'s first
+                             ones), all before every query token: attention may then read them
+                             once for the whole batch (cascade attention). None and 0 are one
+                             result; None selects the programs that never look for a prefix.
     """
 
     slot_mapping: jax.Array
     query_start_loc: jax.Array
     seq_lens: jax.Array
     block_tables: jax.Array
+    common_prefix_len: jax.Array | None = None
+
+    def after_common_prefix(self, page_size: int) -> "AttentionMetadata":
+        """The same batch with the common prefix cut off every context: seq_lens shortened by it
+        and block tables shifted past its pages (no common prefix claimed)."""
+        prefix_len = self.common_prefix_len.astype(jnp.int32)
+        width = self.block_tables.shape[1]
+        columns = jnp.minimum(jnp.arange(width, dtype=jnp.int32) + prefix_len // page_size,
+                              width - 1)
+        return dataclasses.replace(
+            self, seq_lens=jnp.maximum(self.seq_lens.astype(jnp.int32) - prefix_len, 0),
+            block_tables=self.block_tables[:, columns], common_prefix_len=None)

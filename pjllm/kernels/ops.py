@@ -65,10 +65,31 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D] (this step's K/V already written);
     metadata: AttentionMetadata. Returns [T, Hq, D] in q.dtype; padding tokens give zeros.
     backend: "reference" (pure jnp), "pallas" (interpret mode automatically on CPU), or "auto".
+
+    With metadata.common_prefix_len set this is cascade attention: every query token attends to
+    the common prefix in one pass over it for the whole batch, and to the rest of its own context
+    in the usual paged pass; the two softmax partials are then merged. Same result, but the
+    prefix's KV is read a few times per step instead of once per sequence.
     """
+    sm_scale = float(sm_scale)
     backend = resolve_backend(backend)
+    interpret = jax.default_backend() == "cpu"
+    if metadata.common_prefix_len is None:
+        if backend == "reference":
+            return _reference.paged_attention_reference(q, kv_pages, metadata, sm_scale=sm_scale)
+        return _pallas.paged_attention(q, kv_pages, metadata, sm_scale=sm_scale,
+                                       interpret=interpret)
+    suffix = metadata.after_common_prefix(kv_pages.shape[3])
+    prefix_args = (q, kv_pages, metadata.block_tables[0], metadata.common_prefix_len,
+                   metadata.query_start_loc[-1])
     if backend == "reference":
-        return _reference.paged_attention_reference(q, kv_pages, metadata,
-                                                    sm_scale=float(sm_scale))
-    return _pallas.paged_attention(q, kv_pages, metadata, sm_scale=float(sm_scale),
-                                   interpret=jax.default_backend() == "cpu")
+        parts = [_reference.paged_attention_partials_reference(q, kv_pages, suffix,
+                                                               sm_scale=sm_scale),
+                 _reference.prefix_attention_partials_reference(*prefix_args, sm_scale=sm_scale)]
+    else:
+        parts = [_pallas.paged_attention(q, kv_pages, suffix, sm_scale=sm_scale,
+                                         interpret=interpret, partials=True),
+                 _pallas.prefix_attention_partials(*prefix_args, sm_scale=sm_scale,
+                                                   interpret=interpret)]
+    acc, m, l = (jnp.concatenate(arrays) for arrays in zip(*parts))
+    return _reference.combine_partials(acc, m, l, q.dtype).reshape(q.shape)

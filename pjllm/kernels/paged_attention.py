@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pjllm.kernels.attention_metadata import AttentionMetadata
-from pjllm.kernels.reference import MASK_VALUE
+from pjllm.kernels.reference import LOG2E, MASK_VALUE, combine_partials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,9 +212,6 @@ def _work_items(metadata: AttentionMetadata, num_tokens: int,
     return items, num_items
 
 
-LOG2E = 1.4426950408889634
-
-
 def _head_cols(head_dim: int):
     """Column ids [1, D_pad] of the head dim padded to a power of 2 (Triton tensors have
     power-of-two sizes), and which of them are real columns: None when head_dim already is a
@@ -294,8 +291,9 @@ def _split_range(num_blocks, split, num_splits: int):
     return lo, jnp.minimum(lo + per_split, num_blocks)
 
 
-def _store(out_refs, rows, row_ok, m, l, acc, split, num_splits: int):
-    """Writes a block's rows: normalised output (1 split) or the split's partials.
+def _store(out_refs, rows, row_ok, m, l, acc, split):
+    """Writes a block's rows: normalised output (out_refs = (out,)) or the split's partials
+    (out_refs = (acc, m, l)).
 
     acc is [BR, D_pad]; only the real head_dim columns are written (outputs and partials have
     the real head_dim, so the split combine needs no slicing)."""
@@ -312,7 +310,7 @@ def _store(out_refs, rows, row_ok, m, l, acc, split, num_splits: int):
     def mask():
         return row_ok[:, None] if col_ok is None else row_ok[:, None] & col_ok
 
-    if num_splits == 1:
+    if len(out_refs) == 1:
         (out_ref,) = out_refs
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
         plgpu.store(out_ref.at[rows[:, None], cols], out.astype(out_ref.dtype), mask=mask())
@@ -387,7 +385,7 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
         lo, hi = _split_range((n_keys + block_kv - 1) // block_kv, split, num_splits)
         n_full = (kv_len - q_len + b * block_q + 1) // block_kv   # keys <= the first token's
         m, l, acc = attend(q, q_pos, lo=lo, hi=hi, n_full=n_full)
-        _store(out_refs, rows, row_ok, m, l, acc, split, num_splits)
+        _store(out_refs, rows, row_ok, m, l, acc, split)
         return carry
 
     lax.fori_loop(0, (q_len + block_q - 1) // block_q, q_block, 0)
@@ -402,7 +400,7 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
         rows = jnp.where(row_ok, t * num_q_heads + q_head, 0)
         _store(out_refs, rows, row_ok, jnp.full((block_rows,), MASK_VALUE, jnp.float32),
                jnp.zeros((block_rows,), jnp.float32),
-               jnp.zeros((block_rows, head_dim_pad), jnp.float32), split, num_splits)
+               jnp.zeros((block_rows, head_dim_pad), jnp.float32), split)
         return carry
 
     lax.fori_loop(0, (num_tokens - seq + num_seqs - 1) // num_seqs, zero_token, 0)
@@ -430,7 +428,7 @@ def _ragged_kernel(items_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: fl
     m, l, acc = _attend(q, pos0 + tok_off, kv_ref, tables_ref, seq, head, lo, hi,
                         (pos0 + 1) // block_kv, sm_scale=sm_scale, page_size=page_size,
                         block_kv=block_kv)
-    _store(out_refs, rows, row_ok, m, l, acc, split, num_splits)
+    _store(out_refs, rows, row_ok, m, l, acc, split)
 
 
 def _num_sms() -> int:
@@ -475,25 +473,18 @@ def launch_config(num_tokens: int, num_seqs: int, *, num_q_heads: int, num_kv_he
         config, kv_splits=num_kv_splits(config, programs, num_kv_heads, max_context))
 
 
-def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Array:
-    """Merges flash-decoding partials acc [S, R, D], m (log2 units), l [S, R] into normalised
-    rows [R, D]."""
-    m_all = jnp.max(m, axis=0)
-    w = jnp.exp2(m - m_all[None])                                           # [S, R]
-    denom = jnp.sum(w * l, axis=0)
-    out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(denom > 0, denom, 1.0)[..., None]
-    return out.astype(dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config", "partials"))
 def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
-                    sm_scale: float, interpret: bool = False,
-                    config: BlockConfig | None = None) -> jax.Array:
+                    sm_scale: float, interpret: bool = False, config: BlockConfig | None = None,
+                    partials: bool = False):
     """Ragged paged attention; same contract as reference.paged_attention_reference.
 
     q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D]; metadata: AttentionMetadata (T tokens,
     N sequences, W pages each). Returns [T, Hq, D] in q.dtype, zeros for padding tokens.
     interpret=True runs the kernel in the Pallas interpreter (CPU). config overrides the table.
+    partials=True returns the unnormalised softmax state instead, as
+    reference.paged_attention_partials_reference does (acc [S, T * Hq, D], m and l [S, T * Hq],
+    S the KV split count), for reference.combine_partials.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_pages, page_size, _ = kv_pages.shape
@@ -505,8 +496,6 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
                            head_dim=head_dim, page_size=page_size, max_context=max_pages * page_size,
                            dtype=q.dtype, config=config)
     splits, block_rows, block_kv = config.kv_splits, config.block_rows, config.block_kv
-    q_rows = q.reshape(num_tokens * num_q_heads, head_dim)                  # free reshapes
-    kv_flat = kv_pages.reshape(2, num_kv_heads, num_pages * page_size, head_dim)
     tables = metadata.block_tables.astype(jnp.int32)
     common = dict(sm_scale=sm_scale, num_q_heads=num_q_heads, group=group, group_pad=group_pad,
                   page_size=page_size, block_rows=block_rows, block_kv=block_kv)
@@ -519,31 +508,108 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
         grid = ((config.programs_per_sm * _num_sms(),) if persistent
                 else (num_seqs, num_kv_heads) + ((splits,) if splits > 1 else ()))
         args = (metadata.query_start_loc.astype(jnp.int32), metadata.seq_lens.astype(jnp.int32),
-                tables, q_rows, kv_flat)
+                tables)
         name = "paged_decode_attention"
     else:
         block_q = block_rows // group_pad
         items, num_items = _work_items(metadata, num_tokens, block_q)
         kernel = functools.partial(_ragged_kernel, num_splits=splits, **common)
         grid = (num_items, num_kv_heads) + ((splits,) if splits > 1 else ())
-        args = (items, tables, q_rows, kv_flat)
+        args = (items, tables)
         name = "ragged_paged_attention"
+    return _launch(kernel, args, q, kv_pages, grid=grid, config=config, name=name,
+                   interpret=interpret, partials=partials)
+
+
+def _launch(kernel, args: tuple, q: jax.Array, kv_pages: jax.Array, *, grid: tuple,
+            config: BlockConfig, name: str, interpret: bool, partials: bool):
+    """Runs `kernel(*args, q_rows, kv_flat, *outputs)`: normalised rows [T, Hq, D] when it has
+    one KV split and no partials are asked for, else the partials (acc, m, l), combined here
+    unless `partials`."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, num_pages, page_size, _ = kv_pages.shape
+    q_rows = q.reshape(num_tokens * num_q_heads, head_dim)                  # free reshapes
+    kv_flat = kv_pages.reshape(2, num_kv_heads, num_pages * page_size, head_dim)
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
     num_rows = num_tokens * num_q_heads
-    if splits == 1:
+    splits = config.kv_splits
+    if splits == 1 and not partials:
         out = pl.pallas_call(
             kernel, out_shape=jax.ShapeDtypeStruct((num_rows, head_dim), q.dtype), grid=grid,
             interpret=interpret, compiler_params=params, name=name,
-        )(*args)
-    else:
-        part = (splits, num_rows)
-        acc, m, l = pl.pallas_call(
-            kernel,
-            out_shape=(jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
-                       jax.ShapeDtypeStruct(part, jnp.float32),
-                       jax.ShapeDtypeStruct(part, jnp.float32)),
-            grid=grid, interpret=interpret, compiler_params=params,
-            name=name + "_split_kv",
-        )(*args)
-        out = combine_splits(acc, m, l, q.dtype)
-    return out.reshape(num_tokens, num_q_heads, head_dim)
+        )(*args, q_rows, kv_flat)
+        return out.reshape(num_tokens, num_q_heads, head_dim)
+    part = (splits, num_rows)
+    state = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
+                   jax.ShapeDtypeStruct(part, jnp.float32),
+                   jax.ShapeDtypeStruct(part, jnp.float32)),
+        grid=grid, interpret=interpret, compiler_params=params,
+        name=name + ("_split_kv" if splits > 1 else "_partials"),
+    )(*args, q_rows, kv_flat)
+    if partials:
+        return state
+    return combine_partials(*state, q.dtype).reshape(num_tokens, num_q_heads, head_dim)
+
+
+def _prefix_kernel(prefix_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: float,
+                   num_q_heads: int, group: int, group_pad: int, page_size: int,
+                   block_rows: int, block_kv: int, num_splits: int):
+    # prefix_ref [2]: (prefix length, query tokens); tables_ref [1, W]: the prefix's pages.
+    # Grid (token blocks, Hkv, splits): block_q consecutive tokens, whatever their sequences.
+    prefix_len, num_query_tokens = prefix_ref[0], prefix_ref[1]
+    head = pl.program_id(1)
+    num_tokens = q_ref.shape[0] // num_q_heads
+    tok_off, q_head, head_ok = _row_layout(head, num_q_heads=num_q_heads, group=group,
+                                           group_pad=group_pad, block_rows=block_rows)
+    tok = pl.program_id(0) * (block_rows // group_pad) + tok_off
+    row_ok = (tok < num_tokens) & head_ok
+    rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
+    q = _load_rows(q_ref, (), rows)                                         # [BR, D_pad]
+    split = pl.program_id(2) if num_splits > 1 else 0
+    lo, hi = _split_range((prefix_len + block_kv - 1) // block_kv, split, num_splits)
+    # Every row sees every prefix key: only a last block running past the prefix is masked.
+    last_key = jnp.full((block_rows,), prefix_len - 1, jnp.int32)
+    m, l, acc = _attend(q, last_key, kv_ref, tables_ref, 0, head, lo, hi, prefix_len // block_kv,
+                        sm_scale=sm_scale, page_size=page_size, block_kv=block_kv)
+    real = tok < num_query_tokens  # padding tokens see no key
+    m = jnp.where(real, m, MASK_VALUE)
+    l = jnp.where(real, l, 0.0)
+    acc = jnp.where(real[:, None], acc, 0.0)
+    _store(out_refs, rows, row_ok, m, l, acc, split)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config"))
+def prefix_attention_partials(q: jax.Array, kv_pages: jax.Array, prefix_pages: jax.Array,
+                              prefix_len: jax.Array, num_query_tokens: jax.Array, *,
+                              sm_scale: float, interpret: bool = False,
+                              config: BlockConfig | None = None
+                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The common-prefix half of cascade attention; same contract as
+    reference.prefix_attention_partials_reference.
+
+    One program per (block of block_q query tokens, kv head, KV split) reads the prefix's keys
+    once for all its tokens, whichever sequences they belong to: the prefix is read
+    T / block_q times per kv head, not once per sequence.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, _, page_size, _ = kv_pages.shape
+    group = num_q_heads // num_kv_heads
+    group_pad = _next_pow2(group)
+    config = config or DEFAULT_CONFIGS["prefill"]
+    block_rows = max(config.block_rows, group_pad, 16)
+    block_kv = max(config.block_kv, 16)
+    num_blocks = -(-num_tokens // (block_rows // group_pad))
+    splits = num_kv_splits(dataclasses.replace(config, block_kv=block_kv), num_blocks,
+                           num_kv_heads, prefix_pages.shape[0] * page_size)
+    config = dataclasses.replace(config, block_rows=block_rows, block_kv=block_kv,
+                                 kv_splits=splits)
+    kernel = functools.partial(_prefix_kernel, sm_scale=sm_scale, num_q_heads=num_q_heads,
+                               group=group, group_pad=group_pad, page_size=page_size,
+                               block_rows=block_rows, block_kv=block_kv, num_splits=splits)
+    args = (jnp.stack([prefix_len, num_query_tokens]).astype(jnp.int32),
+            prefix_pages.astype(jnp.int32)[None])
+    grid = (num_blocks, num_kv_heads) + ((splits,) if splits > 1 else ())
+    return _launch(kernel, args, q, kv_pages, grid=grid, config=config,
+                   name="common_prefix_attention", interpret=interpret, partials=True)

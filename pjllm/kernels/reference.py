@@ -21,6 +21,7 @@ from pjllm.kernels.attention_metadata import AttentionMetadata
 
 # Finite "minus infinity": keeps exp(m_old - m_new) well defined when a row has seen no key yet.
 MASK_VALUE = -1e30
+LOG2E = 1.4426950408889634
 
 
 def write_kv_reference(kv_pages: jax.Array, k: jax.Array, v: jax.Array,
@@ -77,6 +78,16 @@ def paged_attention_reference(q: jax.Array, kv_pages: jax.Array, metadata: Atten
     longest context, a few at a time (online softmax in float32), gathering each token's pages
     per step: peak memory O(T * pages per step * page_size * Hkv * D), never the whole context.
     """
+    out = combine_partials(*paged_attention_partials_reference(q, kv_pages, metadata,
+                                                               sm_scale=sm_scale), q.dtype)
+    return out.reshape(q.shape)
+
+
+def paged_attention_partials_reference(q: jax.Array, kv_pages: jax.Array,
+                                       metadata: AttentionMetadata, *, sm_scale: float
+                                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """paged_attention_reference's unnormalised softmax state, for `combine_partials`: acc
+    [1, T * Hq, D], m [1, T * Hq] (log2 units), l [1, T * Hq] (rows are (token, head) pairs)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, _, page_size, _ = kv_pages.shape
     group = num_q_heads // num_kv_heads
@@ -84,45 +95,100 @@ def paged_attention_reference(q: jax.Array, kv_pages: jax.Array, metadata: Atten
     pages_per_step = max(1, min(_CONTEXT_PAGES_PER_STEP,
                                 _TOKENS_FOR_ONE_PAGE_PER_STEP // num_tokens))
     chunk = pages_per_step * page_size
-    seq, pos, valid = token_layout(metadata, num_tokens)
+    seq, pos, _ = token_layout(metadata, num_tokens)
     tables = metadata.block_tables.astype(jnp.int32)[seq]              # [T, W]
     # Heads lead (batch dimensions of the matmuls below, in the order the gathers produce them).
-    qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
-    qf = jnp.swapaxes(qf, 0, 1)                                         # [Hkv, T, G, D]
     # Gathering (kv head, page) tiles gives [Hkv, T, C, page_size, D] at once, where indexing
     # the page axis alone needed a transposing copy of K and of V. Index kv_pages itself: rows
     # of a reshaped view made XLA:CPU copy the whole cache twice a layer in 1-token steps,
     # whose KV write is a dynamic-update-slice (tests/engine/test_step_program.py).
     heads = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None, None]
     num_steps = (jnp.max(pos) + chunk) // chunk                        # chunks covering max(pos)+1
-    offsets = jnp.arange(chunk, dtype=jnp.int32)
     step_pages = jnp.arange(pages_per_step, dtype=jnp.int32)
 
-    def body(j, carry):
-        m, l, acc = carry
+    def keys(j):
         # Past a table's width the last entry repeats; those keys lie past every position.
         pages = tables[:, jnp.minimum(j * pages_per_step + step_pages, max_pages - 1)]  # [T, C]
         shape = (num_kv_heads, num_tokens, chunk, head_dim)
-        k = kv_pages[0, heads, pages[None]].reshape(shape).astype(jnp.float32)
-        v = kv_pages[1, heads, pages[None]].reshape(shape).astype(jnp.float32)
-        s = jnp.einsum("htgd,htpd->htgp", qf, k)                       # [Hkv, T, G, chunk]
-        mask = (j * chunk + offsets)[None, :] <= pos[:, None]           # [T, chunk]
+        return (kv_pages[0, heads, pages[None]].reshape(shape),
+                kv_pages[1, heads, pages[None]].reshape(shape),
+                (j * chunk + jnp.arange(chunk))[None, :] <= pos[:, None])    # [T, chunk]
+
+    return _online_softmax(q, keys, num_steps, "htpd", sm_scale=sm_scale)
+
+
+def prefix_attention_partials_reference(q: jax.Array, kv_pages: jax.Array, prefix_pages: jax.Array,
+                                        prefix_len: jax.Array, num_query_tokens: jax.Array, *,
+                                        sm_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Every query token's attention over one shared prefix, no causal mask (the prefix lies
+    before every query token): the common-prefix half of cascade attention.
+
+    q: [T, Hq, D]; prefix_pages: [W] page ids, whose first prefix_len tokens are the prefix;
+    tokens from num_query_tokens on are padding (no keys). Returns partials as
+    paged_attention_partials_reference does. The prefix's pages are gathered once per step for
+    all T tokens.
+    """
+    num_tokens = q.shape[0]
+    _, num_kv_heads, _, page_size, head_dim = kv_pages.shape
+    chunk_pages = _CONTEXT_PAGES_PER_STEP
+    chunk = chunk_pages * page_size
+    width = prefix_pages.shape[0]
+    real = jnp.arange(num_tokens) < num_query_tokens                    # [T]
+
+    def keys(j):
+        pages = prefix_pages[jnp.minimum(j * chunk_pages + jnp.arange(chunk_pages), width - 1)]
+        shape = (num_kv_heads, chunk, head_dim)
+        visible = (j * chunk + jnp.arange(chunk)) < prefix_len           # [chunk]
+        return (kv_pages[0][:, pages].reshape(shape), kv_pages[1][:, pages].reshape(shape),
+                real[:, None] & visible[None, :])
+
+    return _online_softmax(q, keys, (prefix_len + chunk - 1) // chunk, "hpd", sm_scale=sm_scale)
+
+
+def _online_softmax(q: jax.Array, keys, num_steps: jax.Array, kv_spec: str, *,
+                    sm_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Online softmax of q [T, Hq, D] over `num_steps` key chunks: keys(j) gives chunk j's K and V
+    (laid out as kv_spec: per token "htpd" or shared "hpd") and its mask [T, chunk]. Returns
+    (acc [1, T * Hq, D], m [1, T * Hq] in log2 units, l [1, T * Hq])."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    k0, _, _ = jax.eval_shape(keys, 0)
+    num_kv_heads = k0.shape[0]
+    group = num_q_heads // num_kv_heads
+    qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
+    qf = jnp.swapaxes(qf, 0, 1)                                         # [Hkv, T, G, D]
+
+    def body(j, carry):
+        m, l, acc = carry
+        k, v, mask = keys(j)
+        s = jnp.einsum(f"htgd,{kv_spec}->htgp", qf, k.astype(jnp.float32))  # [Hkv, T, G, chunk]
         mask = mask[None, :, None, :]
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + jnp.einsum("htgp,htpd->htgd", p, v)
+        acc = acc * alpha[..., None] + jnp.einsum(f"htgp,{kv_spec}->htgd", p,
+                                                  v.astype(jnp.float32))
         return m_new, l, acc
 
     init = (jnp.full((num_kv_heads, num_tokens, group), MASK_VALUE, jnp.float32),
             jnp.zeros((num_kv_heads, num_tokens, group), jnp.float32),
             jnp.zeros((num_kv_heads, num_tokens, group, head_dim), jnp.float32))
-    _, l, acc = lax.fori_loop(0, num_steps, body, init)
-    out = jnp.swapaxes(acc / jnp.where(l > 0, l, 1.0)[..., None], 0, 1)  # [T, Hkv, G, D]
-    out = jnp.where(valid[:, None, None, None], out, 0.0)
-    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+    m, l, acc = lax.fori_loop(0, num_steps, body, init)
+    rows = num_tokens * num_q_heads  # [Hkv, T, G, ...] -> rows (token, head)
+    return (jnp.swapaxes(acc, 0, 1).reshape(1, rows, head_dim),
+            jnp.swapaxes(m * LOG2E, 0, 1).reshape(1, rows), jnp.swapaxes(l, 0, 1).reshape(1, rows))
+
+
+def combine_partials(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Array:
+    """Merges softmax partials over disjoint key sets -- acc [S, R, D] (unnormalised), m [S, R]
+    (running max, log2 units), l [S, R] (sum of exponentials) -- into normalised rows [R, D] in
+    `dtype`, zeros where no part saw a key."""
+    m_all = jnp.max(m, axis=0)
+    w = jnp.exp2(m - m_all[None])                                           # [S, R]
+    denom = jnp.sum(w * l, axis=0)
+    out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return out.astype(dtype)
 
 
 def paged_attention_dense(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,

@@ -108,6 +108,11 @@ class ProgramCache:
         with self._lock:
             return list(self._futures)
 
+    def is_available(self, key: Hashable) -> bool:
+        """Whether using `key` now waits for nothing that a warmup is meant to spare: it is
+        built, or no warmup was started (then every program compiles on first use)."""
+        return self._warmup_thread is None or self.is_ready(key)
+
     def is_ready(self, key: Hashable) -> bool:
         future = self._futures.get(key)
         return future is not None and future.done()

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import pjllm
 from pjllm import SamplingParams
+from pjllm.runner import model_runner
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PAGE = 8
@@ -99,6 +100,44 @@ def test_n_sequences_share_their_prompt_pages(make_llm):
     assert held == 4 + 4
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_n_branches_are_reproducible_and_equal_without_sharing(make_llm):
+    """Seeded branches of an n = 4 request give the same tokens run again (their prompt then all
+    cached) and with caching off (no page shared)."""
+    prompt = _tokens(13, 4 * PAGE + 3)
+    params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    shared, separate = make_llm(page_size=PAGE), make_llm(page_size=PAGE, enable_prefix_caching=False)
+    runs = [[c.token_ids for c in _generate(llm, [prompt], params)[0].outputs]
+            for llm in (shared, shared, separate)]
+    assert runs[0] == runs[1] == runs[2]
+    assert len({tuple(tokens) for tokens in runs[0]}) > 1
+
+
+def test_cascade_attention_changes_no_output(make_llm, monkeypatch):
+    """Eight requests after one cached system prompt: their steps read it once through cascade
+    attention (its programs ran), with the same tokens and logprobs as without. (The tiny
+    model's context is 256 tokens: the prompt is 64, the thresholds lowered to match.)"""
+    monkeypatch.setattr(model_runner, "MIN_CASCADE_PREFIX_TOKENS", 64)
+    monkeypatch.setattr(model_runner, "MIN_CASCADE_SHARED_TOKENS", 8 * 64)
+    options = dict(page_size=PAGE, max_num_batched_tokens=128)
+    system = _tokens(12, 64)
+    prompts = [system + _tokens(30 + i, 3 + 2 * i) for i in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    results = []
+    for disable in (False, True):
+        llm = make_llm(disable_cascade_attn=disable, **options)
+        _generate(llm, [system + [7]])  # caches the system prompt
+        outputs = _generate(llm, prompts, params)
+        assert all(o.num_cached_tokens == 64 for o in outputs)
+        cascades = [key for key in llm.engine.model_runner.programs.keys() if "cascade" in key]
+        assert bool(cascades) == (not disable)
+        results.append(outputs)
+    for got, want in zip(*results):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+            assert {t: lp.logprob for t, lp in a.items()} == pytest.approx(
+                {t: lp.logprob for t, lp in b.items()}, abs=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -399,3 +399,70 @@ def test_kv_cache_sizes():
                                dtype=jnp.bfloat16)
     assert kv.shape == (2, 8, 5, 16, 128) and kv.dtype == jnp.bfloat16
     assert ops.kv_cache_bytes_per_page(16, 8, 128, jnp.bfloat16) * 5 == kv.nbytes
+
+
+@st.composite
+def shared_prefix_batches(draw, *, page_size: int, num_q_heads: int, num_kv_heads: int,
+                          head_dim: int, num_tokens: int = NUM_TOKENS,
+                          num_seqs: int = NUM_SEQS) -> tuple[Batch, int]:
+    """A ragged batch whose sequences all begin with the same pages (as prefix caching shares a
+    system prompt), every query token past them; and the common prefix's length."""
+    prefix_pages = draw(st.integers(1, 3))
+    prefix_len = prefix_pages * page_size
+    n = draw(st.integers(1, num_seqs))
+    q_lens, ctx_lens, budget = [], [], num_tokens
+    for _ in range(n):
+        if budget == 0:
+            break
+        q_len = 1 if draw(st.booleans()) else draw(st.integers(1, min(budget, 12)))
+        budget -= q_len
+        q_lens.append(q_len)
+        ctx_lens.append(prefix_len + draw(st.integers(0, MAX_CONTEXT - prefix_len - q_len)) + q_len)
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    num_pages = num_seqs * MAX_PAGES + 3
+    md = random_ragged_layout(rng, q_lens, ctx_lens, page_size=page_size, num_tokens=num_tokens,
+                              num_seqs=num_seqs, num_pages=num_pages, width=MAX_PAGES,
+                              shared_pages=prefix_pages)
+    q = rng.standard_normal((num_tokens, num_q_heads, head_dim)).astype(np.float32)
+    kv = rng.standard_normal((2, num_kv_heads, num_pages, page_size, head_dim)).astype(np.float32)
+    return Batch(q, kv, md, q_lens, ctx_lens), prefix_len
+
+
+@pytest.mark.parametrize("page_size,num_q_heads,num_kv_heads,head_dim,num_tokens,num_seqs", [
+    (8, 4, 4, 64, NUM_TOKENS, NUM_SEQS),      # ragged kernel for the rest of each context
+    (16, 8, 2, 128, 8, 8),                    # decode kernel
+    (8, 7, 1, 64, 16, 4),                     # decode kernel, multi-token chunks; group 7
+])
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_cascade_attention_equals_plain(data, page_size, num_q_heads, num_kv_heads, head_dim,
+                                        num_tokens, num_seqs):
+    """Attention told that every sequence begins with the same pages (common_prefix_len) reads
+    them in one pass for the whole batch and merges that with the rest of each context: the
+    same output as without the claim, for both backends; padding tokens stay zeros."""
+    batch, prefix_len = data.draw(shared_prefix_batches(
+        page_size=page_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, num_tokens=num_tokens, num_seqs=num_seqs))
+    cascade = dataclasses.replace(to_device(batch.metadata),
+                                  common_prefix_len=jnp.int32(prefix_len))
+    want = naive_attention(batch, 0.125)
+    num_real = int(batch.metadata.query_start_loc[-1])
+    for backend in ("reference", "pallas"):
+        got = np.asarray(ops.paged_attention(jnp.asarray(batch.q), jnp.asarray(batch.kv_pages),
+                                             cascade, sm_scale=0.125, backend=backend))
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=backend)
+        np.testing.assert_array_equal(got[num_real:], 0.0)
+
+
+def test_prefix_kernel_lowers_for_hopper():
+    """The common-prefix kernel (and the paged kernels' partials output) lower to Triton."""
+    for num_tokens, num_seqs in [(64, 4), (8, 8)]:                      # ragged, decode
+        q, kv, md = lowering_inputs(num_tokens, num_seqs, 32, 8, 128)
+
+        def cascade(q, kv, md):
+            return (pallas_attention.paged_attention(q, kv, md, sm_scale=0.1, partials=True),
+                    pallas_attention.prefix_attention_partials(
+                        q, kv, md.block_tables[0], jnp.int32(32), md.query_start_loc[-1],
+                        sm_scale=0.1))
+
+        assert len(triton_modules(lower_for_gpu(cascade, q, kv, md))) == 2
