@@ -7,8 +7,8 @@ with a separate environment, e.g.
     /tmp/goldens/bin/python scripts/make_goldens.py [--gguf PATH]
 
 It writes:
-- tests/golden/<name>/{config.json, model.safetensors, expected.json} for five tiny random models
-  (llama2, llama3, mistral, qwen2, llama_tied_mqa): expected.json holds, per prompt, the prompt's
+- tests/golden/<name>/{config.json, model.safetensors, expected.json} for each tiny random model
+  of TINY_MODELS (llama2, llama3, mistral, qwen2, qwen3, llama_tied_mqa, llama_hd80): expected.json holds, per prompt, the prompt's
   token logprobs, the top-5 next-token ids/logprobs at every position, and a 16-token greedy
   continuation.
 - tests/golden/smollm2_gguf.npz: rows and sums of tensors transformers dequantizes from the SmolLM2
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
-                          MistralConfig, Qwen2Config)
+                          MistralConfig, Qwen2Config, Qwen3Config)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "golden")
@@ -65,6 +65,9 @@ TINY_MODELS = {
     # Llama with tied embeddings and MQA (one KV head).
     "llama_tied_mqa": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=1,
                                   head_dim=16, rope_theta=10000.0, tie_word_embeddings=True),
+    # Qwen3: per-head q/k RMSNorm, head_dim 32 != hidden 64 / 4 heads, untied.
+    "qwen3": Qwen3Config(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         rope_theta=10000.0, tie_word_embeddings=False, use_sliding_window=False),
     # head_dim 80 (Phi-2, GPT-NeoX 2.7B): not a power of two, which the Pallas kernels pad inside.
     "llama_hd80": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=80,
                               rope_theta=10000.0, tie_word_embeddings=False),
@@ -75,7 +78,7 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
     """Weights with some spread (HF's 0.02 init gives near-uniform logits and tied argmaxes)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # also Qwen3's per-head q_norm / k_norm
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith(".bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
@@ -121,7 +124,8 @@ MIN_GREEDY_MARGIN = 0.05
 def make_tiny(name: str, config) -> None:
     torch.manual_seed(SEED)
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                             "qwen2": "Qwen2ForCausalLM"}[config.model_type]]
+                             "qwen2": "Qwen2ForCausalLM",
+                             "qwen3": "Qwen3ForCausalLM"}[config.model_type]]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # continue through EOS: always 16 tokens
     rng = np.random.default_rng(SEED)

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from pjllm.config import ModelConfig
-from pjllm.models.llama import LlamaForCausalLM, hf_to_state_arrays, rope_inv_freq
+from pjllm.models.registry import model_class
 
 logger = logging.getLogger(__name__)
 
@@ -28,30 +28,30 @@ def build_model(model_config: ModelConfig, dtype: jnp.dtype, load_format: str, m
     otherwise weights come from `model_path` (HF directory or GGUF file) cast to `dtype`.
     """
     start = time.perf_counter()
+    model = model_class(model_config.architecture)
     if load_format == "dummy":
         # Eager construction: each parameter's random draw is its own small program. One jit over
         # the whole init makes XLA compile for minutes at 8B scale.
-        graphdef, state = nnx.split(LlamaForCausalLM(model_config, dtype, nnx.Rngs(seed)))
+        graphdef, state = nnx.split(model(model_config, dtype, nnx.Rngs(seed)))
     else:
         from pjllm.models.weights import load_hf_state_dict
 
         hf_tensors = load_hf_state_dict(model_path, np.float32 if dtype == jnp.float32 else dtype)
-        arrays = hf_to_state_arrays(model_config, hf_tensors)
+        arrays = model.state_from_checkpoint(model_config, hf_tensors)
         del hf_tensors
-        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, nnx.Rngs(seed)))
+        abstract = nnx.eval_shape(lambda: model(model_config, dtype, nnx.Rngs(seed)))
         graphdef, abstract_state = nnx.split(abstract)
         flat = nnx.to_flat_state(abstract_state)
         leaves = []
         for path, variable in flat:
             key = _path_key(path)
-            if key == "inv_freq":
-                leaves.append(variable.replace(jnp.asarray(rope_inv_freq(model_config))))
-                continue
             array = arrays.pop(key)
             expected = variable.get_value().shape
             if tuple(array.shape) != tuple(expected):
                 raise ValueError(f"parameter {key!r} has shape {array.shape}, expected {expected}")
-            leaves.append(variable.replace(jnp.asarray(array, dtype=dtype)))
+            # Parameters in the model's dtype; buffers (rotary frequencies) keep their own.
+            leaves.append(variable.replace(jnp.asarray(
+                array, dtype=dtype if isinstance(variable, nnx.Param) else array.dtype)))
         state = nnx.from_flat_state([(path, leaf) for (path, _), leaf in zip(flat, leaves)])
     jax.block_until_ready(jax.tree.leaves(state))
     logger.info("model weights ready in %.1f s (%s)", time.perf_counter() - start, load_format)

@@ -1,16 +1,21 @@
-"""Which HF architectures pjllm runs: one Llama-family implementation serves all of them."""
+"""The model families pjllm runs: HF `architectures` names -> the class implementing each.
+
+Adding a family: a new file under pjllm/models/ whose class declares `architectures` (and the
+rest of the interface in docs/architecture.md), listed in MODEL_CLASSES."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-# HF `architectures` names -> the `model_type` that also identifies them in a config.json.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-_BY_MODEL_TYPE = {model_type: arch for arch, model_type in SUPPORTED_ARCHITECTURES.items()}
+from pjllm.models.interface import CausalLM
+from pjllm.models.llama import LlamaForCausalLM
+from pjllm.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_CLASSES: tuple[type[CausalLM], ...] = (LlamaForCausalLM, Qwen3ForCausalLM)
+MODELS: dict[str, type[CausalLM]] = {
+    architecture: cls for cls in MODEL_CLASSES for architecture in cls.architectures}
+_BY_MODEL_TYPE = {model_type: architecture for cls in MODEL_CLASSES
+                  for architecture, model_type in cls.architectures.items()}
 
 
 def resolve_architecture(names: Sequence[str]) -> str:
@@ -20,9 +25,13 @@ def resolve_architecture(names: Sequence[str]) -> str:
     Raises ValueError naming the supported architectures when none of `names` is supported.
     """
     for name in names:
-        if name in SUPPORTED_ARCHITECTURES:
+        if name in MODELS:
             return name
         if name in _BY_MODEL_TYPE:
             return _BY_MODEL_TYPE[name]
-    raise ValueError(f"architectures {list(names)} not supported; "
-                     f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    raise ValueError(f"architectures {list(names)} not supported; supported: {', '.join(MODELS)}")
+
+
+def model_class(architecture: str) -> type[CausalLM]:
+    """The class implementing a resolved architecture (see `resolve_architecture`)."""
+    return MODELS[resolve_architecture([architecture])]

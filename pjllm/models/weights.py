@@ -3,9 +3,9 @@
 Whatever the source, the result is in HF-transformers terms, so the model code has one input
 format:
 - `load_hf_config(path)` -> the dict of an HF `config.json` (for `ModelConfig.from_hf_config`);
-- `load_hf_state_dict(path, dtype)` -> numpy arrays named and shaped like transformers'
-  Llama/Mistral/Qwen2 state dict (`model.layers.0.self_attn.q_proj.weight` is [out, in]),
-  checked against the config: exactly the tensors the config implies, each of the right shape;
+- `load_hf_state_dict(path, dtype)` -> numpy arrays named and shaped like the transformers state
+  dict of the model's family (`model.layers.0.self_attn.q_proj.weight` is [out, in]), checked
+  against the config: exactly the tensors the config implies, each of the right shape;
 - `load_tokenizer(path)` -> a transformers fast tokenizer, with the chat template.
 
 `path` is an HF directory (config.json + *.safetensors, sharded or not), a `config.json` inside one,
@@ -28,7 +28,6 @@ from pjllm.config import ModelConfig
 # pjllm uses transformers for tokenizers only; its import-time advice that torch is missing
 # would greet every user of the CLI.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-from pjllm.models.llama import has_o_bias
 from pjllm.models import gguf_file
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -115,31 +114,11 @@ def load_generation_defaults(model_path: str) -> dict[str, Any]:
 
 
 def expected_state_dict_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a transformers Llama/Mistral/Qwen2 checkpoint for `cfg`, with its shape."""
-    h, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    o_bias = has_o_bias(cfg)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        for proj, rows in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
-            shapes[f"{p}self_attn.{proj}.weight"] = (rows, h)
-            if cfg.attention_bias:
-                shapes[f"{p}self_attn.{proj}.bias"] = (rows,)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q_dim)
-        if o_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        for proj, shape in (("gate_proj", (cfg.intermediate_size, h)),
-                            ("up_proj", (cfg.intermediate_size, h)),
-                            ("down_proj", (h, cfg.intermediate_size))):
-            shapes[f"{p}mlp.{proj}.weight"] = shape
-            if cfg.mlp_bias:
-                shapes[f"{p}mlp.{proj}.bias"] = (shape[0],)
-    shapes["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    return shapes
+    """Every tensor of the transformers checkpoint for `cfg`, with its shape (its family's
+    `checkpoint_shapes`)."""
+    from pjllm.models.registry import model_class
+
+    return model_class(cfg.architecture).checkpoint_shapes(cfg)
 
 
 def _check_shapes(available: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],

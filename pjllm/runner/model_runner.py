@@ -26,7 +26,7 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
-from pjllm.models.llama import LlamaForCausalLM
+from pjllm.models.interface import CausalLM
 from pjllm.runner.input_batch import MAX_BANNED_TOKENS, InputBatch, SampledRows
 from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, SORT_FREE_TOP_K,
@@ -194,7 +194,7 @@ def run_forward(weights: list[jax.Array], kv_caches: list[jax.Array], page_token
     kv_caches, updated page_tokens).
     """
     with jax.default_matmul_precision(precision):
-        model: LlamaForCausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
+        model: CausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
         token_ids = jnp.where(batch.last_token_rows >= 0,
                               last_tokens[jnp.maximum(batch.last_token_rows, 0)], batch.token_ids)
         hidden, kv_caches = model(token_ids, batch.positions, kv_caches, batch.attention,
@@ -247,7 +247,7 @@ def run_prompt_logprobs(weights: list[jax.Array], hidden: jax.Array, targets: ja
     hidden = jnp.pad(hidden, ((0, padded - tokens), (0, 0))).reshape(padded // chunk, chunk, -1)
     targets = jnp.pad(targets, (0, padded - tokens)).reshape(padded // chunk, chunk)
     with jax.default_matmul_precision(precision):
-        model: LlamaForCausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
+        model: CausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
         chunks = jax.lax.map(lambda args: compute_logprobs(model.compute_logits(args[0]), args[1],
                                                            num_logprobs), (hidden, targets))
     return jax.tree.map(lambda a: a.reshape(padded, *a.shape[2:])[:tokens], chunks)

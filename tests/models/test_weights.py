@@ -14,7 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 from pjllm.config import ModelConfig
 from pjllm.models import ggml_quants, gguf_file
-from pjllm.models.registry import SUPPORTED_ARCHITECTURES, resolve_architecture
+from pjllm.models.qwen3 import Qwen3ForCausalLM
+from pjllm.models.registry import MODELS, resolve_architecture
 from pjllm.models.weights import (expected_state_dict_shapes, load_hf_config, load_hf_state_dict,
                                   load_tokenizer)
 
@@ -239,8 +240,9 @@ def test_unsupported_architecture(tmp_path) -> None:
         resolve_architecture(["GPT2LMHeadModel"])
     assert resolve_architecture(["Foo", "Qwen2ForCausalLM"]) == "Qwen2ForCausalLM"
     assert resolve_architecture(["mistral"]) == "MistralForCausalLM"
-    assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM",
-                                            "Qwen2ForCausalLM"}
+    assert set(MODELS) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM"}
+    assert MODELS["Qwen3ForCausalLM"] is Qwen3ForCausalLM  # a class, not a name
     path, tensors = _golden_copy(tmp_path, "llama2")
     hf = load_hf_config(path)
     hf["architectures"] = ["GPT2LMHeadModel"]

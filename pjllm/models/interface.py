@@ -1,0 +1,40 @@
+"""The model interface: what the engine needs of a family's model class."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import jax
+import numpy as np
+
+from pjllm.config import ModelConfig
+from pjllm.kernels.attention_metadata import AttentionMetadata
+
+
+class CausalLM(Protocol):
+    """A decoder-only language model over the paged KV cache, as a Flax NNX module.
+
+    Built as `cls(config, dtype, rngs)` (random weights) and split into (graphdef, state); the
+    runner calls it inside `jax.jit` as a pure function of the state.
+    """
+
+    # HF `architectures` names the class runs, each with its config.json `model_type`.
+    architectures: ClassVar[dict[str, str]]
+
+    def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
+                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+        """token_ids, positions [T] -> (final hidden states [T, hidden], kv_caches with this
+        step's K/V written; one [2, Hkv, P, page_size, D] array per layer)."""
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [M, hidden] -> float32 logits [M, vocab]."""
+
+    @classmethod
+    def checkpoint_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the family's transformers checkpoint for `config`, with its shape:
+        what the (family-agnostic) loaders read and check."""
+
+    @classmethod
+    def state_from_checkpoint(cls, config: ModelConfig,
+                              hf: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The module's state ('/'-joined NNX paths -> arrays) from those tensors."""

@@ -1,0 +1,11 @@
+"""Building blocks the model families share: each family file composes these and declares how
+its checkpoint's tensors map onto them."""
+
+from pjllm.models.layers.attention import paged_attention
+from pjllm.models.layers.linear import Linear, init_param
+from pjllm.models.layers.mlp import GatedMLP
+from pjllm.models.layers.norm import RMSNorm
+from pjllm.models.layers.rotary import apply_rope, rope_inv_freq
+
+__all__ = ["GatedMLP", "Linear", "RMSNorm", "apply_rope", "init_param", "paged_attention",
+           "rope_inv_freq"]

@@ -1,0 +1,21 @@
+"""The attention entry every family calls: write this step's K/V, attend over the paged cache."""
+
+from __future__ import annotations
+
+import jax
+
+from pjllm.kernels import ops
+from pjllm.kernels.attention_metadata import AttentionMetadata
+
+
+def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array,
+                    metadata: AttentionMetadata, *, sm_scale: float,
+                    backend: str) -> tuple[jax.Array, jax.Array]:
+    """Causal attention of this step's tokens over their sequences' paged KV.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D] (positions already applied); kv_pages: one layer's cache
+    [2, Hkv, P, page_size, D]. Returns (out [T, Hq, D], kv_pages with k and v written).
+    `backend` is the engine's resolved attention backend ("reference" or "pallas").
+    """
+    kv_pages = ops.write_kv(kv_pages, k, v, metadata.slot_mapping)
+    return ops.paged_attention(q, kv_pages, metadata, sm_scale=sm_scale, backend=backend), kv_pages

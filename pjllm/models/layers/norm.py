@@ -1,0 +1,22 @@
+"""Normalization layers, computed in float32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight over the last axis (of `dim` features)."""
+
+    def __init__(self, dim: int, eps: float, dtype: Any, axis_name: str | None = "embed"):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
