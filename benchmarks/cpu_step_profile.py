@@ -28,12 +28,11 @@ import time
 
 from cpu_decode import MODES, PROMPT, default_model_path
 
-# Op kinds, first match wins, on an op's HLO metadata op_name.
+# Op kinds, first match wins, on an op's HLO metadata op_name (matmuls go by their output width
+# first: `matmul_widths`).
 KINDS = [
     ("attention", lambda op: "_decoder_layer" in op and "/while" in op),
     ("kv write", lambda op: "_decoder_layer" in op and re.search(r"scatter|dynamic.update", op)),
-    ("qkv matmul", lambda op: "te,ekgd->tkgd" in op),
-    ("gate/up matmul", lambda op: "te,esm->tsm" in op),
     ("o, down matmuls", lambda op: "_decoder_layer" in op and "dot_general" in op),
     ("lm_head matmul", lambda op: "me,ve->mv" in op),
     ("other layer ops (norms, rope, residuals)", lambda op: "_decoder_layer" in op),
@@ -76,7 +75,7 @@ def loop_instructions(hlo_text: str) -> set[str]:
 
 def kind_times(trace_dir: str, hlo_text: str, runs: int, widths: dict[int, str]) -> dict[str, float]:
     """Milliseconds per program run of each op kind; ops inside a loop body count in their loop.
-    `widths` names the matmuls XLA left without metadata (plain dots) by their output width."""
+    `widths` names the model's matmuls by their output width."""
     path = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))[-1]
     with gzip.open(path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
@@ -87,8 +86,10 @@ def kind_times(trace_dir: str, hlo_text: str, runs: int, widths: dict[int, str])
         if event["name"] not in hlo or event["name"] in in_loops:
             continue  # runtime events (executable launch, thunk executor), or inside a loop's event
         dims, opcode, op = hlo[event["name"]]
-        if not op and opcode == "dot":
-            kind = widths.get(dims[-1], "unattributed dots")
+        if opcode == "dot" and dims and dims[-1] in widths:
+            kind = widths[dims[-1]]
+        elif not op and opcode == "dot":
+            kind = "unattributed dots"
         elif not op:
             kind = "ops without metadata"
         else:
@@ -101,7 +102,7 @@ def kind_times(trace_dir: str, hlo_text: str, runs: int, widths: dict[int, str])
 
 
 def matmul_widths(config) -> dict[int, str]:
-    """Output width -> kind of the model's matmuls (for dots XLA leaves without metadata)."""
+    """Output width -> kind of the model's matmuls (every `Linear` is one 2-D matmul)."""
     qkv = config.num_kv_heads * (config.num_heads // config.num_kv_heads + 2) * config.head_dim
     return {qkv: "qkv matmul", 2 * config.intermediate_size: "gate/up matmul",
             config.hidden_size: "o, down matmuls", config.vocab_size: "lm_head matmul"}

@@ -59,9 +59,11 @@ class ModelConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # Mistral-style local attention window; the engine keeps contexts within it (full attention
-    # up to the window is exact).
+    # Local attention: a windowed layer's token sees itself and the sliding_window - 1 tokens
+    # before it. Which layers: layer_types ("sliding_attention" / "full_attention" per layer,
+    # as transformers names them), or every layer when layer_types is None (Mistral).
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -70,9 +72,20 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be >= 1; got {getattr(self, name)}")
         if self.mlp_bias:
             raise ValueError("ModelConfig.mlp_bias=True is not supported; supported: False")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"ModelConfig.layer_types has {len(self.layer_types)} entries for "
+                             f"{self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def max_context_len(self) -> int:
@@ -104,6 +117,12 @@ class ModelConfig:
         if rope_scaling is not None and rope_scaling.get("rope_type",
                                                           rope_scaling.get("type")) == "default":
             rope_scaling = None
+        sliding_window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        layer_types = hf.get("layer_types")
+        if layer_types is None and sliding_window and architecture == "Qwen2ForCausalLM":
+            # Older Qwen2 configs: the layers from max_window_layers on are windowed.
+            layer_types = ["sliding_attention" if i >= hf.get("max_window_layers", 0)
+                           else "full_attention" for i in range(hf["num_hidden_layers"])]
         return cls(
             architecture=architecture,
             vocab_size=hf["vocab_size"],
@@ -123,7 +142,8 @@ class ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+            sliding_window=sliding_window,
+            layer_types=tuple(layer_types) if layer_types is not None else None,
         )
 
 

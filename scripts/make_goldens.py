@@ -8,7 +8,8 @@ with a separate environment, e.g.
 
 It writes:
 - tests/golden/<name>/{config.json, model.safetensors, expected.json} for each tiny random model
-  of TINY_MODELS (llama2, llama3, mistral, qwen2, qwen3, llama_tied_mqa, llama_hd80): expected.json holds, per prompt, the prompt's
+  of TINY_MODELS (llama2, llama3, mistral, mistral_window, qwen2, qwen3, llama_tied_mqa,
+  llama_hd80): expected.json holds, per prompt, the prompt's
   token logprobs, the top-5 next-token ids/logprobs at every position, and a 16-token greedy
   continuation.
 - tests/golden/smollm2_gguf.npz: rows and sums of tensors transformers dequantizes from the SmolLM2
@@ -59,6 +60,10 @@ TINY_MODELS = {
                                            "original_max_position_embeddings": 64}),
     "mistral": MistralConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                              rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False),
+    # Mistral with its sliding window, shorter than two of the three prompts.
+    "mistral_window": MistralConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16, rope_theta=10000.0, sliding_window=8,
+                                    tie_word_embeddings=False),
     # Qwen2: q/k/v bias, tied embeddings.
     "qwen2": Qwen2Config(**_COMMON, num_attention_heads=4, num_key_value_heads=2,
                          rope_theta=10000.0, tie_word_embeddings=True, use_sliding_window=False),

@@ -76,19 +76,14 @@ class InputProcessor:
         self.max_model_len = self._resolve_max_model_len()
 
     def _resolve_max_model_len(self) -> int:
-        """The user's max_model_len, or the model's context length; never past it (nor past a
-        sliding attention window, since the attention kernels attend to the whole context)."""
-        window = self.model_config.sliding_window
+        """The user's max_model_len, or the model's context length; never past it."""
         limit = self.model_config.max_context_len
         if self.config.max_model_len is None:
-            return min(limit, window or limit)
+            return limit
         if self.config.max_model_len > limit:
             raise ValueError(f"max_model_len ({self.config.max_model_len}) must be <= the model's "
                              f"context length ({limit}, from max_position_embeddings and rope "
                              f"scaling)")
-        if window is not None and self.config.max_model_len > window:
-            raise ValueError(f"max_model_len ({self.config.max_model_len}) must be <= the model's "
-                             f"sliding_window ({window}): sliding-window attention is not supported")
         return self.config.max_model_len
 
     def default_sampling_params(self) -> SamplingParams:

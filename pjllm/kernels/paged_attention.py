@@ -231,13 +231,15 @@ def _load_rows(ref, index, rows):
 
 
 def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale: float,
-            page_size: int, block_kv: int):
+            page_size: int, block_kv: int, window: int | None = None, last_pos=None):
     """Online softmax of q [BR, D_pad] over key blocks [lo, hi) of sequence `seq`, kv head `head`.
 
-    Keys past q_pos are masked. Blocks before `n_full` are known to be visible to every row, so
-    they run in a loop without the mask; the rest (the causal diagonal, the end of the context)
-    in a second, masked loop. Scores are kept in base 2 (log2(e) folded into the scale, exp2 is a
-    single instruction where exp is a libdevice call).
+    Keys past q_pos are masked, and with a sliding `window` keys at or before q_pos - window.
+    Blocks before `n_full` (and, with a window, from the first one inside the window of the
+    block's last row, at `last_pos`) are known to be visible to every row, so they run in a loop
+    without the mask; the rest (the causal diagonal, the end of the context, the window's start)
+    in masked loops. Scores are kept in base 2 (log2(e) folded into the scale, exp2 is a single
+    instruction where exp is a libdevice call).
 
     K and V tiles are loaded like q (_load_rows: padding columns are zeros).
     Returns (m [BR], l [BR], acc [BR, D_pad]) in float32, m in log2 units, acc unnormalised.
@@ -261,6 +263,8 @@ def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale
                             preferred_element_type=jnp.float32) * scale     # [BR, BK]
         if masked:
             mask = key_pos[None, :] <= q_pos[:, None]
+            if window is not None:
+                mask = mask & (key_pos[None, :] > q_pos[:, None] - window)
             s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -274,20 +278,29 @@ def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale
         return m_new, l, acc
 
     block_rows, head_dim = q.shape
-    init = (jnp.full((block_rows,), MASK_VALUE, jnp.float32),
-            jnp.zeros((block_rows,), jnp.float32),
-            jnp.zeros((block_rows, head_dim), jnp.float32))
-    mid = jnp.minimum(jnp.maximum(n_full, lo), hi)
-    carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), init)
+    carry = (jnp.full((block_rows,), MASK_VALUE, jnp.float32),
+             jnp.zeros((block_rows,), jnp.float32),
+             jnp.zeros((block_rows, head_dim), jnp.float32))
+    unmasked_from = lo
+    if window is not None:  # blocks holding keys that some row's window has left behind
+        unmasked_from = jnp.minimum(jnp.maximum((last_pos - window + block_kv) // block_kv, lo), hi)
+        carry = lax.fori_loop(lo, unmasked_from, functools.partial(body, masked=True), carry)
+    mid = jnp.minimum(jnp.maximum(n_full, unmasked_from), hi)
+    carry = lax.fori_loop(unmasked_from, mid, functools.partial(body, masked=False), carry)
     return lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
 
 
-def _split_range(num_blocks, split, num_splits: int):
-    """Key blocks [lo, hi) of split `split` of `num_splits`."""
+def _key_blocks(first_pos, last_pos, split, *, block_kv: int, num_splits: int,
+                window: int | None = None):
+    """Key blocks [lo, hi) that split `split` of `num_splits` reads for query rows at positions
+    first_pos..last_pos: every key up to last_pos, from the first one inside first_pos's window
+    (with a sliding window, the pages before it are never read)."""
+    first_block = 0 if window is None else jnp.maximum(first_pos - window + 1, 0) // block_kv
+    num_blocks = (last_pos + block_kv) // block_kv
     if num_splits == 1:
-        return 0, num_blocks
-    per_split = (num_blocks + num_splits - 1) // num_splits
-    lo = split * per_split
+        return first_block, num_blocks
+    per_split = (num_blocks - first_block + num_splits - 1) // num_splits
+    lo = first_block + split * per_split
     return lo, jnp.minimum(lo + per_split, num_blocks)
 
 
@@ -331,7 +344,8 @@ def _row_layout(head, *, num_q_heads: int, group: int, group_pad: int, block_row
 
 def _decode_kernel(qsl_ref, lens_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: float,
                    num_q_heads: int, group: int, group_pad: int, page_size: int,
-                   block_rows: int, block_kv: int, num_splits: int, persistent: bool):
+                   block_rows: int, block_kv: int, num_splits: int, persistent: bool,
+                   window: int | None):
     # qsl_ref [N+1]; lens_ref [N]; tables_ref [N, W]; q_ref [T*Hq, D]; kv_ref [2, Hkv, P*ps, D].
     # out_refs: (out [T*Hq, D],) or (acc [S, T*Hq, D], m [S, T*Hq], l [S, T*Hq]).
     # A unit of work is (sequence, kv head, split). Grid (N, Hkv, S): one unit per program.
@@ -339,7 +353,7 @@ def _decode_kernel(qsl_ref, lens_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_s
     common = dict(qsl_ref=qsl_ref, lens_ref=lens_ref, tables_ref=tables_ref, q_ref=q_ref,
                   kv_ref=kv_ref, out_refs=out_refs, sm_scale=sm_scale, num_q_heads=num_q_heads,
                   group=group, group_pad=group_pad, page_size=page_size, block_rows=block_rows,
-                  block_kv=block_kv, num_splits=num_splits)
+                  block_kv=block_kv, num_splits=num_splits, window=window)
     if not persistent:
         split = pl.program_id(2) if num_splits > 1 else 0
         _decode_unit(pl.program_id(0), pl.program_id(1), split, **common)
@@ -360,7 +374,7 @@ def _decode_kernel(qsl_ref, lens_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_s
 
 def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_ref, out_refs,
                  sm_scale: float, num_q_heads: int, group: int, group_pad: int, page_size: int,
-                 block_rows: int, block_kv: int, num_splits: int):
+                 block_rows: int, block_kv: int, num_splits: int, window: int | None):
     """Sequence `seq`, kv head `head`, KV split `split`: all its query tokens, then the zeros of
     the padding tokens assigned to it."""
     num_seqs = lens_ref.shape[0]
@@ -373,7 +387,8 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
     tok_off, q_head, head_ok = _row_layout(head, num_q_heads=num_q_heads, group=group,
                                            group_pad=group_pad, block_rows=block_rows)
     attend = functools.partial(_attend, kv_ref=kv_ref, tables_ref=tables_ref, seq=seq, head=head,
-                               sm_scale=sm_scale, page_size=page_size, block_kv=block_kv)
+                               sm_scale=sm_scale, page_size=page_size, block_kv=block_kv,
+                               window=window)
 
     def q_block(b, carry):
         tok = first + b * block_q + tok_off                                 # [BR]
@@ -381,10 +396,12 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
         rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
         q = _load_rows(q_ref, (), rows)                                     # [BR, D_pad]
         q_pos = kv_len - q_len + b * block_q + tok_off
-        n_keys = jnp.minimum(kv_len - q_len + (b + 1) * block_q, kv_len)
-        lo, hi = _split_range((n_keys + block_kv - 1) // block_kv, split, num_splits)
-        n_full = (kv_len - q_len + b * block_q + 1) // block_kv   # keys <= the first token's
-        m, l, acc = attend(q, q_pos, lo=lo, hi=hi, n_full=n_full)
+        first_pos = kv_len - q_len + b * block_q
+        last_pos = jnp.minimum(first_pos + block_q, kv_len) - 1
+        lo, hi = _key_blocks(first_pos, last_pos, split, block_kv=block_kv,
+                             num_splits=num_splits, window=window)
+        n_full = (first_pos + 1) // block_kv   # keys <= the first token's
+        m, l, acc = attend(q, q_pos, lo=lo, hi=hi, n_full=n_full, last_pos=last_pos)
         _store(out_refs, rows, row_ok, m, l, acc, split)
         return carry
 
@@ -408,7 +425,7 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
 
 def _ragged_kernel(items_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: float,
                    num_q_heads: int, group: int, group_pad: int, page_size: int,
-                   block_rows: int, block_kv: int, num_splits: int):
+                   block_rows: int, block_kv: int, num_splits: int, window: int | None):
     # items_ref [5, I]; tables_ref [N, W]; q_ref [T*Hq, D]; kv_ref [2, Hkv, P*ps, D].
     item = pl.program_id(0)
     head = pl.program_id(1)
@@ -424,10 +441,11 @@ def _ragged_kernel(items_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: fl
     rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
     q = _load_rows(q_ref, (), rows)                                         # [BR, D_pad]
     split = pl.program_id(2) if num_splits > 1 else 0
-    lo, hi = _split_range((n_keys + block_kv - 1) // block_kv, split, num_splits)
+    lo, hi = _key_blocks(pos0, n_keys - 1, split, block_kv=block_kv, num_splits=num_splits,
+                         window=window)
     m, l, acc = _attend(q, pos0 + tok_off, kv_ref, tables_ref, seq, head, lo, hi,
                         (pos0 + 1) // block_kv, sm_scale=sm_scale, page_size=page_size,
-                        block_kv=block_kv)
+                        block_kv=block_kv, window=window, last_pos=n_keys - 1)
     _store(out_refs, rows, row_ok, m, l, acc, split)
 
 
@@ -473,10 +491,11 @@ def launch_config(num_tokens: int, num_seqs: int, *, num_q_heads: int, num_kv_he
         config, kv_splits=num_kv_splits(config, programs, num_kv_heads, max_context))
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config", "partials"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config", "partials",
+                                             "sliding_window"))
 def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
                     sm_scale: float, interpret: bool = False, config: BlockConfig | None = None,
-                    partials: bool = False):
+                    partials: bool = False, sliding_window: int | None = None):
     """Ragged paged attention; same contract as reference.paged_attention_reference.
 
     q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D]; metadata: AttentionMetadata (T tokens,
@@ -484,7 +503,8 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     interpret=True runs the kernel in the Pallas interpreter (CPU). config overrides the table.
     partials=True returns the unnormalised softmax state instead, as
     reference.paged_attention_partials_reference does (acc [S, T * Hq, D], m and l [S, T * Hq],
-    S the KV split count), for reference.combine_partials.
+    S the KV split count), for reference.combine_partials. sliding_window: each token attends to
+    itself and the sliding_window - 1 keys before it only; the pages before that are not read.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_pages, page_size, _ = kv_pages.shape
@@ -492,13 +512,17 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     group = num_q_heads // num_kv_heads
     group_pad = _next_pow2(group)
     mode = kernel_mode(num_tokens, num_seqs)
+    max_context = max_pages * page_size  # keys a query token may read
+    if sliding_window is not None:
+        max_context = min(max_context, sliding_window)
     config = launch_config(num_tokens, num_seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                           head_dim=head_dim, page_size=page_size, max_context=max_pages * page_size,
+                           head_dim=head_dim, page_size=page_size, max_context=max_context,
                            dtype=q.dtype, config=config)
     splits, block_rows, block_kv = config.kv_splits, config.block_rows, config.block_kv
     tables = metadata.block_tables.astype(jnp.int32)
     common = dict(sm_scale=sm_scale, num_q_heads=num_q_heads, group=group, group_pad=group_pad,
-                  page_size=page_size, block_rows=block_rows, block_kv=block_kv)
+                  page_size=page_size, block_rows=block_rows, block_kv=block_kv,
+                  window=sliding_window)
 
     if mode == "decode":
         units = num_seqs * num_kv_heads * splits
@@ -568,7 +592,7 @@ def _prefix_kernel(prefix_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: f
     rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
     q = _load_rows(q_ref, (), rows)                                         # [BR, D_pad]
     split = pl.program_id(2) if num_splits > 1 else 0
-    lo, hi = _split_range((prefix_len + block_kv - 1) // block_kv, split, num_splits)
+    lo, hi = _key_blocks(0, prefix_len - 1, split, block_kv=block_kv, num_splits=num_splits)
     # Every row sees every prefix key: only a last block running past the prefix is masked.
     last_key = jnp.full((block_rows,), prefix_len - 1, jnp.int32)
     m, l, acc = _attend(q, last_key, kv_ref, tables_ref, 0, head, lo, hi, prefix_len // block_kv,

@@ -70,21 +70,24 @@ _TOKENS_FOR_ONE_PAGE_PER_STEP = 64
 
 
 def paged_attention_reference(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
-                              sm_scale: float) -> jax.Array:
+                              sm_scale: float, sliding_window: int | None = None) -> jax.Array:
     """Causal attention of each query token over its sequence's paged context.
 
     q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D]. Returns [T, Hq, D] in q.dtype; padding
     tokens (past query_start_loc[N]) give zeros. Loops over the pages that cover the batch's
     longest context, a few at a time (online softmax in float32), gathering each token's pages
     per step: peak memory O(T * pages per step * page_size * Hkv * D), never the whole context.
+    With a sliding_window each token sees itself and the sliding_window - 1 keys before it, and
+    the loop starts at the earliest window of the batch.
     """
-    out = combine_partials(*paged_attention_partials_reference(q, kv_pages, metadata,
-                                                               sm_scale=sm_scale), q.dtype)
+    out = combine_partials(*paged_attention_partials_reference(
+        q, kv_pages, metadata, sm_scale=sm_scale, sliding_window=sliding_window), q.dtype)
     return out.reshape(q.shape)
 
 
 def paged_attention_partials_reference(q: jax.Array, kv_pages: jax.Array,
-                                       metadata: AttentionMetadata, *, sm_scale: float
+                                       metadata: AttentionMetadata, *, sm_scale: float,
+                                       sliding_window: int | None = None
                                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """paged_attention_reference's unnormalised softmax state, for `combine_partials`: acc
     [1, T * Hq, D], m [1, T * Hq] (log2 units), l [1, T * Hq] (rows are (token, head) pairs)."""
@@ -104,17 +107,24 @@ def paged_attention_partials_reference(q: jax.Array, kv_pages: jax.Array,
     # whose KV write is a dynamic-update-slice (tests/engine/test_step_program.py).
     heads = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None, None]
     num_steps = (jnp.max(pos) + chunk) // chunk                        # chunks covering max(pos)+1
+    first_step = 0
+    if sliding_window is not None:  # the chunk holding the earliest key any token sees
+        earliest = jnp.min(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max)) - sliding_window + 1
+        first_step = jnp.clip(earliest, 0, None) // chunk
     step_pages = jnp.arange(pages_per_step, dtype=jnp.int32)
 
     def keys(j):
         # Past a table's width the last entry repeats; those keys lie past every position.
         pages = tables[:, jnp.minimum(j * pages_per_step + step_pages, max_pages - 1)]  # [T, C]
         shape = (num_kv_heads, num_tokens, chunk, head_dim)
+        key_pos = (j * chunk + jnp.arange(chunk))[None, :]
+        visible = key_pos <= pos[:, None]                                  # [T, chunk]
+        if sliding_window is not None:
+            visible &= key_pos > pos[:, None] - sliding_window
         return (kv_pages[0, heads, pages[None]].reshape(shape),
-                kv_pages[1, heads, pages[None]].reshape(shape),
-                (j * chunk + jnp.arange(chunk))[None, :] <= pos[:, None])    # [T, chunk]
+                kv_pages[1, heads, pages[None]].reshape(shape), visible)
 
-    return _online_softmax(q, keys, num_steps, "htpd", sm_scale=sm_scale)
+    return _online_softmax(q, keys, num_steps, "htpd", sm_scale=sm_scale, first_step=first_step)
 
 
 def prefix_attention_partials_reference(q: jax.Array, kv_pages: jax.Array, prefix_pages: jax.Array,
@@ -146,9 +156,11 @@ def prefix_attention_partials_reference(q: jax.Array, kv_pages: jax.Array, prefi
 
 
 def _online_softmax(q: jax.Array, keys, num_steps: jax.Array, kv_spec: str, *,
-                    sm_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Online softmax of q [T, Hq, D] over `num_steps` key chunks: keys(j) gives chunk j's K and V
-    (laid out as kv_spec: per token "htpd" or shared "hpd") and its mask [T, chunk]. Returns
+                    sm_scale: float, first_step: jax.Array | int = 0
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Online softmax of q [T, Hq, D] over key chunks [first_step, num_steps): keys(j) gives
+    chunk j's K and V (laid out as kv_spec: per token "htpd" or shared "hpd") and its mask
+    [T, chunk]. Returns
     (acc [1, T * Hq, D], m [1, T * Hq] in log2 units, l [1, T * Hq])."""
     num_tokens, num_q_heads, head_dim = q.shape
     k0, _, _ = jax.eval_shape(keys, 0)
@@ -174,7 +186,7 @@ def _online_softmax(q: jax.Array, keys, num_steps: jax.Array, kv_spec: str, *,
     init = (jnp.full((num_kv_heads, num_tokens, group), MASK_VALUE, jnp.float32),
             jnp.zeros((num_kv_heads, num_tokens, group), jnp.float32),
             jnp.zeros((num_kv_heads, num_tokens, group, head_dim), jnp.float32))
-    m, l, acc = lax.fori_loop(0, num_steps, body, init)
+    m, l, acc = lax.fori_loop(first_step, num_steps, body, init)
     rows = num_tokens * num_q_heads  # [Hkv, T, G, ...] -> rows (token, head)
     return (jnp.swapaxes(acc, 0, 1).reshape(1, rows, head_dim),
             jnp.swapaxes(m * LOG2E, 0, 1).reshape(1, rows), jnp.swapaxes(l, 0, 1).reshape(1, rows))
@@ -192,7 +204,7 @@ def combine_partials(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.A
 
 
 def paged_attention_dense(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
-                          sm_scale: float) -> jax.Array:
+                          sm_scale: float, sliding_window: int | None = None) -> jax.Array:
     """Obviously-correct version for tests: gathers every token's whole context [T, W*ps, Hkv, D].
 
     Same contract as paged_attention_reference. Small shapes only.
@@ -206,7 +218,10 @@ def paged_attention_dense(q: jax.Array, kv_pages: jax.Array, metadata: Attention
     ctx = ctx.reshape(2, num_kv_heads, num_tokens, -1, head_dim)       # [2, Hkv, T, W*ps, D]
     qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
     s = jnp.einsum("thgd,htkd->thgk", qf, ctx[0]) * sm_scale
-    mask = jnp.arange(ctx.shape[3])[None, :] <= pos[:, None]           # [T, W*ps]
+    key_pos = jnp.arange(ctx.shape[3])[None, :]
+    mask = key_pos <= pos[:, None]                                     # [T, W*ps]
+    if sliding_window is not None:
+        mask &= key_pos > pos[:, None] - sliding_window
     s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     p = jnp.where(valid[:, None, None, None], p, 0.0)

@@ -37,12 +37,15 @@ class Attention(nnx.Module):
     Q, K and V come from one fused projection laid out per KV head: for each of the Hkv heads,
     its G = Hq / Hkv query heads, then its key, then its value ([embed, Hkv, G + 2, head_dim]).
     One matmul instead of three, and sharding the `kv_heads` axis splits it cleanly. With
-    `qk_norm` (Qwen3, Gemma 3) each query and key head is RMS-normalised before rotary.
+    `qk_norm` (Qwen3, Gemma 3) each query and key head is RMS-normalised before rotary; with a
+    `sliding_window` each token attends to itself and the sliding_window - 1 tokens before it.
     """
 
-    def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs, qk_norm: bool = False):
+    def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs, qk_norm: bool = False,
+                 sliding_window: int | None = None):
         embed, heads, kv_heads, head_dim = (config.hidden_size, config.num_heads,
                                             config.num_kv_heads, config.head_dim)
+        self.sliding_window = sliding_window
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.group = heads // kv_heads
         self.qkv_proj = Linear((embed,), (kv_heads, self.group + 2, head_dim), ("embed",),
@@ -67,16 +70,19 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, kv_pages = paged_attention(q, k, v, kv_pages, metadata,
-                                        sm_scale=self.head_dim ** -0.5, backend=backend)
+                                        sm_scale=self.head_dim ** -0.5, backend=backend,
+                                        sliding_window=self.sliding_window)
         return self.o_proj(out), kv_pages
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm attention, then a pre-norm SwiGLU MLP, each added to the residual stream."""
 
-    def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs, qk_norm: bool = False):
+    def __init__(self, config: ModelConfig, layer: int, dtype: Any, rngs: nnx.Rngs,
+                 qk_norm: bool = False):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, dtype, rngs, qk_norm=qk_norm)
+        self.self_attn = Attention(config, dtype, rngs, qk_norm=qk_norm,
+                                   sliding_window=config.layer_window(layer))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, rngs)
 
@@ -114,8 +120,8 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.embed_tokens = init_param((config.vocab_size, config.hidden_size), ("vocab", "embed"),
                                        dtype, rngs, 1.0)
-        self.layers = nnx.List([DecoderLayer(config, dtype, rngs, qk_norm=self.qk_norm)
-                                for _ in range(config.num_layers)])
+        self.layers = nnx.List([DecoderLayer(config, i, dtype, rngs, qk_norm=self.qk_norm)
+                                for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if config.tie_word_embeddings:
             self.lm_head = None

@@ -230,15 +230,18 @@ def test_async_scheduling_dispatches_before_processing(make_llm):
     llm.engine.run_to_completion()
 
 
-def test_contexts_stay_within_a_sliding_window(tiny_model_path, tmp_path):
+def test_a_sliding_window_does_not_limit_the_context(tiny_model_path, tmp_path):
+    """Windowed attention runs for real (tests/models/test_hf_parity.py, mistral_window), so a
+    Mistral's contexts reach its max_position_embeddings, not its window."""
     config = json.loads(open(tiny_model_path).read())
     path = tmp_path / "mistral.json"
     path.write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"], "sliding_window": 64}))
     options = dict(load_format="dummy", dtype="float32", num_pages=32, page_size=8,
                    compilation_cache_dir=None)
-    assert pjllm.LLM(str(path), **options).engine.max_model_len == 64
-    with pytest.raises(ValueError, match="max_model_len"):
-        pjllm.LLM(str(path), max_model_len=128, **options)
+    llm = pjllm.LLM(str(path), **options)
+    assert llm.engine.max_model_len == config["max_position_embeddings"] > 64
+    config = llm.engine.model_config
+    assert [config.layer_window(i) for i in range(config.num_layers)] == [64] * config.num_layers
 
 
 def test_background_warmup_serves_at_once_and_changes_no_output(make_llm):

@@ -70,8 +70,9 @@ def to_device(md: AttentionMetadata) -> AttentionMetadata:
     return jax.tree.map(jnp.asarray, md)
 
 
-def naive_attention(batch: Batch, sm_scale: float) -> np.ndarray:
-    """Per-token loops in float64, reading keys through the block table; zeros for padding."""
+def naive_attention(batch: Batch, sm_scale: float, window: int | None = None) -> np.ndarray:
+    """Per-token loops in float64, reading keys through the block table; zeros for padding.
+    With a window, a token sees itself and the window - 1 keys before it."""
     q = batch.q.astype(np.float64)
     kv = batch.kv_pages.astype(np.float64)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -83,7 +84,7 @@ def naive_attention(batch: Batch, sm_scale: float) -> np.ndarray:
         for k in range(q_len):
             t = md.query_start_loc[i] + k
             pos = ctx - q_len + k
-            keys = np.arange(pos + 1)
+            keys = np.arange(0 if window is None else max(pos - window + 1, 0), pos + 1)
             pages = md.block_tables[i, keys // page_size]
             rows = keys % page_size
             for h in range(num_q_heads):
@@ -466,3 +467,55 @@ def test_prefix_kernel_lowers_for_hopper():
                         sm_scale=0.1))
 
         assert len(triton_modules(lower_for_gpu(cascade, q, kv, md))) == 2
+
+
+@pytest.mark.parametrize("num_tokens,num_seqs,decode_only,config", [
+    (NUM_TOKENS, NUM_SEQS, False, None),                                    # ragged kernel
+    (NUM_TOKENS, NUM_SEQS, False, BlockConfig(32, 16, 4, 2, kv_splits=3)),
+    (8, 8, True, None),                                                      # decode kernel
+    (8, 8, True, BlockConfig(16, 16, 4, 2, kv_splits=2, programs_per_sm=1)),
+    (16, 4, False, BlockConfig(16, 16, 4, 2, kv_splits=2)),                  # decode, chunks
+])
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_sliding_window(data, num_tokens, num_seqs, decode_only, config):
+    """A sliding window (each token sees itself and window - 1 keys before it), through both
+    kernels, KV splits and the persistent grid, and the reference, against the naive loop.
+    Keys before a sequence's windows hold huge values, which must not leak into any output; for
+    the kernels, the pages wholly before the key block holding its first window's start hold
+    NaNs, which they must not even read."""
+    batch = data.draw(ragged_batches(page_size=8, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                                     num_tokens=num_tokens, num_seqs=num_seqs,
+                                     decode_only=decode_only))
+    window = data.draw(st.integers(1, MAX_CONTEXT))
+    md = batch.metadata
+    want = naive_attention(batch, 0.125, window)
+    block_kv = pallas_attention.launch_config(
+        num_tokens, num_seqs, num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=8,
+        max_context=min(MAX_PAGES * 8, window), config=config).block_kv
+    huge, unread = batch.kv_pages.copy(), batch.kv_pages.copy()
+    for i, (q_len, ctx) in enumerate(zip(batch.q_lens, batch.ctx_lens)):
+        first_seen = max(ctx - q_len - window + 1, 0)  # the first query token's window start
+        rows = np.arange(first_seen)
+        huge[:, :, md.block_tables[i, rows // 8], rows % 8] = 1e30
+        unread[:, :, md.block_tables[i, :first_seen // block_kv * block_kv // 8]] = np.nan
+    q, md = jnp.asarray(batch.q), to_device(md)
+    for kv in (unread, huge):
+        got = np.asarray(pallas_attention.paged_attention(
+            q, jnp.asarray(kv), md, sm_scale=0.125, interpret=True, config=config,
+            sliding_window=window))
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    got = np.asarray(ops.paged_attention(q, jnp.asarray(huge), md, sm_scale=0.125,
+                                         backend="reference", sliding_window=window))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    dense = reference.paged_attention_dense(q, jnp.asarray(batch.kv_pages), md, sm_scale=0.125,
+                                            sliding_window=window)
+    np.testing.assert_allclose(np.asarray(dense), want, atol=2e-5, rtol=2e-5)
+
+
+def test_sliding_window_kernels_lower_for_hopper():
+    for num_tokens, num_seqs in [(64, 4), (8, 8)]:                      # ragged, decode
+        q, kv, md = lowering_inputs(num_tokens, num_seqs, 32, 8, 128)
+        lowered = lower_for_gpu(lambda q, kv, md: pallas_attention.paged_attention(
+            q, kv, md, sm_scale=0.1, sliding_window=24), q, kv, md)
+        assert len(triton_modules(lowered)) == 1

@@ -383,3 +383,23 @@ def test_unpermute_inverts_llamacpp_permute() -> None:
             gguf_file.unpermute_qk(_llamacpp_permute(w, n_heads), n_heads), w)
         np.testing.assert_array_equal(
             gguf_file.unpermute_qk(_llamacpp_permute(b, n_heads), n_heads), b)
+
+
+def test_sliding_window_layers_from_the_config():
+    """Which layers are windowed: transformers' layer_types, else every layer (Mistral), else
+    (older Qwen2 configs) the layers from max_window_layers on; use_sliding_window=False none."""
+    with open(os.path.join(GOLDEN, "qwen2", "config.json")) as f:
+        base = json.load(f)
+    base.pop("layer_types", None)
+    base.pop("use_sliding_window")  # transformers' default: True
+
+    def windows(**fields):
+        cfg = ModelConfig.from_hf_config({**base, **fields})
+        return [cfg.layer_window(i) for i in range(cfg.num_layers)]
+
+    assert windows(sliding_window=8, max_window_layers=1) == [None, 8]
+    assert windows(sliding_window=8, use_sliding_window=False) == [None, None]
+    assert windows(sliding_window=8, layer_types=["sliding_attention", "full_attention"]) == [8, None]
+    assert windows(architectures=["MistralForCausalLM"], sliding_window=8) == [8, 8]
+    with pytest.raises(ValueError, match="layer_types"):
+        windows(sliding_window=8, layer_types=["full_attention"])

@@ -9,13 +9,17 @@ from pjllm.kernels.attention_metadata import AttentionMetadata
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array,
-                    metadata: AttentionMetadata, *, sm_scale: float,
-                    backend: str) -> tuple[jax.Array, jax.Array]:
+                    metadata: AttentionMetadata, *, sm_scale: float, backend: str,
+                    sliding_window: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Causal attention of this step's tokens over their sequences' paged KV.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D] (positions already applied); kv_pages: one layer's cache
     [2, Hkv, P, page_size, D]. Returns (out [T, Hq, D], kv_pages with k and v written).
-    `backend` is the engine's resolved attention backend ("reference" or "pallas").
+    `backend` is the engine's resolved attention backend ("reference" or "pallas");
+    `sliding_window`, a windowed layer's window (each token sees itself and the
+    sliding_window - 1 tokens before it).
     """
     kv_pages = ops.write_kv(kv_pages, k, v, metadata.slot_mapping)
-    return ops.paged_attention(q, kv_pages, metadata, sm_scale=sm_scale, backend=backend), kv_pages
+    out = ops.paged_attention(q, kv_pages, metadata, sm_scale=sm_scale, backend=backend,
+                              sliding_window=sliding_window)
+    return out, kv_pages
