@@ -51,6 +51,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # families with LayerNorm (GPT-2)
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
@@ -99,9 +100,15 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Builds a ModelConfig from the dict of an HF `config.json`."""
-        from pjllm.models.registry import resolve_architecture
+        from pjllm.models.registry import model_class, resolve_architecture
 
         architecture = resolve_architecture(hf.get("architectures") or [hf.get("model_type", "")])
+        family = model_class(architecture)
+        # The family's own names for the standard fields (GPT-2's n_embd), and the defaults its
+        # transformers config class has for fields a config.json may leave out.
+        hf = {**family.hf_config_defaults, **hf}
+        hf.update({name: hf[alias] for name, alias in family.hf_config_aliases.items()
+                   if alias in hf and name not in hf})
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = hf.get("eos_token_id")
@@ -127,12 +134,13 @@ class ModelConfig:
             architecture=architecture,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
+            intermediate_size=hf.get("intermediate_size") or 4 * hf["hidden_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            layer_norm_eps=hf.get("layer_norm_epsilon", hf.get("layer_norm_eps", 1e-5)),
             rope_theta=rope_theta if rope_theta is not None else 10000.0,
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),

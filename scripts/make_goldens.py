@@ -32,8 +32,8 @@ import sys
 import numpy as np
 import torch
 import transformers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
-                          MistralConfig, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config,
+                          LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "golden")
@@ -73,6 +73,10 @@ TINY_MODELS = {
     # Qwen3: per-head q/k RMSNorm, head_dim 32 != hidden 64 / 4 heads, untied.
     "qwen3": Qwen3Config(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                          rope_theta=10000.0, tie_word_embeddings=False, use_sliding_window=False),
+    # GPT-2: learned positions, LayerNorm, gelu_new, Conv1D weights, biases, tied embeddings.
+    "gpt2": GPT2Config(vocab_size=256, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+                       n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0),
     # head_dim 80 (Phi-2, GPT-NeoX 2.7B): not a power of two, which the Pallas kernels pad inside.
     "llama_hd80": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=80,
                               rope_theta=10000.0, tie_word_embeddings=False),
@@ -87,7 +91,9 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith(".bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-            elif "embed_tokens" in name or "lm_head" in name:
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):  # GPT-2's norms
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif "embed_tokens" in name or "lm_head" in name or "wte" in name:
                 # Also the output layer when tied: logits of std ~3 after the final norm.
                 param.copy_(3.0 * torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
             else:
@@ -130,7 +136,8 @@ def make_tiny(name: str, config) -> None:
     torch.manual_seed(SEED)
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                              "qwen2": "Qwen2ForCausalLM",
-                             "qwen3": "Qwen3ForCausalLM"}[config.model_type]]
+                             "qwen3": "Qwen3ForCausalLM",
+                             "gpt2": "GPT2LMHeadModel"}[config.model_type]]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # continue through EOS: always 16 tokens
     rng = np.random.default_rng(SEED)

@@ -20,6 +20,12 @@ class CausalLM(Protocol):
 
     # HF `architectures` names the class runs, each with its config.json `model_type`.
     architectures: ClassVar[dict[str, str]]
+    # transformers' names for ModelConfig's fields where they differ (GPT-2's n_embd), and the
+    # defaults of its config class for fields a config.json may leave out.
+    hf_config_aliases: ClassVar[dict[str, str]]
+    hf_config_defaults: ClassVar[dict[str, Any]]
+    # The prefix of the bare model's tensor names, which a checkpoint saved from it lacks.
+    base_model_prefix: ClassVar[str]
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:

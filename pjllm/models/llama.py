@@ -12,7 +12,6 @@ Other families with the same decoder build on these classes (qwen3.py).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -22,7 +21,7 @@ from flax import nnx
 
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
-from pjllm.models.layers import (GatedMLP, Linear, RMSNorm, apply_rope, init_param,
+from pjllm.models.layers import (GatedMLP, Linear, RMSNorm, apply_rope, call_layer, init_param,
                                  paged_attention, rope_inv_freq)
 
 
@@ -86,21 +85,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, rngs)
 
-    def __call__(self, x, positions, inv_freq, kv_pages, metadata, backend):
+    def __call__(self, x, positions, inv_freq, kv_pages, metadata, *, backend):
         attn_out, kv_pages = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_pages,
                                             metadata, backend)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_pages
-
-
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _decoder_layer(graphdef: nnx.GraphDef, state: nnx.State, x, positions, inv_freq, kv_pages,
-                   metadata, backend):
-    """One decoder layer as a pure function. Jitted so that inside the step's trace every layer
-    after the first reuses the first one's jaxpr and lowering: tracing and lowering a step costs
-    one layer, not num_layers (XLA inlines the calls, so the compiled program is unchanged)."""
-    return nnx.merge(graphdef, state)(x, positions, inv_freq, kv_pages, metadata, backend)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -114,7 +104,11 @@ class LlamaForCausalLM(nnx.Module):
     architectures = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                      "Qwen2ForCausalLM": "qwen2"}
     qk_norm = False  # per-head q/k RMSNorm in every layer (Qwen3)
-
+    # transformers' names for ModelConfig's fields, where they differ, and defaults of its config
+    # class that a config.json may leave out.
+    hf_config_aliases: dict[str, str] = {}
+    hf_config_defaults: dict[str, Any] = {}
+    base_model_prefix = "model"  # checkpoints saved from the bare model lack "model."
     def __init__(self, config: ModelConfig, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         self.config = config
@@ -141,9 +135,8 @@ class LlamaForCausalLM(nnx.Module):
         inv_freq = self.inv_freq[...]
         new_caches = []
         for layer, kv_pages in zip(self.layers, kv_caches):
-            layer_graphdef, layer_state = nnx.split(layer)
-            x, kv_pages = _decoder_layer(layer_graphdef, layer_state, x, positions, inv_freq, kv_pages,
-                                         metadata, backend)
+            x, kv_pages = call_layer(layer, x, positions, inv_freq, kv_pages, metadata,
+                                     backend=backend)
             new_caches.append(kv_pages)
         return self.norm(x), new_caches
 

@@ -146,28 +146,31 @@ def _safetensors_files(directory: str) -> list[str]:
     return files
 
 
-def _load_safetensors(directory: str, expected: dict[str, tuple[int, ...]],
-                      dtype: np.dtype) -> dict[str, np.ndarray]:
+def _load_safetensors(directory: str, expected: dict[str, tuple[int, ...]], dtype: np.dtype,
+                      base_model_prefix: str) -> dict[str, np.ndarray]:
+    """The `expected` tensors of an HF directory. A checkpoint saved from the bare model (GPT-2's
+    hub files: `h.0.attn...`) names them without `base_model_prefix.`, as transformers allows."""
     from safetensors import safe_open
 
     files = _safetensors_files(directory)
     shapes: dict[str, tuple[int, ...]] = {}
-    owner: dict[str, str] = {}
+    where: dict[str, tuple[str, str]] = {}  # expected name -> (file, name in the file)
     for path in files:
         with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
-                if name in expected:
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-                    owner[name] = path
+            for stored in f.keys():
+                name = stored if stored in expected else f"{base_model_prefix}.{stored}"
+                if name in expected and name not in where:
+                    shapes[name] = tuple(f.get_slice(stored).get_shape())
+                    where[name] = (path, stored)
     _check_shapes(shapes, expected, directory)
     out: dict[str, np.ndarray] = {}
     for path in files:
-        names = [name for name in expected if owner[name] == path]
+        names = [name for name in expected if where[name][0] == path]
         if not names:
             continue
         with safe_open(path, framework="numpy") as f:
             for name in names:
-                out[name] = f.get_tensor(name).astype(dtype, copy=False)
+                out[name] = f.get_tensor(where[name][1]).astype(dtype, copy=False)
     return out
 
 
@@ -184,7 +187,10 @@ def load_hf_state_dict(model_path: str, dtype: Any = "float32") -> dict[str, np.
     cfg = ModelConfig.from_hf_config(hf_config)
     expected = expected_state_dict_shapes(cfg)
     if source.kind == "hf":
-        return _load_safetensors(source.path, expected, dt)
+        from pjllm.models.registry import model_class
+
+        return _load_safetensors(source.path, expected, dt,
+                                 model_class(cfg.architecture).base_model_prefix)
     gguf = gguf_file.read_gguf(source.path)
     shapes = {}
     for info in gguf.tensors.values():

@@ -234,18 +234,18 @@ def test_directory_without_tokenizer(tmp_path) -> None:
 
 
 def test_unsupported_architecture(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"architectures \['GPT2LMHeadModel'\] not supported; "
+    with pytest.raises(ValueError, match=r"architectures \['BertForMaskedLM'\] not supported; "
                                          r"supported: LlamaForCausalLM, MistralForCausalLM, "
-                                         r"Qwen2ForCausalLM"):
-        resolve_architecture(["GPT2LMHeadModel"])
+                                         r"Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel"):
+        resolve_architecture(["BertForMaskedLM"])
     assert resolve_architecture(["Foo", "Qwen2ForCausalLM"]) == "Qwen2ForCausalLM"
     assert resolve_architecture(["mistral"]) == "MistralForCausalLM"
     assert set(MODELS) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM"}
+                           "Qwen3ForCausalLM", "GPT2LMHeadModel"}
     assert MODELS["Qwen3ForCausalLM"] is Qwen3ForCausalLM  # a class, not a name
     path, tensors = _golden_copy(tmp_path, "llama2")
     hf = load_hf_config(path)
-    hf["architectures"] = ["GPT2LMHeadModel"]
+    hf["architectures"] = ["BertForMaskedLM"]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f)
     save_file(tensors, os.path.join(path, "model.safetensors"))
@@ -403,3 +403,15 @@ def test_sliding_window_layers_from_the_config():
     assert windows(architectures=["MistralForCausalLM"], sliding_window=8) == [8, 8]
     with pytest.raises(ValueError, match="layer_types"):
         windows(sliding_window=8, layer_types=["full_attention"])
+
+
+def test_a_checkpoint_of_the_bare_model_loads(tmp_path) -> None:
+    """GPT-2's hub checkpoints were saved from the bare model (`h.0.attn...`, no
+    `transformer.`): the loader finds each tensor under either name, as transformers does."""
+    path, tensors = _golden_copy(tmp_path, "gpt2")
+    save_file({name.removeprefix("transformer."): value for name, value in tensors.items()},
+              os.path.join(path, "model.safetensors"))
+    loaded = load_hf_state_dict(path, "float32")
+    assert set(loaded) == set(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(loaded[name], value)

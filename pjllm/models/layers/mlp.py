@@ -25,3 +25,18 @@ class GatedMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         gate_up = self.gate_up_proj(x)
         return self.down_proj(self.activation(gate_up[:, 0]) * gate_up[:, 1])
+
+
+class MLP(nnx.Module):
+    """down(act(up(x))), with biases (GPT-2, GPT-NeoX)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: Any, rngs: nnx.Rngs,
+                 activation: Callable[[jax.Array], jax.Array], bias: bool = True):
+        self.activation = activation
+        self.up_proj = Linear((hidden_size,), (intermediate_size,), ("embed",), ("mlp",), dtype,
+                              rngs, bias=bias)
+        self.down_proj = Linear((intermediate_size,), (hidden_size,), ("mlp",), ("embed",),
+                                dtype, rngs, bias=bias)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.activation(self.up_proj(x)))
