@@ -51,7 +51,12 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-5
-    layer_norm_eps: float = 1e-5  # families with LayerNorm (GPT-2)
+    layer_norm_eps: float = 1e-5  # families with LayerNorm (GPT-2, GPT-NeoX)
+    hidden_act: str = "silu"  # the MLP's activation, by transformers' name
+    # The share of each head's features that rotary embeddings rotate (GPT-NeoX's rotary_pct).
+    partial_rotary_factor: float = 1.0
+    # Attention and MLP both read the layer's input and add to the residual (GPT-NeoX, Falcon).
+    parallel_residual: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
@@ -117,8 +122,11 @@ class ModelConfig:
         rope_theta = hf.get("rope_theta")
         # transformers 5 moved rope settings into `rope_parameters`.
         rope_parameters = hf.get("rope_parameters")
+        partial_rotary_factor = hf.get("partial_rotary_factor", 1.0)
         if isinstance(rope_parameters, dict):
             rope_theta = rope_parameters.get("rope_theta", rope_theta)
+            partial_rotary_factor = rope_parameters.get("partial_rotary_factor",
+                                                        partial_rotary_factor)
             if rope_parameters.get("rope_type", "default") != "default":
                 rope_scaling = rope_parameters
         if rope_scaling is not None and rope_scaling.get("rope_type",
@@ -141,6 +149,9 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
             layer_norm_eps=hf.get("layer_norm_epsilon", hf.get("layer_norm_eps", 1e-5)),
+            hidden_act=hf.get("hidden_act", "silu"),
+            partial_rotary_factor=float(partial_rotary_factor),
+            parallel_residual=bool(hf.get("use_parallel_residual", False)),
             rope_theta=rope_theta if rope_theta is not None else 10000.0,
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),

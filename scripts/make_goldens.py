@@ -8,8 +8,7 @@ with a separate environment, e.g.
 
 It writes:
 - tests/golden/<name>/{config.json, model.safetensors, expected.json} for each tiny random model
-  of TINY_MODELS (llama2, llama3, mistral, mistral_window, qwen2, qwen3, llama_tied_mqa,
-  llama_hd80): expected.json holds, per prompt, the prompt's
+  of TINY_MODELS (the Llama family's variants, qwen3, gpt2, gpt_neox, ...): expected.json holds, per prompt, the prompt's
   token logprobs, the top-5 next-token ids/logprobs at every position, and a 16-token greedy
   continuation.
 - tests/golden/smollm2_gguf.npz: rows and sums of tensors transformers dequantizes from the SmolLM2
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config,
-                          LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+                          GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "golden")
@@ -77,6 +76,18 @@ TINY_MODELS = {
     "gpt2": GPT2Config(vocab_size=256, n_positions=256, n_embd=64, n_layer=2, n_head=4,
                        n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # GPT-NeoX / Pythia: rotary on a quarter of each head, parallel residual, fused per-head QKV.
+    "gpt_neox": GPTNeoXConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=128,
+                              max_position_embeddings=256, rotary_pct=0.25,
+                              use_parallel_residual=True, bos_token_id=1, eos_token_id=2,
+                              pad_token_id=0),
+    # ... and with the residual in sequence, rotary on half of each head.
+    "gpt_neox_sequential": GPTNeoXConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=128,
+                                         max_position_embeddings=256, rotary_pct=0.5,
+                                         use_parallel_residual=False, bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=0),
     # head_dim 80 (Phi-2, GPT-NeoX 2.7B): not a power of two, which the Pallas kernels pad inside.
     "llama_hd80": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=80,
                               rope_theta=10000.0, tie_word_embeddings=False),
@@ -93,7 +104,8 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):  # GPT-2's norms
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif "embed_tokens" in name or "lm_head" in name or "wte" in name:
+            elif any(part in name for part in ("embed_tokens", "lm_head", "wte", "embed_in",
+                                               "embed_out")):
                 # Also the output layer when tied: logits of std ~3 after the final norm.
                 param.copy_(3.0 * torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
             else:
@@ -137,7 +149,8 @@ def make_tiny(name: str, config) -> None:
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                              "qwen2": "Qwen2ForCausalLM",
                              "qwen3": "Qwen3ForCausalLM",
-                             "gpt2": "GPT2LMHeadModel"}[config.model_type]]
+                             "gpt2": "GPT2LMHeadModel",
+                             "gpt_neox": "GPTNeoXForCausalLM"}[config.model_type]]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # continue through EOS: always 16 tokens
     rng = np.random.default_rng(SEED)

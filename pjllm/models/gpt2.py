@@ -3,7 +3,6 @@ embeddings, multi-head attention. Its checkpoints store Conv1D weights, already 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -13,7 +12,8 @@ from flax import nnx
 
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
-from pjllm.models.layers import MLP, LayerNorm, Linear, call_layer, init_param, paged_attention
+from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, call_layer, init_param,
+                                 paged_attention)
 
 
 class GPT2Attention(nnx.Module):
@@ -43,7 +43,7 @@ class GPT2Block(nnx.Module):
         self.attn = GPT2Attention(config, dtype, rngs)
         self.ln_2 = LayerNorm(embed, eps, dtype)
         self.mlp = MLP(embed, config.intermediate_size, dtype, rngs,
-                       activation=functools.partial(jax.nn.gelu, approximate=True))
+                       activation=activation(config.hidden_act))
 
     def __call__(self, x, kv_pages, metadata, *, backend):
         attn_out, kv_pages = self.attn(self.ln_1(x), kv_pages, metadata, backend=backend)
@@ -57,8 +57,9 @@ class GPT2LMHeadModel(nnx.Module):
     architectures = {"GPT2LMHeadModel": "gpt2"}
     hf_config_aliases = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
                          "num_attention_heads": "n_head", "max_position_embeddings": "n_positions",
-                         "intermediate_size": "n_inner"}
-    hf_config_defaults = {"tie_word_embeddings": True, "layer_norm_epsilon": 1e-5}
+                         "intermediate_size": "n_inner", "hidden_act": "activation_function"}
+    hf_config_defaults = {"tie_word_embeddings": True, "layer_norm_epsilon": 1e-5,
+                          "activation_function": "gelu_new"}
     base_model_prefix = "transformer"
 
     def __init__(self, config: ModelConfig, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs | None = None):

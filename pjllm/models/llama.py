@@ -21,8 +21,8 @@ from flax import nnx
 
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
-from pjllm.models.layers import (GatedMLP, Linear, RMSNorm, apply_rope, call_layer, init_param,
-                                 paged_attention, rope_inv_freq)
+from pjllm.models.layers import (GatedMLP, Linear, RMSNorm, activation, apply_rope, call_layer,
+                                 init_param, paged_attention, rope_inv_freq)
 
 
 def has_o_bias(config: ModelConfig) -> bool:
@@ -83,7 +83,8 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, dtype, rngs, qk_norm=qk_norm,
                                    sliding_window=config.layer_window(layer))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, rngs,
+                            activation=activation(config.hidden_act))
 
     def __call__(self, x, positions, inv_freq, kv_pages, metadata, *, backend):
         attn_out, kv_pages = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_pages,
@@ -126,7 +127,9 @@ class LlamaForCausalLM(nnx.Module):
 
     @staticmethod
     def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-        return rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        """Rotary frequencies of the rotated part of each head (all of it but in GPT-NeoX)."""
+        rotary_dim = int(config.head_dim * config.partial_rotary_factor)
+        return rope_inv_freq(rotary_dim, config.rope_theta, config.rope_scaling)
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:

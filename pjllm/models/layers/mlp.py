@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 from flax import nnx
 
 from pjllm.models.layers.linear import Linear
+
+# transformers' activation names (`hidden_act`) -> functions.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function transformers calls `name`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 class GatedMLP(nnx.Module):
