@@ -57,6 +57,11 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
     # Attention and MLP both read the layer's input and add to the residual (GPT-NeoX, Falcon).
     parallel_residual: bool = False
+    # Gemma 3: attention scores scaled by query_pre_attn_scalar ** -0.5 (not head_dim's), the
+    # sliding-window layers' own rotary base, and logits capped by tanh at +-this value.
+    query_pre_attn_scalar: float | None = None
+    rope_local_theta: float | None = None
+    final_logit_softcapping: float | None = None
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
@@ -123,6 +128,12 @@ class ModelConfig:
         # transformers 5 moved rope settings into `rope_parameters`.
         rope_parameters = hf.get("rope_parameters")
         partial_rotary_factor = hf.get("partial_rotary_factor", 1.0)
+        rope_local_theta = hf.get("rope_local_base_freq")
+        if isinstance(rope_parameters, dict) and "full_attention" in rope_parameters:
+            # Per layer type (Gemma 3): the global layers' settings, and the local layers' base.
+            rope_local_theta = rope_parameters.get("sliding_attention", {}).get(
+                "rope_theta", rope_local_theta)
+            rope_parameters = rope_parameters["full_attention"]
         if isinstance(rope_parameters, dict):
             rope_theta = rope_parameters.get("rope_theta", rope_theta)
             partial_rotary_factor = rope_parameters.get("partial_rotary_factor",
@@ -152,6 +163,9 @@ class ModelConfig:
             hidden_act=hf.get("hidden_act", "silu"),
             partial_rotary_factor=float(partial_rotary_factor),
             parallel_residual=bool(hf.get("use_parallel_residual", False)),
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+            rope_local_theta=rope_local_theta,
+            final_logit_softcapping=hf.get("final_logit_softcapping"),
             rope_theta=rope_theta if rope_theta is not None else 10000.0,
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),

@@ -31,8 +31,9 @@ import sys
 import numpy as np
 import torch
 import transformers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config,
-                          GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, GenerationConfig,
+                          GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                          Qwen3Config)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "golden")
@@ -88,6 +89,16 @@ TINY_MODELS = {
                                          max_position_embeddings=256, rotary_pct=0.5,
                                          use_parallel_residual=False, bos_token_id=1,
                                          eos_token_id=2, pad_token_id=0),
+    # Gemma 3 text: two sliding-window layers (window 8, shorter than two of the prompts) and a
+    # global one, each kind with its own rotary base; q/k norms, four unit-offset norms a layer,
+    # scaled embeddings, GeGLU, query_pre_attn_scalar != head_dim, and (as Gemma 2 had) final
+    # logit soft-capping.
+    "gemma3": Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24, final_logit_softcapping=30.0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0),
     # head_dim 80 (Phi-2, GPT-NeoX 2.7B): not a power of two, which the Pallas kernels pad inside.
     "llama_hd80": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=80,
                               rope_theta=10000.0, tie_word_embeddings=False),
@@ -150,7 +161,8 @@ def make_tiny(name: str, config) -> None:
                              "qwen2": "Qwen2ForCausalLM",
                              "qwen3": "Qwen3ForCausalLM",
                              "gpt2": "GPT2LMHeadModel",
-                             "gpt_neox": "GPTNeoXForCausalLM"}[config.model_type]]
+                             "gpt_neox": "GPTNeoXForCausalLM",
+                             "gemma3_text": "Gemma3ForCausalLM"}[config.model_type]]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # continue through EOS: always 16 tokens
     rng = np.random.default_rng(SEED)

@@ -38,13 +38,16 @@ class Attention(nnx.Module):
     One matmul instead of three, and sharding the `kv_heads` axis splits it cleanly. With
     `qk_norm` (Qwen3, Gemma 3) each query and key head is RMS-normalised before rotary; with a
     `sliding_window` each token attends to itself and the sliding_window - 1 tokens before it.
+    `sm_scale` overrides head_dim ** -0.5; `norm_unit_offset` makes the q/k norms Gemma's.
     """
 
     def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs, qk_norm: bool = False,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, sm_scale: float | None = None,
+                 norm_unit_offset: bool = False):
         embed, heads, kv_heads, head_dim = (config.hidden_size, config.num_heads,
                                             config.num_kv_heads, config.head_dim)
         self.sliding_window = sliding_window
+        self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.group = heads // kv_heads
         self.qkv_proj = Linear((embed,), (kv_heads, self.group + 2, head_dim), ("embed",),
@@ -53,8 +56,9 @@ class Attention(nnx.Module):
         self.o_proj = Linear((heads, head_dim), (embed,), ("heads", "head_dim"), ("embed",),
                              dtype, rngs, bias=has_o_bias(config))
         if qk_norm:
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, axis_name="head_dim")
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, axis_name="head_dim")
+            self.q_norm, self.k_norm = (
+                RMSNorm(head_dim, config.rms_norm_eps, dtype, "head_dim", norm_unit_offset)
+                for _ in range(2))
         else:
             self.q_norm = self.k_norm = None
 
@@ -69,7 +73,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, kv_pages = paged_attention(q, k, v, kv_pages, metadata,
-                                        sm_scale=self.head_dim ** -0.5, backend=backend,
+                                        sm_scale=self.sm_scale, backend=backend,
                                         sliding_window=self.sliding_window)
         return self.o_proj(out), kv_pages
 

@@ -10,16 +10,23 @@ from flax import nnx
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * weight over the last axis (of `dim` features)."""
+    """x / rms(x) * weight over the last axis (of `dim` features); with `unit_offset` (Gemma)
+    x / rms(x) * (1 + weight), whose weights start at zero."""
 
-    def __init__(self, dim: int, eps: float, dtype: Any, axis_name: str | None = "embed"):
+    def __init__(self, dim: int, eps: float, dtype: Any, axis_name: str | None = "embed",
+                 unit_offset: bool = False):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis_name,))
+        self.unit_offset = unit_offset
+        init = jnp.zeros if unit_offset else jnp.ones
+        self.weight = nnx.Param(init((dim,), dtype), logical_axes=(axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.weight[...].astype(jnp.float32)
+        if self.unit_offset:
+            scale = scale + 1.0
+        return (x32 * scale).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
