@@ -31,9 +31,9 @@ import sys
 import numpy as np
 import torch
 import transformers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, GenerationConfig,
-                          GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BloomConfig, Gemma3TextConfig,
+                          GenerationConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                          Qwen2Config, Qwen3Config)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "golden")
@@ -99,6 +99,9 @@ TINY_MODELS = {
         sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         query_pre_attn_scalar=24, final_logit_softcapping=30.0, bos_token_id=1, eos_token_id=2,
         pad_token_id=0),
+    # BLOOM: ALiBi (6 heads: slopes past the largest power of two), embedding LayerNorm.
+    "bloom": BloomConfig(vocab_size=256, hidden_size=96, n_layer=2, n_head=6, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0),
     # head_dim 80 (Phi-2, GPT-NeoX 2.7B): not a power of two, which the Pallas kernels pad inside.
     "llama_hd80": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=80,
                               rope_theta=10000.0, tie_word_embeddings=False),
@@ -116,7 +119,7 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
             elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):  # GPT-2's norms
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             elif any(part in name for part in ("embed_tokens", "lm_head", "wte", "embed_in",
-                                               "embed_out")):
+                                               "embed_out", "word_embeddings")):
                 # Also the output layer when tied: logits of std ~3 after the final norm.
                 param.copy_(3.0 * torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
             else:
@@ -162,7 +165,8 @@ def make_tiny(name: str, config) -> None:
                              "qwen3": "Qwen3ForCausalLM",
                              "gpt2": "GPT2LMHeadModel",
                              "gpt_neox": "GPTNeoXForCausalLM",
-                             "gemma3_text": "Gemma3ForCausalLM"}[config.model_type]]
+                             "gemma3_text": "Gemma3ForCausalLM",
+                             "bloom": "BloomForCausalLM"}[config.model_type]]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # continue through EOS: always 16 tokens
     rng = np.random.default_rng(SEED)

@@ -60,7 +60,8 @@ def resolve_backend(backend: str) -> str:
 
 def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
                     sm_scale: float, backend: str = "auto",
-                    sliding_window: int | None = None) -> jax.Array:
+                    sliding_window: int | None = None,
+                    alibi_slopes: jax.Array | None = None) -> jax.Array:
     """Causal attention of a ragged batch (prefill chunks and decodes) over its paged KV.
 
     q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D] (this step's K/V already written);
@@ -68,6 +69,7 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     backend: "reference" (pure jnp), "pallas" (interpret mode automatically on CPU), or "auto".
     sliding_window: each token attends to itself and the sliding_window - 1 keys before it (a
     layer's local attention); pages wholly before every token's window are not read.
+    alibi_slopes: f32[Hq] (ALiBi): each score gets slope * (key position - query position).
 
     With metadata.common_prefix_len set this is cascade attention: every query token attends to
     the common prefix in one pass over it for the whole batch, and to the rest of its own context
@@ -77,13 +79,14 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     sm_scale = float(sm_scale)
     backend = resolve_backend(backend)
     interpret = jax.default_backend() == "cpu"
-    if metadata.common_prefix_len is None or sliding_window is not None:
-        # (A window may leave part of the common prefix behind: windowed layers run plain.)
+    if (metadata.common_prefix_len is None or sliding_window is not None
+            or alibi_slopes is not None):
+        # (A window may leave part of the common prefix behind, and the prefix pass has no
+        # ALiBi: such layers run plain.)
+        options = dict(sm_scale=sm_scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes)
         if backend == "reference":
-            return _reference.paged_attention_reference(q, kv_pages, metadata, sm_scale=sm_scale,
-                                                        sliding_window=sliding_window)
-        return _pallas.paged_attention(q, kv_pages, metadata, sm_scale=sm_scale,
-                                       interpret=interpret, sliding_window=sliding_window)
+            return _reference.paged_attention_reference(q, kv_pages, metadata, **options)
+        return _pallas.paged_attention(q, kv_pages, metadata, interpret=interpret, **options)
     suffix = metadata.after_common_prefix(kv_pages.shape[3])
     prefix_args = (q, kv_pages, metadata.block_tables[0], metadata.common_prefix_len,
                    metadata.query_start_loc[-1])

@@ -231,7 +231,8 @@ def _load_rows(ref, index, rows):
 
 
 def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale: float,
-            page_size: int, block_kv: int, window: int | None = None, last_pos=None):
+            page_size: int, block_kv: int, window: int | None = None, last_pos=None,
+            row_slopes=None):
     """Online softmax of q [BR, D_pad] over key blocks [lo, hi) of sequence `seq`, kv head `head`.
 
     Keys past q_pos are masked, and with a sliding `window` keys at or before q_pos - window.
@@ -241,7 +242,8 @@ def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale
     in masked loops. Scores are kept in base 2 (log2(e) folded into the scale, exp2 is a single
     instruction where exp is a libdevice call).
 
-    K and V tiles are loaded like q (_load_rows: padding columns are zeros).
+    K and V tiles are loaded like q (_load_rows: padding columns are zeros). With `row_slopes`
+    [BR] (ALiBi) each score gets slope * (key position - query position).
     Returns (m [BR], l [BR], acc [BR, D_pad]) in float32, m in log2 units, acc unnormalised.
     """
     max_pages = tables_ref.shape[1]
@@ -261,6 +263,9 @@ def _attend(q, q_pos, kv_ref, tables_ref, seq, head, lo, hi, n_full, *, sm_scale
         v = _load_rows(kv_ref, (1, head), rows)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * scale     # [BR, BK]
+        if row_slopes is not None:
+            distance = (key_pos[None, :] - q_pos[:, None]).astype(jnp.float32)
+            s = s + (row_slopes * LOG2E)[:, None] * distance
         if masked:
             mask = key_pos[None, :] <= q_pos[:, None]
             if window is not None:
@@ -334,6 +339,13 @@ def _store(out_refs, rows, row_ok, m, l, acc, split):
         plgpu.store(l_ref.at[split, rows], l, mask=row_ok)
 
 
+def _row_slopes(slopes_ref, q_head):
+    """Each row's ALiBi slope [BR] (rows of padding heads read the last head's), or None."""
+    if slopes_ref is None:
+        return None
+    return slopes_ref[jnp.minimum(q_head, slopes_ref.shape[0] - 1)]
+
+
 def _row_layout(head, *, num_q_heads: int, group: int, group_pad: int, block_rows: int):
     """Per row of a block: token offset in the block, q head, and whether the head is real."""
     r = lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
@@ -342,17 +354,18 @@ def _row_layout(head, *, num_q_heads: int, group: int, group_pad: int, block_row
     return tok_off, head * group + g, g < group
 
 
-def _decode_kernel(qsl_ref, lens_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: float,
-                   num_q_heads: int, group: int, group_pad: int, page_size: int,
+def _decode_kernel(qsl_ref, lens_ref, tables_ref, slopes_ref, q_ref, kv_ref, *out_refs,
+                   sm_scale: float, num_q_heads: int, group: int, group_pad: int, page_size: int,
                    block_rows: int, block_kv: int, num_splits: int, persistent: bool,
-                   window: int | None):
+                   window: int | None, alibi: bool):
     # qsl_ref [N+1]; lens_ref [N]; tables_ref [N, W]; q_ref [T*Hq, D]; kv_ref [2, Hkv, P*ps, D].
     # out_refs: (out [T*Hq, D],) or (acc [S, T*Hq, D], m [S, T*Hq], l [S, T*Hq]).
     # A unit of work is (sequence, kv head, split). Grid (N, Hkv, S): one unit per program.
     # persistent: grid (programs,), program p does units p, p + programs, ... (split fastest).
-    common = dict(qsl_ref=qsl_ref, lens_ref=lens_ref, tables_ref=tables_ref, q_ref=q_ref,
-                  kv_ref=kv_ref, out_refs=out_refs, sm_scale=sm_scale, num_q_heads=num_q_heads,
-                  group=group, group_pad=group_pad, page_size=page_size, block_rows=block_rows,
+    common = dict(qsl_ref=qsl_ref, lens_ref=lens_ref, tables_ref=tables_ref,
+                  slopes_ref=slopes_ref if alibi else None, q_ref=q_ref, kv_ref=kv_ref,
+                  out_refs=out_refs, sm_scale=sm_scale, num_q_heads=num_q_heads, group=group,
+                  group_pad=group_pad, page_size=page_size, block_rows=block_rows,
                   block_kv=block_kv, num_splits=num_splits, window=window)
     if not persistent:
         split = pl.program_id(2) if num_splits > 1 else 0
@@ -372,9 +385,10 @@ def _decode_kernel(qsl_ref, lens_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_s
     lax.fori_loop(0, (num_units - pid + programs - 1) // programs, unit, 0)
 
 
-def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_ref, out_refs,
-                 sm_scale: float, num_q_heads: int, group: int, group_pad: int, page_size: int,
-                 block_rows: int, block_kv: int, num_splits: int, window: int | None):
+def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, slopes_ref, q_ref, kv_ref,
+                 out_refs, sm_scale: float, num_q_heads: int, group: int, group_pad: int,
+                 page_size: int, block_rows: int, block_kv: int, num_splits: int,
+                 window: int | None):
     """Sequence `seq`, kv head `head`, KV split `split`: all its query tokens, then the zeros of
     the padding tokens assigned to it."""
     num_seqs = lens_ref.shape[0]
@@ -388,7 +402,7 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
                                            group_pad=group_pad, block_rows=block_rows)
     attend = functools.partial(_attend, kv_ref=kv_ref, tables_ref=tables_ref, seq=seq, head=head,
                                sm_scale=sm_scale, page_size=page_size, block_kv=block_kv,
-                               window=window)
+                               window=window, row_slopes=_row_slopes(slopes_ref, q_head))
 
     def q_block(b, carry):
         tok = first + b * block_q + tok_off                                 # [BR]
@@ -423,9 +437,10 @@ def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, q_ref, kv_r
     lax.fori_loop(0, (num_tokens - seq + num_seqs - 1) // num_seqs, zero_token, 0)
 
 
-def _ragged_kernel(items_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: float,
+def _ragged_kernel(items_ref, tables_ref, slopes_ref, q_ref, kv_ref, *out_refs, sm_scale: float,
                    num_q_heads: int, group: int, group_pad: int, page_size: int,
-                   block_rows: int, block_kv: int, num_splits: int, window: int | None):
+                   block_rows: int, block_kv: int, num_splits: int, window: int | None,
+                   alibi: bool):
     # items_ref [5, I]; tables_ref [N, W]; q_ref [T*Hq, D]; kv_ref [2, Hkv, P*ps, D].
     item = pl.program_id(0)
     head = pl.program_id(1)
@@ -445,7 +460,8 @@ def _ragged_kernel(items_ref, tables_ref, q_ref, kv_ref, *out_refs, sm_scale: fl
                          window=window)
     m, l, acc = _attend(q, pos0 + tok_off, kv_ref, tables_ref, seq, head, lo, hi,
                         (pos0 + 1) // block_kv, sm_scale=sm_scale, page_size=page_size,
-                        block_kv=block_kv, window=window, last_pos=n_keys - 1)
+                        block_kv=block_kv, window=window, last_pos=n_keys - 1,
+                        row_slopes=_row_slopes(slopes_ref if alibi else None, q_head))
     _store(out_refs, rows, row_ok, m, l, acc, split)
 
 
@@ -495,7 +511,8 @@ def launch_config(num_tokens: int, num_seqs: int, *, num_q_heads: int, num_kv_he
                                              "sliding_window"))
 def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
                     sm_scale: float, interpret: bool = False, config: BlockConfig | None = None,
-                    partials: bool = False, sliding_window: int | None = None):
+                    partials: bool = False, sliding_window: int | None = None,
+                    alibi_slopes: jax.Array | None = None):
     """Ragged paged attention; same contract as reference.paged_attention_reference.
 
     q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D]; metadata: AttentionMetadata (T tokens,
@@ -505,6 +522,7 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     reference.paged_attention_partials_reference does (acc [S, T * Hq, D], m and l [S, T * Hq],
     S the KV split count), for reference.combine_partials. sliding_window: each token attends to
     itself and the sliding_window - 1 keys before it only; the pages before that are not read.
+    alibi_slopes: f32[Hq], ALiBi: each score gets slope * (key position - query position).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_pages, page_size, _ = kv_pages.shape
@@ -522,8 +540,9 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     tables = metadata.block_tables.astype(jnp.int32)
     common = dict(sm_scale=sm_scale, num_q_heads=num_q_heads, group=group, group_pad=group_pad,
                   page_size=page_size, block_rows=block_rows, block_kv=block_kv,
-                  window=sliding_window)
-
+                  window=sliding_window, alibi=alibi_slopes is not None)
+    slopes = (jnp.zeros((num_q_heads,), jnp.float32) if alibi_slopes is None
+              else alibi_slopes.astype(jnp.float32))
     if mode == "decode":
         units = num_seqs * num_kv_heads * splits
         persistent = config.programs_per_sm > 0 and units > config.programs_per_sm * _num_sms()
@@ -532,14 +551,14 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
         grid = ((config.programs_per_sm * _num_sms(),) if persistent
                 else (num_seqs, num_kv_heads) + ((splits,) if splits > 1 else ()))
         args = (metadata.query_start_loc.astype(jnp.int32), metadata.seq_lens.astype(jnp.int32),
-                tables)
+                tables, slopes)
         name = "paged_decode_attention"
     else:
         block_q = block_rows // group_pad
         items, num_items = _work_items(metadata, num_tokens, block_q)
         kernel = functools.partial(_ragged_kernel, num_splits=splits, **common)
         grid = (num_items, num_kv_heads) + ((splits,) if splits > 1 else ())
-        args = (items, tables)
+        args = (items, tables, slopes)
         name = "ragged_paged_attention"
     return _launch(kernel, args, q, kv_pages, grid=grid, config=config, name=name,
                    interpret=interpret, partials=partials)

@@ -70,7 +70,8 @@ _TOKENS_FOR_ONE_PAGE_PER_STEP = 64
 
 
 def paged_attention_reference(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
-                              sm_scale: float, sliding_window: int | None = None) -> jax.Array:
+                              sm_scale: float, sliding_window: int | None = None,
+                              alibi_slopes: jax.Array | None = None) -> jax.Array:
     """Causal attention of each query token over its sequence's paged context.
 
     q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D]. Returns [T, Hq, D] in q.dtype; padding
@@ -78,16 +79,19 @@ def paged_attention_reference(q: jax.Array, kv_pages: jax.Array, metadata: Atten
     longest context, a few at a time (online softmax in float32), gathering each token's pages
     per step: peak memory O(T * pages per step * page_size * Hkv * D), never the whole context.
     With a sliding_window each token sees itself and the sliding_window - 1 keys before it, and
-    the loop starts at the earliest window of the batch.
+    the loop starts at the earliest window of the batch. alibi_slopes f32[Hq] (ALiBi) adds
+    slope * (key position - query position) to each score.
     """
     out = combine_partials(*paged_attention_partials_reference(
-        q, kv_pages, metadata, sm_scale=sm_scale, sliding_window=sliding_window), q.dtype)
+        q, kv_pages, metadata, sm_scale=sm_scale, sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes), q.dtype)
     return out.reshape(q.shape)
 
 
 def paged_attention_partials_reference(q: jax.Array, kv_pages: jax.Array,
                                        metadata: AttentionMetadata, *, sm_scale: float,
-                                       sliding_window: int | None = None
+                                       sliding_window: int | None = None,
+                                       alibi_slopes: jax.Array | None = None
                                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """paged_attention_reference's unnormalised softmax state, for `combine_partials`: acc
     [1, T * Hq, D], m [1, T * Hq] (log2 units), l [1, T * Hq] (rows are (token, head) pairs)."""
@@ -124,7 +128,16 @@ def paged_attention_partials_reference(q: jax.Array, kv_pages: jax.Array,
         return (kv_pages[0, heads, pages[None]].reshape(shape),
                 kv_pages[1, heads, pages[None]].reshape(shape), visible)
 
-    return _online_softmax(q, keys, num_steps, "htpd", sm_scale=sm_scale, first_step=first_step)
+    bias = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, 1, group, 1)
+
+        def bias(j):  # [Hkv, T, G, chunk]
+            distance = (j * chunk + jnp.arange(chunk))[None, :] - pos[:, None]
+            return slopes * distance[None, :, None, :].astype(jnp.float32)
+
+    return _online_softmax(q, keys, num_steps, "htpd", sm_scale=sm_scale, first_step=first_step,
+                           bias=bias)
 
 
 def prefix_attention_partials_reference(q: jax.Array, kv_pages: jax.Array, prefix_pages: jax.Array,
@@ -156,11 +169,11 @@ def prefix_attention_partials_reference(q: jax.Array, kv_pages: jax.Array, prefi
 
 
 def _online_softmax(q: jax.Array, keys, num_steps: jax.Array, kv_spec: str, *,
-                    sm_scale: float, first_step: jax.Array | int = 0
+                    sm_scale: float, first_step: jax.Array | int = 0, bias=None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Online softmax of q [T, Hq, D] over key chunks [first_step, num_steps): keys(j) gives
     chunk j's K and V (laid out as kv_spec: per token "htpd" or shared "hpd") and its mask
-    [T, chunk]. Returns
+    [T, chunk]; bias(j), if given, is added to chunk j's scores [Hkv, T, G, chunk]. Returns
     (acc [1, T * Hq, D], m [1, T * Hq] in log2 units, l [1, T * Hq])."""
     num_tokens, num_q_heads, head_dim = q.shape
     k0, _, _ = jax.eval_shape(keys, 0)
@@ -173,6 +186,8 @@ def _online_softmax(q: jax.Array, keys, num_steps: jax.Array, kv_spec: str, *,
         m, l, acc = carry
         k, v, mask = keys(j)
         s = jnp.einsum(f"htgd,{kv_spec}->htgp", qf, k.astype(jnp.float32))  # [Hkv, T, G, chunk]
+        if bias is not None:
+            s = s + bias(j)
         mask = mask[None, :, None, :]
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(-1))
@@ -204,7 +219,8 @@ def combine_partials(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.A
 
 
 def paged_attention_dense(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
-                          sm_scale: float, sliding_window: int | None = None) -> jax.Array:
+                          sm_scale: float, sliding_window: int | None = None,
+                          alibi_slopes: jax.Array | None = None) -> jax.Array:
     """Obviously-correct version for tests: gathers every token's whole context [T, W*ps, Hkv, D].
 
     Same contract as paged_attention_reference. Small shapes only.
@@ -219,6 +235,9 @@ def paged_attention_dense(q: jax.Array, kv_pages: jax.Array, metadata: Attention
     qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
     s = jnp.einsum("thgd,htkd->thgk", qf, ctx[0]) * sm_scale
     key_pos = jnp.arange(ctx.shape[3])[None, :]
+    if alibi_slopes is not None:
+        s = s + (alibi_slopes.reshape(num_kv_heads, group)[None, :, :, None]
+                 * (key_pos - pos[:, None])[:, None, None, :])
     mask = key_pos <= pos[:, None]                                     # [T, W*ps]
     if sliding_window is not None:
         mask &= key_pos > pos[:, None] - sliding_window

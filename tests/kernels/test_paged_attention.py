@@ -70,9 +70,11 @@ def to_device(md: AttentionMetadata) -> AttentionMetadata:
     return jax.tree.map(jnp.asarray, md)
 
 
-def naive_attention(batch: Batch, sm_scale: float, window: int | None = None) -> np.ndarray:
+def naive_attention(batch: Batch, sm_scale: float, window: int | None = None,
+                    slopes: np.ndarray | None = None) -> np.ndarray:
     """Per-token loops in float64, reading keys through the block table; zeros for padding.
-    With a window, a token sees itself and the window - 1 keys before it."""
+    With a window, a token sees itself and the window - 1 keys before it; with ALiBi slopes
+    [Hq], head h's scores get slopes[h] * (key position - query position)."""
     q = batch.q.astype(np.float64)
     kv = batch.kv_pages.astype(np.float64)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -91,6 +93,8 @@ def naive_attention(batch: Batch, sm_scale: float, window: int | None = None) ->
                 kk = kv[0, h // group, pages, rows]            # [pos+1, D]
                 vv = kv[1, h // group, pages, rows]
                 s = kk @ q[t, h] * sm_scale
+                if slopes is not None:
+                    s = s + slopes[h] * (keys - pos)
                 w = np.exp(s - s.max())
                 out[t, h] = (w / w.sum()) @ vv
     return out
@@ -513,9 +517,37 @@ def test_sliding_window(data, num_tokens, num_seqs, decode_only, config):
     np.testing.assert_allclose(np.asarray(dense), want, atol=2e-5, rtol=2e-5)
 
 
-def test_sliding_window_kernels_lower_for_hopper():
+def test_sliding_window_and_alibi_kernels_lower_for_hopper():
     for num_tokens, num_seqs in [(64, 4), (8, 8)]:                      # ragged, decode
         q, kv, md = lowering_inputs(num_tokens, num_seqs, 32, 8, 128)
         lowered = lower_for_gpu(lambda q, kv, md: pallas_attention.paged_attention(
-            q, kv, md, sm_scale=0.1, sliding_window=24), q, kv, md)
+            q, kv, md, sm_scale=0.1, sliding_window=24, alibi_slopes=jnp.ones(32)), q, kv, md)
         assert len(triton_modules(lowered)) == 1
+
+
+@pytest.mark.parametrize("num_tokens,num_seqs,decode_only,config", [
+    (NUM_TOKENS, NUM_SEQS, False, None),                                    # ragged kernel
+    (NUM_TOKENS, NUM_SEQS, False, BlockConfig(32, 16, 4, 2, kv_splits=3)),
+    (8, 8, True, BlockConfig(16, 16, 4, 2, kv_splits=2, programs_per_sm=1)),  # decode kernel
+    (16, 4, False, None),                                                    # decode, chunks
+])
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_alibi(data, num_tokens, num_seqs, decode_only, config):
+    """ALiBi slopes (BLOOM's and Falcon's position bias, one per query head; a group of 3 heads
+    per KV head), alone and with a sliding window, through both kernels and the reference,
+    against the naive loop."""
+    batch = data.draw(ragged_batches(page_size=8, num_q_heads=6, num_kv_heads=2, head_dim=64,
+                                     num_tokens=num_tokens, num_seqs=num_seqs,
+                                     decode_only=decode_only))
+    window = data.draw(st.one_of(st.none(), st.integers(1, MAX_CONTEXT)))
+    slopes = np.asarray([2.0 ** -(i + 1) for i in range(6)], np.float32)
+    want = naive_attention(batch, 0.125, window, slopes)
+    args = (jnp.asarray(batch.q), jnp.asarray(batch.kv_pages), to_device(batch.metadata))
+    options = dict(sm_scale=0.125, sliding_window=window, alibi_slopes=jnp.asarray(slopes))
+    got = pallas_attention.paged_attention(*args, interpret=True, config=config, **options)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+    got = ops.paged_attention(*args, backend="reference", **options)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(reference.paged_attention_dense(*args, **options)), want,
+                               atol=2e-5, rtol=2e-5)

@@ -237,13 +237,13 @@ def test_unsupported_architecture(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"architectures \['BertForMaskedLM'\] not supported; "
                                          r"supported: LlamaForCausalLM, MistralForCausalLM, "
                                          r"Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel, "
-                                         r"GPTNeoXForCausalLM, Gemma3ForCausalLM"):
+                                         r"GPTNeoXForCausalLM, Gemma3ForCausalLM, BloomForCausalLM"):
         resolve_architecture(["BertForMaskedLM"])
     assert resolve_architecture(["Foo", "Qwen2ForCausalLM"]) == "Qwen2ForCausalLM"
     assert resolve_architecture(["mistral"]) == "MistralForCausalLM"
     assert set(MODELS) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM",
-                           "Gemma3ForCausalLM"}
+                           "Gemma3ForCausalLM", "BloomForCausalLM"}
     assert MODELS["Qwen3ForCausalLM"] is Qwen3ForCausalLM  # a class, not a name
     path, tensors = _golden_copy(tmp_path, "llama2")
     hf = load_hf_config(path)
