@@ -55,8 +55,10 @@ class ModelConfig:
     hidden_act: str = "silu"  # the MLP's activation, by transformers' name
     # The share of each head's features that rotary embeddings rotate (GPT-NeoX's rotary_pct).
     partial_rotary_factor: float = 1.0
-    # Attention and MLP both read the layer's input and add to the residual (GPT-NeoX, Falcon).
+    # Attention and MLP both read the layer's input and add to the residual (GPT-NeoX, Falcon),
+    # through one shared LayerNorm or (2) each its own (Falcon's new decoder architecture).
     parallel_residual: bool = False
+    parallel_norms: int = 1
     # Gemma 3: attention scores scaled by query_pre_attn_scalar ** -0.5 (not head_dim's), the
     # sliding-window layers' own rotary base, and logits capped by tanh at +-this value.
     query_pre_attn_scalar: float | None = None
@@ -114,11 +116,7 @@ class ModelConfig:
 
         architecture = resolve_architecture(hf.get("architectures") or [hf.get("model_type", "")])
         family = model_class(architecture)
-        # The family's own names for the standard fields (GPT-2's n_embd), and the defaults its
-        # transformers config class has for fields a config.json may leave out.
-        hf = {**family.hf_config_defaults, **hf}
-        hf.update({name: hf[alias] for name, alias in family.hf_config_aliases.items()
-                   if alias in hf and name not in hf})
+        hf = family.adapt_hf_config(hf)  # the family's own names and defaults
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = hf.get("eos_token_id")
@@ -163,6 +161,7 @@ class ModelConfig:
             hidden_act=hf.get("hidden_act", "silu"),
             partial_rotary_factor=float(partial_rotary_factor),
             parallel_residual=bool(hf.get("use_parallel_residual", False)),
+            parallel_norms=hf.get("num_ln_in_parallel_attn") or 1,
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
             rope_local_theta=rope_local_theta,
             final_logit_softcapping=hf.get("final_logit_softcapping"),

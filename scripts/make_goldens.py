@@ -31,9 +31,9 @@ import sys
 import numpy as np
 import torch
 import transformers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BloomConfig, Gemma3TextConfig,
-                          GenerationConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                          Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BloomConfig, FalconConfig,
+                          Gemma3TextConfig, GenerationConfig, GPT2Config, GPTNeoXConfig,
+                          LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "golden")
@@ -102,6 +102,20 @@ TINY_MODELS = {
     # BLOOM: ALiBi (6 heads: slopes past the largest power of two), embedding LayerNorm.
     "bloom": BloomConfig(vocab_size=256, hidden_size=96, n_layer=2, n_head=6, bos_token_id=1,
                          eos_token_id=2, pad_token_id=0),
+    # Falcon-7B style: multi-query, attention and MLP in parallel on one LayerNorm, no biases.
+    "falcon_mqa": FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, multi_query=True, parallel_attn=True,
+                               bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # Falcon-40B/180B style: the new decoder architecture, 2 KV heads, two LayerNorms.
+    "falcon_new": FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_kv_heads=2,
+                               new_decoder_architecture=True, bias=False, bos_token_id=1,
+                               eos_token_id=2, pad_token_id=0),
+    # Multi-head, attention then MLP (not parallel), with biases.
+    "falcon_sequential": FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, multi_query=False,
+                                      parallel_attn=False, bias=True, bos_token_id=1,
+                                      eos_token_id=2, pad_token_id=0),
     # head_dim 80 (Phi-2, GPT-NeoX 2.7B): not a power of two, which the Pallas kernels pad inside.
     "llama_hd80": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=80,
                               rope_theta=10000.0, tie_word_embeddings=False),
@@ -112,11 +126,9 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
     """Weights with some spread (HF's 0.02 init gives near-uniform logits and tied argmaxes)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):  # also Qwen3's per-head q_norm / k_norm
-                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(".bias"):
+            if name.endswith(".bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):  # GPT-2's norms
+            elif param.ndim == 1:  # norm weights (also per-head q/k norms)
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             elif any(part in name for part in ("embed_tokens", "lm_head", "wte", "embed_in",
                                                "embed_out", "word_embeddings")):
@@ -166,7 +178,8 @@ def make_tiny(name: str, config) -> None:
                              "gpt2": "GPT2LMHeadModel",
                              "gpt_neox": "GPTNeoXForCausalLM",
                              "gemma3_text": "Gemma3ForCausalLM",
-                             "bloom": "BloomForCausalLM"}[config.model_type]]
+                             "bloom": "BloomForCausalLM",
+                             "falcon": "FalconForCausalLM"}[config.model_type]]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # continue through EOS: always 16 tokens
     rng = np.random.default_rng(SEED)

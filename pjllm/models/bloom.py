@@ -14,6 +14,7 @@ from flax import nnx
 
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
+from pjllm.models.interface import CausalLM
 from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, call_layer, init_param,
                                  paged_attention)
 
@@ -64,7 +65,7 @@ class BloomBlock(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv_pages
 
 
-class BloomForCausalLM(nnx.Module):
+class BloomForCausalLM(CausalLM):
     architectures = {"BloomForCausalLM": "bloom"}
     hf_config_aliases = {"hidden_size": "n_embed", "num_hidden_layers": "n_layer",
                          "num_attention_heads": "n_head"}

@@ -12,6 +12,7 @@ from flax import nnx
 
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
+from pjllm.models.interface import CausalLM
 from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, call_layer, init_param,
                                  paged_attention)
 
@@ -51,7 +52,7 @@ class GPT2Block(nnx.Module):
         return x + self.mlp(self.ln_2(x)), kv_pages
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(CausalLM):
     """GPT-2; the output layer is the token embedding (tied)."""
 
     architectures = {"GPT2LMHeadModel": "gpt2"}

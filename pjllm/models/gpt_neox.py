@@ -13,6 +13,7 @@ from flax import nnx
 
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
+from pjllm.models.interface import CausalLM
 from pjllm.models.layers import MLP, LayerNorm, Linear, activation, call_layer, init_param
 from pjllm.models.llama import Attention, LlamaForCausalLM
 
@@ -36,7 +37,7 @@ class GPTNeoXLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv_pages
 
 
-class GPTNeoXForCausalLM(nnx.Module):
+class GPTNeoXForCausalLM(CausalLM):
     architectures = {"GPTNeoXForCausalLM": "gpt_neox"}
     hf_config_aliases = {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"}
     hf_config_defaults = {"hidden_act": "gelu", "attention_bias": True,

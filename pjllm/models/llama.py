@@ -21,6 +21,7 @@ from flax import nnx
 
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
+from pjllm.models.interface import CausalLM
 from pjllm.models.layers import (GatedMLP, Linear, RMSNorm, activation, apply_rope, call_layer,
                                  init_param, paged_attention, rope_inv_freq)
 
@@ -98,22 +99,16 @@ class DecoderLayer(nnx.Module):
         return x, kv_pages
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(CausalLM):
     """Decoder-only transformer; `forward` maps a ragged token batch to hidden states.
 
-    The model interface every family implements (docs/architecture.md): `architectures`,
-    `__call__`, `compute_logits`, `checkpoint_shapes` and `state_from_checkpoint`.
     """
 
     # HF `architectures` names this class runs, each with its config.json `model_type`.
     architectures = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                      "Qwen2ForCausalLM": "qwen2"}
     qk_norm = False  # per-head q/k RMSNorm in every layer (Qwen3)
-    # transformers' names for ModelConfig's fields, where they differ, and defaults of its config
-    # class that a config.json may leave out.
-    hf_config_aliases: dict[str, str] = {}
-    hf_config_defaults: dict[str, Any] = {}
-    base_model_prefix = "model"  # checkpoints saved from the bare model lack "model."
+
     def __init__(self, config: ModelConfig, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         self.config = config

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pjllm.models.bloom import BloomForCausalLM
+from pjllm.models.falcon import FalconForCausalLM
 from pjllm.models.gemma3 import Gemma3ForCausalLM
 from pjllm.models.gpt2 import GPT2LMHeadModel
 from pjllm.models.gpt_neox import GPTNeoXForCausalLM
@@ -17,7 +18,7 @@ from pjllm.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_CLASSES: tuple[type[CausalLM], ...] = (LlamaForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel,
                                               GPTNeoXForCausalLM, Gemma3ForCausalLM,
-                                              BloomForCausalLM)
+                                              BloomForCausalLM, FalconForCausalLM)
 MODELS: dict[str, type[CausalLM]] = {
     architecture: cls for cls in MODEL_CLASSES for architecture in cls.architectures}
 _BY_MODEL_TYPE = {model_type: architecture for cls in MODEL_CLASSES

@@ -237,13 +237,14 @@ def test_unsupported_architecture(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"architectures \['BertForMaskedLM'\] not supported; "
                                          r"supported: LlamaForCausalLM, MistralForCausalLM, "
                                          r"Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel, "
-                                         r"GPTNeoXForCausalLM, Gemma3ForCausalLM, BloomForCausalLM"):
+                                         r"GPTNeoXForCausalLM, Gemma3ForCausalLM, BloomForCausalLM, "
+                                         r"FalconForCausalLM"):
         resolve_architecture(["BertForMaskedLM"])
     assert resolve_architecture(["Foo", "Qwen2ForCausalLM"]) == "Qwen2ForCausalLM"
     assert resolve_architecture(["mistral"]) == "MistralForCausalLM"
     assert set(MODELS) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM",
-                           "Gemma3ForCausalLM", "BloomForCausalLM"}
+                           "Gemma3ForCausalLM", "BloomForCausalLM", "FalconForCausalLM"}
     assert MODELS["Qwen3ForCausalLM"] is Qwen3ForCausalLM  # a class, not a name
     path, tensors = _golden_copy(tmp_path, "llama2")
     hf = load_hf_config(path)
@@ -417,3 +418,17 @@ def test_a_checkpoint_of_the_bare_model_loads(tmp_path) -> None:
     assert set(loaded) == set(tensors)
     for name, value in tensors.items():
         np.testing.assert_array_equal(loaded[name], value)
+
+
+def test_falcon_variants_from_the_config():
+    """Falcon's KV heads and LayerNorms follow multi_query / new_decoder_architecture; its
+    ALiBi variant is refused by name."""
+    with open(os.path.join(GOLDEN, "falcon_mqa", "config.json")) as f:
+        base = json.load(f)
+    for fields, kv_heads, norms in (({"multi_query": True}, 1, 1),
+                                    ({"multi_query": False}, 4, 1),
+                                    ({"new_decoder_architecture": True, "num_kv_heads": 2}, 2, 2)):
+        cfg = ModelConfig.from_hf_config({**base, **fields})
+        assert (cfg.num_kv_heads, cfg.parallel_norms) == (kv_heads, norms)
+    with pytest.raises(ValueError, match="alibi"):
+        ModelConfig.from_hf_config({**base, "alibi": True})

@@ -1,0 +1,152 @@
+"""Falcon: rotary attention with one fused Q/K/V per KV head group (multi-query in Falcon-7B;
+grouped KV heads in the new decoder architecture of Falcon-40B/180B), attention and MLP in
+parallel on one (or, new architecture, two) LayerNorm of the layer's input, a GELU MLP, tied
+output embeddings. (Falcon-RW's ALiBi variant is not supported: transformers computes its biases
+in bfloat16, which float32 attention cannot reproduce.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pjllm.config import ModelConfig
+from pjllm.kernels.attention_metadata import AttentionMetadata
+from pjllm.models.interface import CausalLM
+from pjllm.models.layers import MLP, LayerNorm, activation, call_layer, init_param
+from pjllm.models.llama import Attention, LlamaForCausalLM
+
+
+def _layer_norms(config: ModelConfig) -> tuple[str, ...]:
+    """The layer's LayerNorms by checkpoint name: the new architecture's two (attention, MLP),
+    else one shared by parallel attention and MLP, else one before each."""
+    if config.parallel_norms == 2:
+        return ("ln_attn", "ln_mlp")
+    return ("input_layernorm",) if config.parallel_residual else ("input_layernorm",
+                                                                   "post_attention_layernorm")
+
+
+class FalconDecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        embed, eps = config.hidden_size, config.layer_norm_eps
+        self.norm_names = _layer_norms(config)
+        self.parallel = config.parallel_residual
+        for name in self.norm_names:
+            setattr(self, name, LayerNorm(embed, eps, dtype))
+        self.self_attention = Attention(config, dtype, rngs)
+        self.mlp = MLP(embed, config.intermediate_size, dtype, rngs,
+                       activation=activation(config.hidden_act), bias=config.attention_bias)
+
+    def __call__(self, x, positions, inv_freq, kv_pages, metadata, *, backend):
+        attn_in = getattr(self, self.norm_names[0])(x)
+        attn_out, kv_pages = self.self_attention(attn_in, positions, inv_freq, kv_pages, metadata,
+                                                 backend)
+        if not self.parallel:
+            x = x + attn_out
+            return x + self.mlp(getattr(self, self.norm_names[1])(x)), kv_pages
+        mlp_in = getattr(self, self.norm_names[-1])(x) if len(self.norm_names) == 2 else attn_in
+        return x + attn_out + self.mlp(mlp_in), kv_pages
+
+
+class FalconForCausalLM(CausalLM):
+    architectures = {"FalconForCausalLM": "falcon"}
+    hf_config_aliases = {"attention_bias": "bias", "intermediate_size": "ffn_hidden_size",
+                         "hidden_act": "activation", "use_parallel_residual": "parallel_attn"}
+    hf_config_defaults = {"tie_word_embeddings": True, "layer_norm_epsilon": 1e-5,
+                          "activation": "gelu", "bias": False, "parallel_attn": True,
+                          "max_position_embeddings": 2048, "rope_theta": 10000.0}
+    base_model_prefix = "transformer"
+    rope_inv_freq = staticmethod(LlamaForCausalLM.rope_inv_freq)
+
+    @classmethod
+    def adapt_hf_config(cls, hf: dict[str, Any]) -> dict[str, Any]:
+        hf = super().adapt_hf_config(hf)
+        if hf.get("alibi"):
+            raise ValueError("Falcon with alibi=true (Falcon-RW) is not supported")
+        if hf.get("new_decoder_architecture"):
+            hf["num_key_value_heads"] = hf["num_kv_heads"]
+            hf["use_parallel_residual"] = True
+            if hf.get("num_ln_in_parallel_attn") == 1:
+                raise ValueError("Falcon's new decoder architecture with one LayerNorm "
+                                 "(num_ln_in_parallel_attn=1) is not supported")
+            hf["num_ln_in_parallel_attn"] = 2
+        else:
+            hf["num_ln_in_parallel_attn"] = 1
+            hf["num_key_value_heads"] = 1 if hf.get("multi_query", True) else hf["num_attention_heads"]
+        return hf
+
+    def __init__(self, config: ModelConfig, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        embed = config.hidden_size
+        self.word_embeddings = init_param((config.vocab_size, embed), ("vocab", "embed"), dtype,
+                                          rngs, 1.0)
+        self.h = nnx.List([FalconDecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.ln_f = LayerNorm(embed, config.layer_norm_eps, dtype)
+        self.inv_freq = nnx.Variable(jnp.asarray(self.rope_inv_freq(config)))
+
+    def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
+                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+        x = self.word_embeddings[...][token_ids]
+        inv_freq = self.inv_freq[...]
+        new_caches = []
+        for layer, kv_pages in zip(self.h, kv_caches):
+            x, kv_pages = call_layer(layer, x, positions, inv_freq, kv_pages, metadata,
+                                     backend=backend)
+            new_caches.append(kv_pages)
+        return self.ln_f(x), new_caches
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        return jnp.einsum("me,ve->mv", hidden, self.word_embeddings[...]).astype(jnp.float32)
+
+    @classmethod
+    def checkpoint_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        embed, inner = config.hidden_size, config.intermediate_size
+        qkv_rows = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        shapes = {"transformer.word_embeddings.weight": (config.vocab_size, embed),
+                  "transformer.ln_f.weight": (embed,), "transformer.ln_f.bias": (embed,)}
+        for i in range(config.num_layers):
+            p = f"transformer.h.{i}."
+            for norm in _layer_norms(config):
+                shapes[f"{p}{norm}.weight"] = shapes[f"{p}{norm}.bias"] = (embed,)
+            for name, (rows, cols) in (("self_attention.query_key_value", (qkv_rows, embed)),
+                                       ("self_attention.dense", (embed, embed)),
+                                       ("mlp.dense_h_to_4h", (inner, embed)),
+                                       ("mlp.dense_4h_to_h", (embed, inner))):
+                shapes[f"{p}{name}.weight"] = (rows, cols)
+                if config.attention_bias:
+                    shapes[f"{p}{name}.bias"] = (rows,)
+        return shapes
+
+    @classmethod
+    def state_from_checkpoint(cls, config: ModelConfig,
+                              hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        embed, heads, kv_heads = config.hidden_size, config.num_heads, config.num_kv_heads
+        head_dim, group = config.head_dim, heads // kv_heads
+        out = {"word_embeddings": hf["transformer.word_embeddings.weight"],
+               "ln_f/weight": hf["transformer.ln_f.weight"], "ln_f/bias": hf["transformer.ln_f.bias"],
+               "inv_freq": cls.rope_inv_freq(config)}
+        for i in range(config.num_layers):
+            p, q = f"transformer.h.{i}.", f"h/{i}/"
+            for norm in _layer_norms(config):
+                out[f"{q}{norm}/weight"] = hf[f"{p}{norm}.weight"]
+                out[f"{q}{norm}/bias"] = hf[f"{p}{norm}.bias"]
+            attn = p + "self_attention."
+            # query_key_value's rows, per KV head: its group's queries, its key, its value
+            # (multi-query: one KV head; MHA: groups of one) -> [embed, Hkv, G + 2, D].
+            out[q + "self_attention/qkv_proj/kernel"] = hf[attn + "query_key_value.weight"].T.reshape(
+                embed, kv_heads, group + 2, head_dim)
+            out[q + "self_attention/o_proj/kernel"] = hf[attn + "dense.weight"].T.reshape(
+                heads, head_dim, embed)
+            out[q + "mlp/up_proj/kernel"] = hf[p + "mlp.dense_h_to_4h.weight"].T
+            out[q + "mlp/down_proj/kernel"] = hf[p + "mlp.dense_4h_to_h.weight"].T
+            if config.attention_bias:
+                out[q + "self_attention/qkv_proj/bias"] = hf[attn + "query_key_value.bias"].reshape(
+                    kv_heads, group + 2, head_dim)
+                out[q + "self_attention/o_proj/bias"] = hf[attn + "dense.bias"]
+                out[q + "mlp/up_proj/bias"] = hf[p + "mlp.dense_h_to_4h.bias"]
+                out[q + "mlp/down_proj/bias"] = hf[p + "mlp.dense_4h_to_h.bias"]
+        return out
