@@ -105,8 +105,11 @@ class ModelConfig:
         """The longest context the model supports: max_position_embeddings, stretched by linear
         rope scaling (llama3 configs already state their extended length)."""
         scaling = self.rope_scaling or {}
-        if scaling.get("rope_type", scaling.get("type")) == "linear":
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in ("linear", "dynamic"):
             return int(self.max_position_embeddings * scaling.get("factor", 1.0))
+        if kind == "yarn":  # as vLLM: the original context, stretched
+            return int(scaling["original_max_position_embeddings"] * scaling["factor"])
         return self.max_position_embeddings
 
     @classmethod
@@ -141,6 +144,11 @@ class ModelConfig:
         if rope_scaling is not None and rope_scaling.get("rope_type",
                                                           rope_scaling.get("type")) == "default":
             rope_scaling = None
+        if (rope_scaling is not None and rope_scaling.get("rope_type") == "yarn"
+                and "original_max_position_embeddings" not in rope_scaling):
+            # (transformers' default for YaRN's original context.)
+            rope_scaling = {**rope_scaling,
+                            "original_max_position_embeddings": hf.get("max_position_embeddings")}
         sliding_window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         layer_types = hf.get("layer_types")
         if layer_types is None and sliding_window and architecture == "Qwen2ForCausalLM":

@@ -58,6 +58,12 @@ TINY_MODELS = {
                                            "factor": 4.0, "low_freq_factor": 1.0,
                                            "high_freq_factor": 4.0,
                                            "original_max_position_embeddings": 64}),
+    # YaRN rope scaling (Qwen2.5's long-context setting), original context 64 x factor 4.
+    "llama_yarn": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=32, tie_word_embeddings=False,
+                              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                               "factor": 4.0,
+                                               "original_max_position_embeddings": 64}),
     "mistral": MistralConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                              rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False),
     # Mistral with its sliding window, shorter than two of the three prompts.

@@ -23,7 +23,7 @@ from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
 from pjllm.models.layers import (GatedMLP, Linear, RMSNorm, activation, apply_rope, call_layer,
-                                 init_param, paged_attention, rope_inv_freq)
+                                 init_param, paged_attention, rope_attention_factor, rope_inv_freq)
 
 
 def has_o_bias(config: ModelConfig) -> bool:
@@ -49,6 +49,7 @@ class Attention(nnx.Module):
                                             config.num_kv_heads, config.head_dim)
         self.sliding_window = sliding_window
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
+        self.rope_scale = rope_attention_factor(config.rope_scaling)  # YaRN's; else 1
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.group = heads // kv_heads
         self.qkv_proj = Linear((embed,), (kv_heads, self.group + 2, head_dim), ("embed",),
@@ -71,8 +72,8 @@ class Attention(nnx.Module):
         k, v = qkv[:, :, self.group], qkv[:, :, self.group + 1]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, positions, inv_freq, self.rope_scale)
+        k = apply_rope(k, positions, inv_freq, self.rope_scale)
         out, kv_pages = paged_attention(q, k, v, kv_pages, metadata,
                                         sm_scale=self.sm_scale, backend=backend,
                                         sliding_window=self.sliding_window)

@@ -82,13 +82,28 @@ def numpy_dtype(dtype: Any) -> np.dtype:
 
 
 def load_hf_config(model_path: str) -> dict[str, Any]:
-    """The HF `config.json` dict of an HF directory / config.json, or one built from GGUF metadata."""
+    """The HF `config.json` dict of an HF directory / config.json, or one built from GGUF metadata
+    (its eos_token_id joined by generation_config.json's, or the file's end-of-turn token)."""
     source = resolve_model_source(model_path)
     if source.kind == "gguf":
         return gguf_file.gguf_to_hf_config(gguf_file.read_gguf(source.path))
     config_file = model_path if os.path.isfile(model_path) else os.path.join(source.path, "config.json")
     with open(config_file) as f:
-        return json.load(f)
+        config = json.load(f)
+    # End of generation as the model defines it: generation_config.json's EOS ids too (chat
+    # models list their end-of-turn token there, as Llama 3's <|eot_id|>), as vLLM does.
+    generation_path = os.path.join(source.path, "generation_config.json")
+    if os.path.exists(generation_path):
+        with open(generation_path) as f:
+            generation_eos = json.load(f).get("eos_token_id")
+        eos = [*_as_list(config.get("eos_token_id")), *_as_list(generation_eos)]
+        if eos:
+            config["eos_token_id"] = list(dict.fromkeys(eos))
+    return config
+
+
+def _as_list(value: Any) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 # generation_config.json fields that become default sampling parameters (vLLM's set), by the

@@ -13,7 +13,7 @@ import pjllm
 
 GOLDEN = pathlib.Path(__file__).parent.parent / "golden"
 # mistral_window: a sliding window of 8 tokens, shorter than two of the prompts.
-MODELS = ["llama2", "llama3", "mistral", "mistral_window", "qwen2", "qwen3", "llama_tied_mqa",
+MODELS = ["llama2", "llama3", "llama_yarn", "mistral", "mistral_window", "qwen2", "qwen3", "llama_tied_mqa",
           "llama_hd80", "gpt2", "gpt_neox", "gpt_neox_sequential", "gemma3", "bloom",
           "falcon_mqa", "falcon_new", "falcon_sequential"]
 # float32 through either attention path: within 1e-4 of transformers' float32 (on CPU, and on the

@@ -432,3 +432,12 @@ def test_falcon_variants_from_the_config():
         assert (cfg.num_kv_heads, cfg.parallel_norms) == (kv_heads, norms)
     with pytest.raises(ValueError, match="alibi"):
         ModelConfig.from_hf_config({**base, "alibi": True})
+
+
+def test_generation_config_eos_ids_end_generation_too(tmp_path) -> None:
+    """A chat model's end-of-turn token listed in generation_config.json stops generation as
+    its config.json's EOS does."""
+    path, _ = _golden_copy(tmp_path, "llama2")
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [2, 7]}, f)
+    assert ModelConfig.from_hf_config(load_hf_config(path)).eos_token_ids == (2, 7)
