@@ -92,6 +92,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
 
+    @property
+    def uniform_sliding_window(self) -> int | None:
+        """The window when every layer has the same one (then KV before it is never read
+        again), else None."""
+        windows = {self.layer_window(i) for i in range(self.num_layers)}
+        return windows.pop() if len(windows) == 1 else None
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of layer `layer`, or None for full attention."""
         if self.sliding_window is None:

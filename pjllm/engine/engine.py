@@ -121,8 +121,9 @@ class LLMEngine:
             attention_backend=self.attention_backend, max_logprobs=config.max_logprobs,
             swap_enabled=config.preemption_mode == "swap",
             cascade_attention=config.enable_prefix_caching and not config.disable_cascade_attn)
-        self.kv_cache_manager = KVCacheManager(num_pages, config.page_size,
-                                               config.enable_prefix_caching)
+        self.kv_cache_manager = KVCacheManager(
+            num_pages, config.page_size, config.enable_prefix_caching,
+            sliding_window=self.model_config.uniform_sliding_window)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,
                                    self.max_num_batched_tokens, config.scheduling_policy,
                                    self._num_swap_pages())

@@ -7,6 +7,10 @@ and the request's extra keys (its `cache_salt`), so equal hashes mean equal pref
 sequence starts from the longest run of cached pages that matches its tokens and computes only
 the rest. Freed pages keep their hash and stay findable until a page is needed and they are the
 least recently used free page.
+
+With a `sliding_window` (every layer of the model windowed), a sequence gives back the pages
+wholly before the window of the tokens it computes next: its block table keeps their ids (the
+attention kernels never read them), but it no longer holds them.
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ class KVCacheManager:
     the pages its computed tokens need.
     """
 
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None):
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1; got {num_pages}")
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self.ref_counts = [0] * num_pages
         self._page_hashes: list[bytes | None] = [None] * num_pages
         # Pages no sequence holds, least recently used first: taken from the front. Pages that
@@ -55,6 +61,8 @@ class KVCacheManager:
             range(num_pages))
         self._cached: dict[bytes, int] = {}
         self._tables: dict[int, list[int]] = {}
+        # seq_id -> how many leading pages of its table it gave back (outside its window).
+        self._released: dict[int, int] = {}
         # seq_id -> the chained hashes of its full pages whose tokens are known, in order, and
         # how many of its pages are cached already (or were looked at for caching).
         self._seq_hashes: dict[int, list[bytes]] = {}
@@ -68,8 +76,17 @@ class KVCacheManager:
         return len(self._free)
 
     def block_table(self, seq: Sequence) -> list[int]:
-        """`seq`'s pages in order (the pool's list: read it, do not change it)."""
+        """`seq`'s pages in order (the pool's list: read it, do not change it); the first
+        `num_released_pages(seq)` are given back and may hold other sequences' KV."""
         return self._tables.get(seq.seq_id, [])
+
+    def num_released_pages(self, seq: Sequence) -> int:
+        """Leading pages of `seq`'s table given back, as outside its sliding window."""
+        return self._released.get(seq.seq_id, 0)
+
+    def held_pages(self, seq: Sequence) -> list[int]:
+        """The pages `seq` holds: its table past those given back."""
+        return self.block_table(seq)[self.num_released_pages(seq):]
 
     def num_new_pages(self, seq: Sequence, num_new_tokens: int) -> int:
         """Pages `seq` needs beyond those it holds to store `num_new_tokens` more tokens of KV."""
@@ -110,6 +127,7 @@ class KVCacheManager:
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Gives `seq` the pages for `num_new_tokens` more tokens, and caches the pages that
         those tokens fill; False (and no change) if short of free pages."""
+        self._release_outside_window(seq)
         needed = self.num_new_pages(seq, num_new_tokens)
         if needed > len(self._free):
             return False
@@ -123,6 +141,33 @@ class KVCacheManager:
             self._cache_full_pages(seq, seq.num_computed_tokens + num_new_tokens)
         return True
 
+    def _release_outside_window(self, seq: Sequence) -> None:
+        """Gives back `seq`'s pages that hold only keys before the window of its next token
+        (position num_computed_tokens sees keys from num_computed_tokens - window + 1 on). A
+        step in flight may still read them: a page's next owner writes it in a later step."""
+        if self.sliding_window is None:
+            return
+        first_key = seq.num_computed_tokens - self.sliding_window + 1
+        outside = min(max(first_key, 0) // self.page_size, len(self.block_table(seq)))
+        released = self.num_released_pages(seq)
+        if outside <= released:
+            return
+        table = self._tables[seq.seq_id]
+        self._drop(table[released:outside])
+        self._released[seq.seq_id] = outside
+        # Pages given back before they were cached stay uncached: their ids may be reused.
+        self._num_pages_cached[seq.seq_id] = max(self._num_pages_cached.get(seq.seq_id, 0),
+                                                 outside)
+
+    def _drop(self, pages: list[int]) -> None:
+        """One hold less on each of `pages`, the last first (see `free`)."""
+        for page in reversed(pages):
+            self.ref_counts[page] -= 1
+            if self.ref_counts[page] == 0:
+                self._free[page] = None
+                if self._page_hashes[page] is None:
+                    self._free.move_to_end(page, last=False)
+
     def free(self, seq: Sequence, finished: bool = True) -> None:
         """Drops `seq`'s hold on its pages. A page no one else holds becomes free; one with a
         hash stays cached, the sequence's later pages ahead of its earlier ones in eviction
@@ -130,15 +175,11 @@ class KVCacheManager:
         come back (`finished=False`: preempted, or not admitted after all) keeps its page
         hashes, so its next lookup hashes only tokens that are new."""
         table = self._tables.pop(seq.seq_id, [])
+        released = self._released.pop(seq.seq_id, 0)
         if finished:
             self._seq_hashes.pop(seq.seq_id, None)
         self._num_pages_cached.pop(seq.seq_id, None)
-        for page in reversed(table):
-            self.ref_counts[page] -= 1
-            if self.ref_counts[page] == 0:
-                self._free[page] = None
-                if self._page_hashes[page] is None:
-                    self._free.move_to_end(page, last=False)
+        self._drop(table[released:])
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix (after the KV cache was rebuilt, or a step that filled
@@ -192,7 +233,7 @@ class KVCacheManager:
     def check_invariants(self, live_seqs: list[Sequence]) -> None:
         counts = [0] * self.num_pages
         for seq in live_seqs:
-            for page in self.block_table(seq):
+            for page in self.held_pages(seq):
                 counts[page] += 1
         assert set(self._tables) <= {seq.seq_id for seq in live_seqs}, "a dead sequence holds pages"
         assert counts == self.ref_counts, "a reference count is off"

@@ -233,7 +233,9 @@ class Scheduler:
         self.running.remove(seq)
         manager = self.kv_cache_manager
         num_pages = pages_needed(seq.num_computed_tokens, manager.page_size)
-        if (allow_swap and 0 < num_pages <= self.num_swap_pages - self.num_swapped_pages):
+        # (A sequence that gave pages back outside its window is recomputed.)
+        if (allow_swap and 0 < num_pages <= self.num_swap_pages - self.num_swapped_pages
+                and not manager.num_released_pages(seq)):
             self._swap_out.append((seq, manager.block_table(seq)[:num_pages]))
             self.swapped[seq.seq_id] = seq.num_computed_tokens
             self.num_swapped_pages += num_pages

@@ -244,6 +244,29 @@ def test_a_sliding_window_does_not_limit_the_context(tiny_model_path, tmp_path):
     assert [config.layer_window(i) for i in range(config.num_layers)] == [64] * config.num_layers
 
 
+def test_a_windowed_model_holds_only_its_window(tiny_model_path, tmp_path):
+    """Every layer windowed (16 tokens): a long generation holds the pages of its window (and
+    the page being written), not of its whole context; parity with transformers through such
+    a window is tests/models/test_hf_parity.py's mistral_window."""
+    config = json.loads(open(tiny_model_path).read())
+    path = tmp_path / "mistral.json"
+    path.write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"], "sliding_window": 16}))
+    llm = pjllm.LLM(str(path), load_format="dummy", dtype="float32", num_pages=64, page_size=8,
+                    compilation_cache_dir=None)
+    engine, manager = llm.engine, llm.engine.kv_cache_manager
+    for i, prompt in enumerate(_prompts(3, seed=4, low=20, high=30)):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=80, ignore_eos=True))
+    most = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        seqs = [seq for request in engine.requests.values() for seq in request.seqs]
+        manager.check_invariants(seqs)
+        most = max([most] + [len(manager.held_pages(seq)) for seq in seqs])
+    assert most <= 16 // 8 + 2  # not the ~14 pages of a 110-token context
+    assert manager.num_free_pages == manager.num_pages
+
+
 def test_background_warmup_serves_at_once_and_changes_no_output(make_llm):
     prompts = [{"prompt_token_ids": p} for p in _prompts(5, seed=8)]
     params = SamplingParams(temperature=0.7, max_tokens=6, seed=1, ignore_eos=True)

@@ -106,3 +106,26 @@ def test_a_sequence_that_comes_back_keeps_its_hashes_and_one_that_ends_does_not(
     assert _admit(kv, seq) == 3 * PAGE
     kv.free(seq)
     assert seq.seq_id not in kv._seq_hashes
+
+
+def test_pages_outside_a_sliding_window_are_given_back():
+    """With every layer windowed (8 tokens), a sequence computing token p needs keys from
+    p - 7 on: pages wholly before that go back to the pool (shared ones stay with their other
+    holder), the invariants hold, and finishing frees the rest."""
+    kv = KVCacheManager(num_pages=16, page_size=PAGE, sliding_window=8)
+    prompt = list(range(10, 30))  # 20 tokens: 5 pages
+    seq, other = _seq(0, prompt), _seq(1, prompt[:12] + [1])
+    _admit(kv, seq)
+    seq.num_computed_tokens = 20
+    assert kv.num_free_pages == 11
+    _admit(kv, other)  # shares the first 12 tokens' 3 pages; its token 12 sees keys 5..12
+    assert kv.num_released_pages(other) == 1  # page 0, which seq still holds
+    other.num_computed_tokens = 13
+    assert kv.allocate_slots(seq, 1)  # token 20 sees keys 13..20: pages 0-2 go
+    assert kv.num_released_pages(seq) == 3 and kv.held_pages(seq) == kv.block_table(seq)[3:]
+    kv.check_invariants([seq, other])
+    assert kv.num_free_pages == 16 - 6  # held: seq's pages 3-5; other's 1, 2 and its own
+    kv.free(seq)
+    kv.free(other)
+    kv.check_invariants([])
+    assert kv.num_free_pages == 16
