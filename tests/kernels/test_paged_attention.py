@@ -498,11 +498,15 @@ def test_sliding_window(data, num_tokens, num_seqs, decode_only, config):
         num_tokens, num_seqs, num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=8,
         max_context=min(MAX_PAGES * 8, window), config=config).block_kv
     huge, unread = batch.kv_pages.copy(), batch.kv_pages.copy()
+    before_window, still_read = set(), {0}  # (unused table entries name page 0)
     for i, (q_len, ctx) in enumerate(zip(batch.q_lens, batch.ctx_lens)):
         first_seen = max(ctx - q_len - window + 1, 0)  # the first query token's window start
         rows = np.arange(first_seen)
         huge[:, :, md.block_tables[i, rows // 8], rows % 8] = 1e30
-        unread[:, :, md.block_tables[i, :first_seen // block_kv * block_kv // 8]] = np.nan
+        first_read = first_seen // block_kv * block_kv // 8  # the first page of its first block
+        before_window.update(md.block_tables[i, :first_read].tolist())
+        still_read.update(md.block_tables[i, first_read:].tolist())
+    unread[:, :, sorted(before_window - still_read)] = np.nan
     q, md = jnp.asarray(batch.q), to_device(md)
     for kv in (unread, huge):
         got = np.asarray(pallas_attention.paged_attention(
