@@ -298,6 +298,39 @@ def make_smollm2(gguf_path: str) -> None:
     print(f"smollm2: {dict(quant_types)}; greedy: {chat['greedy_text']!r}")
 
 
+GEMMA3_270M_PROMPTS = ("The capital of France is", "Q: What is the capital of France?\nA:",
+                       "def fibonacci(n):")
+GEMMA3_270M_TOKENS = 24
+
+
+def make_gemma3_270m(gguf_path: str) -> None:
+    """tests/golden/gemma3_270m.json: transformers' greedy continuations (float32, from the same
+    Q4_K_M GGUF that `pjllm download gemma-3-270m` fetches) of a few prompts."""
+    directory, name = os.path.split(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                 dtype=torch.float32).eval()
+    records = []
+    for text in GEMMA3_270M_PROMPTS:
+        ids = tokenizer(text).input_ids
+        gen_config = GenerationConfig(do_sample=False, max_new_tokens=GEMMA3_270M_TOKENS,
+                                      eos_token_id=None, pad_token_id=0,
+                                      output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), generation_config=gen_config,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        greedy = out.sequences[0, len(ids):].tolist()
+        margins = [float(torch.topk(s[0].float(), 2).values[0] - torch.topk(s[0].float(), 2).values[1])
+                   for s in out.scores]
+        records.append({"prompt": text, "prompt_ids": ids, "greedy_ids": greedy,
+                        "greedy_text": tokenizer.decode(greedy), "greedy_min_margin": min(margins)})
+        print(f"gemma3_270m: {text!r} -> {tokenizer.decode(greedy)!r} (min margin {min(margins):.3f})")
+    with open(os.path.join(GOLDEN, "gemma3_270m.json"), "w") as f:
+        json.dump({"doc": "transformers greedy (do_sample=False, no EOS stop), float32 on CPU, "
+                          "logit margins of its steps", "gguf": name,
+                   "transformers_version": transformers.__version__, "prompts": records}, f, indent=1)
+
+
 BEAM_MODELS = ("llama3", "qwen2")
 BEAM_CASES = ((4, 6, 1.0), (3, 5, 0.5))  # (num_beams, max_new_tokens, length_penalty)
 # Beams whose scores lie closer than this could swap under float32 rounding differences.
@@ -352,12 +385,17 @@ def main() -> None:
     parser.add_argument("--gguf", help="path of SmolLM2-135M-Instruct.Q4_1.gguf "
                         "(default: pjllm's cached download)")
     parser.add_argument("--skip-gguf", action="store_true")
+    parser.add_argument("--gemma3-gguf", help="path of gemma-3-270m-q4_k_m.gguf (`pjllm download "
+                        "gemma-3-270m`): writes gemma3_270m.json")
     parser.add_argument("--only", action="append", choices=sorted(TINY_MODELS) + ["beam"],
                         help="write only this tiny model's goldens, or (beam) the beam search "
                              "goldens from the tiny models already written (repeatable)")
     args = parser.parse_args()
     os.makedirs(GOLDEN, exist_ok=True)
     torch.set_num_threads(4)
+    if args.gemma3_gguf:
+        make_gemma3_270m(args.gemma3_gguf)
+        return
     for name, config in TINY_MODELS.items():
         if args.only is None or name in args.only:
             make_tiny(name, config)

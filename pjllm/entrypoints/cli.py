@@ -108,9 +108,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from pjllm.models.default_model import download_default_model
+    from pjllm.models.default_model import download_model
 
-    print(download_default_model(args.cache_dir))
+    print(download_model(args.name, args.cache_dir))
     return 0
 
 
@@ -130,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pjllm {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
-    download = subparsers.add_parser("download", help="fetch, verify and cache the default model")
+    from pjllm.models.default_model import DEFAULT_MODEL, KNOWN_MODELS
+
+    download = subparsers.add_parser("download", help="fetch, verify and cache a known model "
+                                     "(default: the default model) and print its path")
+    download.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
     download.add_argument("--cache-dir", default=None)
     _add_serve_parser(subparsers)
     add_bench_parser(subparsers)

@@ -43,6 +43,7 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 # Architectures whose q/k rows llama.cpp's converter permutes.
 _PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
@@ -63,6 +64,20 @@ _LAYER_TENSOR_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where an architecture's layer tensors differ from the Llama names above.
+_ARCHITECTURE_LAYER_TENSOR_NAMES = {
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm",
+               "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+}
+# Architectures whose norm weights llama.cpp's converter stores as 1 + weight (Gemma's RMSNorm
+# multiplies by 1 + weight; transformers keeps the weight).
+_UNIT_OFFSET_NORM_ARCHITECTURES = ("gemma3",)
+# Gemma 3: every sixth layer is global, the rest local (transformers' sliding_window_pattern;
+# llama.cpp hardcodes it too, with the local layers' rotary base).
+_GEMMA3_GLOBAL_EVERY = 6
+_GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 _LAYER_TENSOR_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -224,7 +239,7 @@ def _llama3_rope_scaling(rope_factors: np.ndarray, head_dim: int, rope_theta: fl
 
 
 def gguf_to_hf_config(gguf: GGUFFile) -> dict[str, Any]:
-    """An HF `config.json` dict for a llama-family GGUF file.
+    """An HF `config.json` dict for a GGUF file of a supported architecture (GGUF_ARCHITECTURES).
 
     Raises ValueError for an architecture pjllm does not read from GGUF.
     """
@@ -266,9 +281,18 @@ def gguf_to_hf_config(gguf: GGUFFile) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
         "hidden_act": "silu",
     }
-    if arch != "qwen2":
+    if arch in ("llama", "mistral"):
         config["attention_bias"] = "blk.0.attn_q.bias" in gguf.tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in gguf.tensors
+    if arch == "gemma3":
+        num_layers = config["num_hidden_layers"]
+        config.update(
+            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=int(head_dim),
+            sliding_window=int(key("attention.sliding_window")),
+            rope_local_base_freq=_GEMMA3_LOCAL_ROPE_THETA,
+            layer_types=["full_attention" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0
+                         else "sliding_attention" for i in range(num_layers)])
+        del config["hidden_act"]
     scaling_type = key("rope.scaling.type")
     if scaling_type in ("linear", "yarn"):
         scaling = {"rope_type": scaling_type, "factor": float(key("rope.scaling.factor", 1.0))}
@@ -282,9 +306,12 @@ def gguf_to_hf_config(gguf: GGUFFile) -> dict[str, Any]:
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{gguf_key}" in md:
             config[hf_key] = int(md[f"tokenizer.ggml.{gguf_key}"])
-    # llama.cpp stops generation at eos and at eot (end of turn) when the file names one.
+    # llama.cpp stops generation at eos and at eot (end of turn) when the file names one, and
+    # at Gemma's <end_of_turn>, which chat turns end with.
     eos_ids = [int(md[f"tokenizer.ggml.{k}"]) for k in ("eos_token_id", "eot_token_id")
                if f"tokenizer.ggml.{k}" in md]
+    if arch == "gemma3" and tokens is not None and "<end_of_turn>" in tokens:
+        eos_ids.append(tokens.index("<end_of_turn>"))
     eos_ids = list(dict.fromkeys(eos_ids))
     if eos_ids:
         config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
@@ -295,15 +322,16 @@ def gguf_to_hf_config(gguf: GGUFFile) -> dict[str, Any]:
 # Weights
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The transformers name of a GGUF tensor (`blk.0.attn_q.weight` ->
-    `model.layers.0.self_attn.q_proj.weight`), or None for one with no HF counterpart."""
+def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
+    """The transformers name of a GGUF tensor of a file of `architecture` (`blk.0.attn_q.weight`
+    -> `model.layers.0.self_attn.q_proj.weight`), or None for one with no HF counterpart."""
     match = _LAYER_TENSOR_RE.match(gguf_name)
     if match:
         layer, part, kind = match.groups()
-        if part not in _LAYER_TENSOR_NAMES:
+        names = {**_LAYER_TENSOR_NAMES, **_ARCHITECTURE_LAYER_TENSOR_NAMES.get(architecture, {})}
+        if part not in names:
             return None
-        return f"model.layers.{layer}.{_LAYER_TENSOR_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{names[part]}.{kind}"
     base, _, kind = gguf_name.rpartition(".")
     if base in _GLOBAL_TENSOR_NAMES and kind in ("weight", "bias"):
         return f"{_GLOBAL_TENSOR_NAMES[base]}.{kind}"
@@ -330,12 +358,15 @@ def gguf_state_dict(gguf: GGUFFile, names: set[str], config: dict[str, Any],
     Names without a GGUF tensor are left out (the caller reports them).
     """
     permute = gguf.architecture in _PERMUTED_QK_ARCHITECTURES
+    unit_offset_norms = gguf.architecture in _UNIT_OFFSET_NORM_ARCHITECTURES
     out: dict[str, np.ndarray] = {}
     for gguf_name in gguf.tensors:
-        name = hf_tensor_name(gguf_name)
+        name = hf_tensor_name(gguf_name, gguf.architecture)
         if name is None or name not in names:
             continue
         values = gguf.tensor(gguf_name)
+        if unit_offset_norms and name.endswith("norm.weight"):
+            values = values - 1.0
         if permute and ".self_attn.q_proj." in name:
             values = unpermute_qk(values, config["num_attention_heads"])
         elif permute and ".self_attn.k_proj." in name:

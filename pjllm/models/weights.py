@@ -209,7 +209,7 @@ def load_hf_state_dict(model_path: str, dtype: Any = "float32") -> dict[str, np.
     gguf = gguf_file.read_gguf(source.path)
     shapes = {}
     for info in gguf.tensors.values():
-        name = gguf_file.hf_tensor_name(info.name)
+        name = gguf_file.hf_tensor_name(info.name, gguf.architecture)
         if name is not None:
             shapes[name] = info.shape
     _check_shapes(shapes, expected, source.path)
