@@ -15,8 +15,9 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, call_layer, init_param,
-                                 paged_attention)
+from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
+from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, init_param, paged_attention,
+                                 run_layers, tied_logits)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -32,6 +33,9 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return np.asarray(slopes, np.float32)
 
 
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
 class BloomAttention(nnx.Module):
     def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs):
         embed, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
@@ -41,7 +45,7 @@ class BloomAttention(nnx.Module):
         self.dense = Linear((heads, head_dim), (embed,), ("heads", "head_dim"), ("embed",), dtype,
                             rngs, bias=True)
 
-    def __call__(self, x, slopes, kv_pages, metadata, *, backend):
+    def __call__(self, x, kv_pages, metadata, slopes, *, backend):
         qkv = self.query_key_value(x)
         out, kv_pages = paged_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], kv_pages, metadata,
                                         sm_scale=self.head_dim ** -0.5, backend=backend,
@@ -58,9 +62,9 @@ class BloomBlock(nnx.Module):
         self.mlp = MLP(embed, config.intermediate_size, dtype, rngs,
                        activation=activation(config.hidden_act))
 
-    def __call__(self, x, slopes, kv_pages, metadata, *, backend):
-        attn_out, kv_pages = self.self_attention(self.input_layernorm(x), slopes, kv_pages,
-                                                 metadata, backend=backend)
+    def __call__(self, x, kv_pages, metadata, slopes, *, backend):
+        attn_out, kv_pages = self.self_attention(self.input_layernorm(x), kv_pages, metadata,
+                                                 slopes, backend=backend)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), kv_pages
 
@@ -88,32 +92,25 @@ class BloomForCausalLM(CausalLM):
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
         x = self.word_embeddings_layernorm(self.word_embeddings[...][token_ids])
-        slopes = self.alibi_slopes[...]
-        new_caches = []
-        for block, kv_pages in zip(self.h, kv_caches):
-            x, kv_pages = call_layer(block, x, slopes, kv_pages, metadata, backend=backend)
-            new_caches.append(kv_pages)
-        return self.ln_f(x), new_caches
+        x, kv_caches = run_layers(self.h, x, kv_caches, metadata, self.alibi_slopes[...],
+                                  backend=backend)
+        return self.ln_f(x), kv_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("me,ve->mv", hidden, self.word_embeddings[...]).astype(jnp.float32)
+        return tied_logits(hidden, self.word_embeddings[...])
 
     @classmethod
     def checkpoint_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
         embed, inner = config.hidden_size, config.intermediate_size
-        shapes = {"transformer.word_embeddings.weight": (config.vocab_size, embed)}
-        for norm in ("transformer.word_embeddings_layernorm", "transformer.ln_f"):
-            shapes[norm + ".weight"] = shapes[norm + ".bias"] = (embed,)
+        shapes = {"transformer.word_embeddings.weight": (config.vocab_size, embed),
+                  **layer_norm_shapes("transformer.", ("word_embeddings_layernorm", "ln_f"), embed)}
         for i in range(config.num_layers):
             p = f"transformer.h.{i}."
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                shapes[f"{p}{norm}.weight"] = shapes[f"{p}{norm}.bias"] = (embed,)
-            for name, (rows, cols) in (("self_attention.query_key_value", (3 * embed, embed)),
-                                       ("self_attention.dense", (embed, embed)),
-                                       ("mlp.dense_h_to_4h", (inner, embed)),
-                                       ("mlp.dense_4h_to_h", (embed, inner))):
-                shapes[f"{p}{name}.weight"] = (rows, cols)
-                shapes[f"{p}{name}.bias"] = (rows,)
+            shapes.update(layer_norm_shapes(p, _NORMS, embed))
+            shapes.update(linear_shapes(p, {"self_attention.query_key_value": (3 * embed, embed),
+                                            "self_attention.dense": (embed, embed),
+                                            "mlp.dense_h_to_4h": (inner, embed),
+                                            "mlp.dense_4h_to_h": (embed, inner)}))
         return shapes
 
     @classmethod
@@ -122,14 +119,10 @@ class BloomForCausalLM(CausalLM):
         embed, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
         out = {"word_embeddings": hf["transformer.word_embeddings.weight"],
                "alibi_slopes": alibi_slopes(heads)}
-        for ours, theirs in (("word_embeddings_layernorm", "transformer.word_embeddings_layernorm"),
-                             ("ln_f", "transformer.ln_f")):
-            out[ours + "/weight"], out[ours + "/bias"] = hf[theirs + ".weight"], hf[theirs + ".bias"]
+        copy_layer_norms(out, hf, "", "transformer.", ("word_embeddings_layernorm", "ln_f"))
         for i in range(config.num_layers):
             p, q = f"transformer.h.{i}.", f"h/{i}/"
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                out[f"{q}{norm}/weight"] = hf[f"{p}{norm}.weight"]
-                out[f"{q}{norm}/bias"] = hf[f"{p}{norm}.bias"]
+            copy_layer_norms(out, hf, q, p, _NORMS)
             attn = p + "self_attention."
             # query_key_value's rows are per head: its query, key and value -> [embed, H, 3, D].
             out[q + "self_attention/query_key_value/kernel"] = hf[

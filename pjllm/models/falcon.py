@@ -16,7 +16,8 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.layers import MLP, LayerNorm, activation, call_layer, init_param
+from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
+from pjllm.models.layers import MLP, LayerNorm, activation, init_param, run_layers, tied_logits
 from pjllm.models.llama import Attention, LlamaForCausalLM
 
 
@@ -40,7 +41,7 @@ class FalconDecoderLayer(nnx.Module):
         self.mlp = MLP(embed, config.intermediate_size, dtype, rngs,
                        activation=activation(config.hidden_act), bias=config.attention_bias)
 
-    def __call__(self, x, positions, inv_freq, kv_pages, metadata, *, backend):
+    def __call__(self, x, kv_pages, metadata, positions, inv_freq, *, backend):
         attn_in = getattr(self, self.norm_names[0])(x)
         attn_out, kv_pages = self.self_attention(attn_in, positions, inv_freq, kv_pages, metadata,
                                                  backend)
@@ -90,35 +91,27 @@ class FalconForCausalLM(CausalLM):
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
-        x = self.word_embeddings[...][token_ids]
-        inv_freq = self.inv_freq[...]
-        new_caches = []
-        for layer, kv_pages in zip(self.h, kv_caches):
-            x, kv_pages = call_layer(layer, x, positions, inv_freq, kv_pages, metadata,
-                                     backend=backend)
-            new_caches.append(kv_pages)
-        return self.ln_f(x), new_caches
+        x, kv_caches = run_layers(self.h, self.word_embeddings[...][token_ids], kv_caches, metadata,
+                                  positions, self.inv_freq[...], backend=backend)
+        return self.ln_f(x), kv_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("me,ve->mv", hidden, self.word_embeddings[...]).astype(jnp.float32)
+        return tied_logits(hidden, self.word_embeddings[...])
 
     @classmethod
     def checkpoint_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
         embed, inner = config.hidden_size, config.intermediate_size
         qkv_rows = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         shapes = {"transformer.word_embeddings.weight": (config.vocab_size, embed),
-                  "transformer.ln_f.weight": (embed,), "transformer.ln_f.bias": (embed,)}
+                  **layer_norm_shapes("transformer.", ("ln_f",), embed)}
         for i in range(config.num_layers):
             p = f"transformer.h.{i}."
-            for norm in _layer_norms(config):
-                shapes[f"{p}{norm}.weight"] = shapes[f"{p}{norm}.bias"] = (embed,)
-            for name, (rows, cols) in (("self_attention.query_key_value", (qkv_rows, embed)),
-                                       ("self_attention.dense", (embed, embed)),
-                                       ("mlp.dense_h_to_4h", (inner, embed)),
-                                       ("mlp.dense_4h_to_h", (embed, inner))):
-                shapes[f"{p}{name}.weight"] = (rows, cols)
-                if config.attention_bias:
-                    shapes[f"{p}{name}.bias"] = (rows,)
+            shapes.update(layer_norm_shapes(p, _layer_norms(config), embed))
+            shapes.update(linear_shapes(p, {"self_attention.query_key_value": (qkv_rows, embed),
+                                            "self_attention.dense": (embed, embed),
+                                            "mlp.dense_h_to_4h": (inner, embed),
+                                            "mlp.dense_4h_to_h": (embed, inner)},
+                                        bias=config.attention_bias))
         return shapes
 
     @classmethod
@@ -127,13 +120,11 @@ class FalconForCausalLM(CausalLM):
         embed, heads, kv_heads = config.hidden_size, config.num_heads, config.num_kv_heads
         head_dim, group = config.head_dim, heads // kv_heads
         out = {"word_embeddings": hf["transformer.word_embeddings.weight"],
-               "ln_f/weight": hf["transformer.ln_f.weight"], "ln_f/bias": hf["transformer.ln_f.bias"],
                "inv_freq": cls.rope_inv_freq(config)}
+        copy_layer_norms(out, hf, "", "transformer.", ("ln_f",))
         for i in range(config.num_layers):
             p, q = f"transformer.h.{i}.", f"h/{i}/"
-            for norm in _layer_norms(config):
-                out[f"{q}{norm}/weight"] = hf[f"{p}{norm}.weight"]
-                out[f"{q}{norm}/bias"] = hf[f"{p}{norm}.bias"]
+            copy_layer_norms(out, hf, q, p, _layer_norms(config))
             attn = p + "self_attention."
             # query_key_value's rows, per KV head: its group's queries, its key, its value
             # (multi-query: one KV head; MHA: groups of one) -> [embed, Hkv, G + 2, D].

@@ -33,7 +33,7 @@ class Gemma3DecoderLayer(nnx.Module):
         self.mlp = GatedMLP(embed, config.intermediate_size, dtype, rngs,
                             activation=activation(config.hidden_act))
 
-    def __call__(self, x, positions, inv_freq, kv_pages, metadata, *, backend):
+    def __call__(self, x, kv_pages, metadata, positions, inv_freq, *, backend):
         attn_out, kv_pages = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_pages,
                                             metadata, backend)
         x = x + self.post_attention_layernorm(attn_out)
@@ -77,7 +77,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         for layer, kv_pages in zip(self.layers, kv_caches):
             local = layer.self_attn.sliding_window is not None
             inv_freq = (self.local_inv_freq if local else self.inv_freq)[...]
-            x, kv_pages = call_layer(layer, x, positions, inv_freq, kv_pages, metadata,
+            x, kv_pages = call_layer(layer, x, kv_pages, metadata, positions, inv_freq,
                                      backend=backend)
             new_caches.append(kv_pages)
         return self.norm(x), new_caches

@@ -13,8 +13,9 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, call_layer, init_param,
-                                 paged_attention)
+from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes
+from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, init_param, paged_attention,
+                                 run_layers, tied_logits)
 
 
 class GPT2Attention(nnx.Module):
@@ -79,25 +80,21 @@ class GPT2LMHeadModel(CausalLM):
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
         x = self.wte[...][token_ids] + self.wpe[...][positions]
-        new_caches = []
-        for block, kv_pages in zip(self.h, kv_caches):
-            x, kv_pages = call_layer(block, x, kv_pages, metadata, backend=backend)
-            new_caches.append(kv_pages)
-        return self.ln_f(x), new_caches
+        x, kv_caches = run_layers(self.h, x, kv_caches, metadata, backend=backend)
+        return self.ln_f(x), kv_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("me,ve->mv", hidden, self.wte[...]).astype(jnp.float32)
+        return tied_logits(hidden, self.wte[...])
 
     @classmethod
     def checkpoint_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
         embed, inner = config.hidden_size, config.intermediate_size
         shapes = {"transformer.wte.weight": (config.vocab_size, embed),
                   "transformer.wpe.weight": (config.max_position_embeddings, embed),
-                  "transformer.ln_f.weight": (embed,), "transformer.ln_f.bias": (embed,)}
+                  **layer_norm_shapes("transformer.", ("ln_f",), embed)}
         for i in range(config.num_layers):
             p = f"transformer.h.{i}."
-            for norm in ("ln_1", "ln_2"):
-                shapes[f"{p}{norm}.weight"] = shapes[f"{p}{norm}.bias"] = (embed,)
+            shapes.update(layer_norm_shapes(p, ("ln_1", "ln_2"), embed))
             for name, (rows, cols) in (("attn.c_attn", (embed, 3 * embed)),
                                        ("attn.c_proj", (embed, embed)),
                                        ("mlp.c_fc", (embed, inner)), ("mlp.c_proj", (inner, embed))):
@@ -109,13 +106,11 @@ class GPT2LMHeadModel(CausalLM):
     def state_from_checkpoint(cls, config: ModelConfig,
                               hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         embed, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
-        out = {"wte": hf["transformer.wte.weight"], "wpe": hf["transformer.wpe.weight"],
-               "ln_f/weight": hf["transformer.ln_f.weight"], "ln_f/bias": hf["transformer.ln_f.bias"]}
+        out = {"wte": hf["transformer.wte.weight"], "wpe": hf["transformer.wpe.weight"]}
+        copy_layer_norms(out, hf, "", "transformer.", ("ln_f",))
         for i in range(config.num_layers):
             p, q = f"transformer.h.{i}.", f"h/{i}/"
-            for norm in ("ln_1", "ln_2"):
-                out[f"{q}{norm}/weight"] = hf[f"{p}{norm}.weight"]
-                out[f"{q}{norm}/bias"] = hf[f"{p}{norm}.bias"]
+            copy_layer_norms(out, hf, q, p, ("ln_1", "ln_2"))
             # c_attn's columns: all heads' queries, then keys, then values -> [embed, H, 3, D].
             out[q + "attn/qkv_proj/kernel"] = hf[p + "attn.c_attn.weight"].reshape(
                 embed, 3, heads, head_dim).transpose(0, 2, 1, 3)

@@ -14,8 +14,12 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.layers import MLP, LayerNorm, Linear, activation, call_layer, init_param
+from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
+from pjllm.models.layers import MLP, LayerNorm, Linear, activation, init_param, run_layers
 from pjllm.models.llama import Attention, LlamaForCausalLM
+
+
+_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
 class GPTNeoXLayer(nnx.Module):
@@ -28,7 +32,7 @@ class GPTNeoXLayer(nnx.Module):
         self.mlp = MLP(embed, config.intermediate_size, dtype, rngs,
                        activation=activation(config.hidden_act))
 
-    def __call__(self, x, positions, inv_freq, kv_pages, metadata, *, backend):
+    def __call__(self, x, kv_pages, metadata, positions, inv_freq, *, backend):
         attn_out, kv_pages = self.attention(self.input_layernorm(x), positions, inv_freq, kv_pages,
                                             metadata, backend)
         if self.parallel_residual:
@@ -58,14 +62,9 @@ class GPTNeoXForCausalLM(CausalLM):
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
-        x = self.embed_in[...][token_ids]
-        inv_freq = self.inv_freq[...]
-        new_caches = []
-        for layer, kv_pages in zip(self.layers, kv_caches):
-            x, kv_pages = call_layer(layer, x, positions, inv_freq, kv_pages, metadata,
-                                     backend=backend)
-            new_caches.append(kv_pages)
-        return self.final_layer_norm(x), new_caches
+        x, kv_caches = run_layers(self.layers, self.embed_in[...][token_ids], kv_caches, metadata,
+                                  positions, self.inv_freq[...], backend=backend)
+        return self.final_layer_norm(x), kv_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         return self.embed_out(hidden).astype(jnp.float32)
@@ -74,18 +73,14 @@ class GPTNeoXForCausalLM(CausalLM):
     def checkpoint_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
         embed, inner, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
         shapes = {"gpt_neox.embed_in.weight": (vocab, embed), "embed_out.weight": (vocab, embed),
-                  "gpt_neox.final_layer_norm.weight": (embed,),
-                  "gpt_neox.final_layer_norm.bias": (embed,)}
+                  **layer_norm_shapes("gpt_neox.", ("final_layer_norm",), embed)}
         for i in range(config.num_layers):
             p = f"gpt_neox.layers.{i}."
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                shapes[f"{p}{norm}.weight"] = shapes[f"{p}{norm}.bias"] = (embed,)
-            for name, (rows, cols) in (("attention.query_key_value", (3 * embed, embed)),
-                                       ("attention.dense", (embed, embed)),
-                                       ("mlp.dense_h_to_4h", (inner, embed)),
-                                       ("mlp.dense_4h_to_h", (embed, inner))):
-                shapes[f"{p}{name}.weight"] = (rows, cols)
-                shapes[f"{p}{name}.bias"] = (rows,)
+            shapes.update(layer_norm_shapes(p, _NORMS, embed))
+            shapes.update(linear_shapes(p, {"attention.query_key_value": (3 * embed, embed),
+                                            "attention.dense": (embed, embed),
+                                            "mlp.dense_h_to_4h": (inner, embed),
+                                            "mlp.dense_4h_to_h": (embed, inner)}))
         return shapes
 
     @classmethod
@@ -93,15 +88,11 @@ class GPTNeoXForCausalLM(CausalLM):
                               hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         embed, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
         out = {"embed_in": hf["gpt_neox.embed_in.weight"],
-               "embed_out/kernel": hf["embed_out.weight"].T,
-               "final_layer_norm/weight": hf["gpt_neox.final_layer_norm.weight"],
-               "final_layer_norm/bias": hf["gpt_neox.final_layer_norm.bias"],
-               "inv_freq": cls.rope_inv_freq(config)}
+               "embed_out/kernel": hf["embed_out.weight"].T, "inv_freq": cls.rope_inv_freq(config)}
+        copy_layer_norms(out, hf, "", "gpt_neox.", ("final_layer_norm",))
         for i in range(config.num_layers):
             p, q = f"gpt_neox.layers.{i}.", f"layers/{i}/"
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                out[f"{q}{norm}/weight"] = hf[f"{p}{norm}.weight"]
-                out[f"{q}{norm}/bias"] = hf[f"{p}{norm}.bias"]
+            copy_layer_norms(out, hf, q, p, _NORMS)
             # query_key_value's rows are per head: its query, key and value -> [embed, H, 3, D].
             out[q + "attention/qkv_proj/kernel"] = hf[p + "attention.query_key_value.weight"].T.reshape(
                 embed, heads, 3, head_dim)

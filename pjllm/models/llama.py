@@ -22,8 +22,9 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.layers import (GatedMLP, Linear, RMSNorm, activation, apply_rope, call_layer,
-                                 init_param, paged_attention, rope_attention_factor, rope_inv_freq)
+from pjllm.models.layers import (GatedMLP, Linear, RMSNorm, activation, apply_rope, init_param,
+                                 paged_attention, rope_attention_factor, rope_inv_freq, run_layers,
+                                 tied_logits)
 
 
 def has_o_bias(config: ModelConfig) -> bool:
@@ -92,7 +93,7 @@ class DecoderLayer(nnx.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, rngs,
                             activation=activation(config.hidden_act))
 
-    def __call__(self, x, positions, inv_freq, kv_pages, metadata, *, backend):
+    def __call__(self, x, kv_pages, metadata, positions, inv_freq, *, backend):
         attn_out, kv_pages = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_pages,
                                             metadata, backend)
         x = x + attn_out
@@ -135,21 +136,15 @@ class LlamaForCausalLM(CausalLM):
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
         """token_ids, positions: [T] -> (final hidden states [T, hidden], updated kv_caches)."""
         x = self.embed_tokens[...][token_ids]
-        inv_freq = self.inv_freq[...]
-        new_caches = []
-        for layer, kv_pages in zip(self.layers, kv_caches):
-            x, kv_pages = call_layer(layer, x, positions, inv_freq, kv_pages, metadata,
-                                     backend=backend)
-            new_caches.append(kv_pages)
-        return self.norm(x), new_caches
+        x, kv_caches = run_layers(self.layers, x, kv_caches, metadata, positions,
+                                  self.inv_freq[...], backend=backend)
+        return self.norm(x), kv_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [M, hidden] -> float32 logits [M, vocab]."""
         if self.lm_head is None:
-            logits = jnp.einsum("me,ve->mv", hidden, self.embed_tokens[...])
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+            return tied_logits(hidden, self.embed_tokens[...])
+        return self.lm_head(hidden).astype(jnp.float32)
 
     @classmethod
     def checkpoint_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:

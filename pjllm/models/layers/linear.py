@@ -43,3 +43,9 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+def tied_logits(hidden: jax.Array, embedding: jax.Array) -> jax.Array:
+    """Float32 logits [M, vocab] of hidden [M, embed] through a tied output layer: the token
+    embedding [vocab, embed]."""
+    return jnp.einsum("me,ve->mv", hidden, embedding).astype(jnp.float32)

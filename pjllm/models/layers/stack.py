@@ -22,3 +22,14 @@ def call_layer(layer: nnx.Module, *args: Any, backend: str) -> Any:
     num_layers (XLA inlines the calls, so the compiled program is unchanged)."""
     graphdef, state = nnx.split(layer)
     return _decoder_layer(graphdef, state, *args, backend=backend)
+
+
+def run_layers(layers: list[nnx.Module], x: jax.Array, kv_caches: list[jax.Array],
+               metadata: Any, *extra: Any, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+    """x through each layer in turn, `layer(x, kv_pages, metadata, *extra, backend=backend)`,
+    each with its own KV cache; returns (x, the updated caches)."""
+    new_caches = []
+    for layer, kv_pages in zip(layers, kv_caches):
+        x, kv_pages = call_layer(layer, x, kv_pages, metadata, *extra, backend=backend)
+        new_caches.append(kv_pages)
+    return x, new_caches
