@@ -27,6 +27,7 @@ from pjllm.config import ModelConfig
 from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
+from pjllm.runner.swap import SwappedPages, pad_pages, read_swapped, write_swapped
 from pjllm.runner.input_batch import MAX_BANNED_TOKENS, InputBatch, SampledRows
 from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, SORT_FREE_TOP_K,
@@ -128,42 +129,6 @@ class StepHandle:
     sampled: SamplerOutput
     prompt_logprobs: TokenLogprobs | None
     sampled_rows: SampledRows
-
-
-@dataclasses.dataclass
-class SwappedPages:
-    """A sequence's KV pages copied off the device (swap preemption): per layer
-    [2, num_kv_heads, B, page_size, head_dim] and their slots' token ids i32[B * page_size], B
-    the page count padded to a power of two. Device arrays until the next `fetch` moves them to
-    host memory."""
-
-    kv: list[Any]
-    page_tokens: Any
-    num_pages: int
-
-
-def _pad_pages(pages: list[int], fill: int) -> np.ndarray:
-    """Page ids padded with `fill` to a power-of-two length (a few compiled shapes)."""
-    size = 1 << max(len(pages) - 1, 0).bit_length()
-    return np.asarray(pages + [fill] * (size - len(pages)), np.int32)
-
-
-def _page_slots(pages: jax.Array, page_size: int) -> jax.Array:
-    """The KV slots of pages i32[B], page by page: i32[B * page_size]."""
-    return (pages[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
-
-
-def read_swapped(kv_caches: list[jax.Array], page_tokens: jax.Array, pages: jax.Array,
-                 page_size: int) -> tuple[list[jax.Array], jax.Array]:
-    return ([ops.read_pages(cache, pages) for cache in kv_caches],
-            page_tokens[_page_slots(pages, page_size)])
-
-
-def write_swapped(kv_caches: list[jax.Array], page_tokens: jax.Array, pages: jax.Array,
-                  kv: list[jax.Array], tokens: jax.Array,
-                  page_size: int) -> tuple[list[jax.Array], jax.Array]:
-    caches = [ops.write_pages(cache, pages, data) for cache, data in zip(kv_caches, kv)]
-    return caches, page_tokens.at[_page_slots(pages, page_size)].set(tokens, mode="drop")
 
 
 @dataclasses.dataclass
@@ -543,7 +508,7 @@ class ModelRunner:
     def swap_out(self, pages: list[int]) -> SwappedPages:
         """Copies KV pages `pages` off the device (launched now, before any later step can
         overwrite them; in host memory after the next fetch)."""
-        padded = _pad_pages(pages, pages[0])
+        padded = pad_pages(pages, pages[0])
         kv, tokens = self.programs.get(("swap_out", len(padded)))(self.kv_caches, self.page_tokens,
                                                                    padded)
         for array in (*kv, tokens):
@@ -555,7 +520,7 @@ class ModelRunner:
     def swap_in(self, pages: list[int], swapped: SwappedPages) -> None:
         """Writes `swapped` into KV pages `pages` (as many as it holds), before the next step."""
         assert len(pages) == swapped.num_pages, (len(pages), swapped.num_pages)
-        padded = _pad_pages(pages, self.num_pages)  # padding ids past the last page: dropped
+        padded = pad_pages(pages, self.num_pages)  # padding ids past the last page: dropped
         self.kv_caches, self.page_tokens = self.programs.get(("swap_in", len(padded)))(
             self.kv_caches, self.page_tokens, padded, swapped.kv, swapped.page_tokens)
 
