@@ -128,16 +128,13 @@ def paged_attention_partials_reference(q: jax.Array, kv_pages: jax.Array,
         return (kv_pages[0, heads, pages[None]].reshape(shape),
                 kv_pages[1, heads, pages[None]].reshape(shape), visible)
 
-    bias = None
-    if alibi_slopes is not None:
+    def alibi_bias(j):  # [Hkv, T, G, chunk]
         slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, 1, group, 1)
-
-        def bias(j):  # [Hkv, T, G, chunk]
-            distance = (j * chunk + jnp.arange(chunk))[None, :] - pos[:, None]
-            return slopes * distance[None, :, None, :].astype(jnp.float32)
+        distance = (j * chunk + jnp.arange(chunk))[None, :] - pos[:, None]
+        return slopes * distance[None, :, None, :].astype(jnp.float32)
 
     return _online_softmax(q, keys, num_steps, "htpd", sm_scale=sm_scale, first_step=first_step,
-                           bias=bias)
+                           bias=None if alibi_slopes is None else alibi_bias)
 
 
 def prefix_attention_partials_reference(q: jax.Array, kv_pages: jax.Array, prefix_pages: jax.Array,
