@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The speed issue's measurements on one GPU, Llama-3-8B config with dummy weights, bf16.
-# Usage (repository root): bash benchmarks/run_gpu_suite.sh [engine|compare|profile-hf|gemm|kernels] ...
+# The speed issue's measurements on one GPU, Llama-3-8B config with dummy weights, bf16; and the
+# model families' (parity on the Pallas path, chat throughput, the sliding-window decode kernel).
+# Usage (repository root): bash benchmarks/run_gpu_suite.sh [engine|compare|profile-hf|gemm|kernels|
+#                          parity|families|window] ...
 # Results (JSON + logs) land in $OUT when set (the device tool), else benchmarks/results/.
 set -u
 results=${OUT:-benchmarks/results}
@@ -39,6 +41,17 @@ for group in "$@"; do
       step hf-profile 300 "${compare[@]}" throughput --model $model --load-format dummy --dataset chat \
         --num-prompts 300 --backend hf --hf-cb-config '{"use_cuda_graph": true, "max_memory_percent": 0.5}' \
         --profile-dir /tmp/pjllm-hf-profile --output-json "$results/throughput-chat300-hf-profile.json" ;;
+    parity)  # every family's HF goldens (float32) through the Pallas kernels
+      step parity 400 python -m pytest -q -p no:cacheprovider tests/models/test_hf_parity.py -k pallas ;;
+    families)  # chat beside Llama-3-8B's, the same context limit (Llama-3-8B's 8,192)
+      for config in ${FAMILY_CONFIGS:-qwen3-8b gemma-3-12b-text llama-3-8b}; do
+        step "chat-$config" 280 "${bench[@]}" throughput --model benchmarks/configs/$config.json \
+          --load-format dummy --dataset chat --max-model-len 8192 \
+          --output-json "$results/throughput-chat-$config.json"
+      done ;;
+    window)  # a decode with a 1,024-token window at context 4,096, beside unwindowed 1,024 and 4,096
+      step window 200 python -m benchmarks.profile_kernels --cases "B64 ctx4096,B64 ctx1024" \
+        --impls pallas --output-json "$results/kernels-window.json" ;;
     gemm)  # matmul rates at the step's shapes, and whole prefill steps of the engine
       step gemm 120 python -m benchmarks.gemm_rates --config $model --output-json "$results/gemm-rates.json"
       step prefill-profile 200 python -m benchmarks.profile_steps --config $model --prefill --num-seqs 256 \

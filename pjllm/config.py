@@ -36,11 +36,9 @@ def _check_int(field: str, value: Any, minimum: int | None, or_none: bool = Fals
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder, in HF config terms.
-
-    One implementation serves Llama 2/3/3.1/3.2, Mistral and Qwen2/2.5: they differ only in the
-    fields below (q/k/v bias, tied embeddings, rope scaling, head counts).
-    """
+    """Architecture of a decoder-only model, in HF config terms (transformers' field names where
+    they differ are resolved by each family's `adapt_hf_config`); each family reads the fields
+    it uses."""
 
     architecture: str
     vocab_size: int
@@ -77,6 +75,8 @@ class ModelConfig:
     # as transformers names them), or every layer when layer_types is None (Mistral).
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
+    # ALiBi position biases instead of position embeddings (BLOOM, Falcon-RW).
+    alibi: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -99,6 +99,12 @@ class ModelConfig:
         windows = {self.layer_window(i) for i in range(self.num_layers)}
         return windows.pop() if len(windows) == 1 else None
 
+    @property
+    def has_full_causal_layers(self) -> bool:
+        """Whether some layer attends to its whole context with no position bias: the layers
+        cascade attention serves (a shared prefix read once for every sequence)."""
+        return not self.alibi and any(self.layer_window(i) is None for i in range(self.num_layers))
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of layer `layer`, or None for full attention."""
         if self.sliding_window is None:
@@ -110,10 +116,13 @@ class ModelConfig:
     @property
     def max_context_len(self) -> int:
         """The longest context the model supports: max_position_embeddings, stretched by linear
-        rope scaling (llama3 configs already state their extended length)."""
+        or dynamic rope scaling where the family's configs state the original context (llama3
+        configs, and Gemma 3's, state the extended one)."""
+        from pjllm.models.registry import model_class
+
         scaling = self.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind in ("linear", "dynamic"):
+        if kind in ("linear", "dynamic") and model_class(self.architecture).rope_scaling_extends_context:
             return int(self.max_position_embeddings * scaling.get("factor", 1.0))
         if kind == "yarn":  # as vLLM: the original context, stretched
             return int(scaling["original_max_position_embeddings"] * scaling["factor"])
@@ -191,6 +200,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             sliding_window=sliding_window,
             layer_types=tuple(layer_types) if layer_types is not None else None,
+            alibi=bool(hf.get("alibi", False)),
         )
 
 

@@ -122,6 +122,12 @@ TINY_MODELS = {
                                       num_attention_heads=4, multi_query=False,
                                       parallel_attn=False, bias=True, bos_token_id=1,
                                       eos_token_id=2, pad_token_id=0),
+    # Falcon-RW: ALiBi instead of rotary (4 heads: power-of-two slopes, so the bias transformers
+    # rounds to bfloat16 is exact over these short prompts), multi-head, sequential, biases.
+    "falcon_alibi": FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, multi_query=False, parallel_attn=False,
+                                 bias=True, alibi=True, bos_token_id=1, eos_token_id=2,
+                                 pad_token_id=0),
     # head_dim 80 (Phi-2, GPT-NeoX 2.7B): not a power of two, which the Pallas kernels pad inside.
     "llama_hd80": LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=80,
                               rope_theta=10000.0, tie_word_embeddings=False),

@@ -2,6 +2,8 @@
 
 Cases (Llama-3-8B attention: Hq 32, Hkv 8, head_dim 128, page 16, bf16):
   decode  B64/ctx2048, B256/ctx1024, B32/ctx8192, B1/ctx4096 (one token per sequence, T = N = B);
+          B64 at ctx4096 with a 1024-token sliding window, beside B64 at ctx1024 and ctx4096
+          without one: a windowed decode that reads only its window takes ctx1024's time;
   prefill one chunk of 512 or 2048 tokens at offset 0 and at a cached offset (T = chunk, N = 8,
           seven padding sequences, as the engine pads).
 Implementations on the same inputs:
@@ -19,8 +21,9 @@ they do not sit in L2, with about --target-ms of device work per rep; each rep i
 (block_until_ready) and time_ms is the median over reps of rep time / calls. Metadata preparation
 that does not depend on q (the ragged kernel's work list) is hoisted out of the loop by XLA, as it
 is shared by the layers of one engine step.
-Metrics: time (ms), KV GB/s = K and V bytes of every sequence's context / time (each read once),
-TFLOP/s = 4 * head_dim * Hq * (query, key) pairs inside the causal mask / time, and the error of
+Metrics: time (ms), KV GB/s = K and V bytes of every sequence's context / time (each read once;
+with a sliding window, only the keys inside some token's window count), TFLOP/s = 4 * head_dim *
+Hq * (query, key) pairs inside the causal mask (and window) / time, and the error of
 each output against the reference (max abs, and ||out - ref|| / ||ref||).
 
 On CPU (or with --small) tiny shapes run in Pallas interpret mode, so that the command and its
@@ -68,17 +71,32 @@ class Case:
     head_dim: int = 128
     page_size: int = 16
     dtype: str = "bfloat16"
+    sliding_window: int | None = None
 
     @property
     def max_pages(self) -> int:
         return max(-(-c // self.page_size) for c in self.ctx_lens)
 
+    @property
+    def max_context(self) -> int:
+        """The most keys one query reads, as the kernel sizes its tiles and splits."""
+        width = self.max_pages * self.page_size
+        return width if self.sliding_window is None else min(width, self.sliding_window)
+
+    def _keys_seen(self, position: int) -> int:
+        """Keys the query at `position` attends to: those up to it, inside its window if any."""
+        return position + 1 if self.sliding_window is None else min(position + 1, self.sliding_window)
+
     def kv_bytes(self) -> int:
+        """K and V bytes the sequences' queries need, each key once: from the first key inside
+        the window of a sequence's first query to the end of its context."""
         itemsize = np.dtype(self.dtype).itemsize if self.dtype != "bfloat16" else 2
-        return 2 * sum(self.ctx_lens) * self.num_kv_heads * self.head_dim * itemsize
+        keys = sum(q + self._keys_seen(c - q) - 1 for q, c in zip(self.q_lens, self.ctx_lens))
+        return 2 * keys * self.num_kv_heads * self.head_dim * itemsize
 
     def flops(self) -> int:
-        pairs = sum(sum(c - q + k + 1 for k in range(q)) for q, c in zip(self.q_lens, self.ctx_lens))
+        pairs = sum(sum(self._keys_seen(c - q + k) for k in range(q))
+                    for q, c in zip(self.q_lens, self.ctx_lens))
         return 4 * self.head_dim * self.num_q_heads * pairs
 
     def rates(self, time_ms: float) -> dict[str, float]:
@@ -90,7 +108,8 @@ class Case:
         return {"num_tokens": self.num_tokens, "num_seqs": self.num_seqs,
                 "q_lens": _summary(self.q_lens), "ctx_lens": _summary(self.ctx_lens),
                 "num_q_heads": self.num_q_heads, "num_kv_heads": self.num_kv_heads,
-                "head_dim": self.head_dim, "page_size": self.page_size, "dtype": self.dtype}
+                "head_dim": self.head_dim, "page_size": self.page_size, "dtype": self.dtype,
+                "sliding_window": self.sliding_window}
 
 
 def _summary(xs: tuple[int, ...]) -> str:
@@ -98,7 +117,8 @@ def _summary(xs: tuple[int, ...]) -> str:
 
 
 def _decode(b: int, ctx: int, **kw) -> Case:
-    return Case(f"decode B{b} ctx{ctx}", "decode", (1,) * b, (ctx,) * b, b, b, **kw)
+    window = f" window{kw['sliding_window']}" if kw.get("sliding_window") else ""
+    return Case(f"decode B{b} ctx{ctx}{window}", "decode", (1,) * b, (ctx,) * b, b, b, **kw)
 
 
 def _prefill(chunk: int, offset: int, num_seqs: int = 8, **kw) -> Case:
@@ -117,10 +137,13 @@ FULL_CASES = [
     _prefill(512, 0), _prefill(512, 1536), _prefill(2048, 0), _prefill(2048, 2048),
     # The engine's steady chunked-prefill step at 256 sequences, and its two halves alone.
     _mixed(255, 512, 288, 640, 256), _decode(255, 512), _prefill(288, 0),
+    # A sliding-window decode at four times its window, and the unwindowed decodes of the window's
+    # length and of the whole context.
+    _decode(64, 4096, sliding_window=1024), _decode(64, 1024), _decode(64, 4096),
 ]
 _SMALL = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
 SMALL_CASES = [
-    _decode(4, 70, **_SMALL), _decode(2, 33, **_SMALL),
+    _decode(4, 70, **_SMALL), _decode(2, 33, **_SMALL), _decode(2, 70, sliding_window=24, **_SMALL),
     _prefill(24, 0, num_seqs=2, **_SMALL), _prefill(20, 40, num_seqs=2, **_SMALL),
 ]
 
@@ -177,6 +200,7 @@ class Inputs:
     kvs: list                        # KV page sets [2, Hkv, P, ps, D] (rotated)
     sm_scale: float
     extra: dict                      # per-implementation layouts, built on demand
+    sliding_window: int | None = None
 
 
 def _kv_sets(case: Case, on_gpu: bool) -> int:
@@ -208,7 +232,7 @@ def make_inputs(case: Case, *, seed: int, on_gpu: bool) -> Inputs:
                    static_argnums=1)
     qs = [draw(qkey, q_shape)]
     kvs = [draw(k, kv_shape) for k in jax.random.split(kvkey, _kv_sets(case, on_gpu))]
-    return Inputs(md, qs, kvs, case.head_dim ** -0.5, {})
+    return Inputs(md, qs, kvs, case.head_dim ** -0.5, {}, case.sliding_window)
 
 
 def reference_output(inputs: Inputs) -> np.ndarray:
@@ -219,7 +243,8 @@ def reference_output(inputs: Inputs) -> np.ndarray:
     from pjllm.kernels import reference
 
     out = jax.jit(lambda q, kv: reference.paged_attention_reference(
-        q, kv, inputs.metadata, sm_scale=inputs.sm_scale))(inputs.qs[0], inputs.kvs[0])
+        q, kv, inputs.metadata, sm_scale=inputs.sm_scale, sliding_window=inputs.sliding_window)
+    )(inputs.qs[0], inputs.kvs[0])
     return np.asarray(out.astype(jnp.float32))
 
 
@@ -230,16 +255,18 @@ def pallas_fn(case: Case, inputs: Inputs, interpret: bool, config: BlockConfig |
     """The Pallas kernel on the case's metadata, as fn(q, kv); `config` overrides its table."""
     from pjllm.kernels import paged_attention as pallas_attention
 
-    md, scale = inputs.metadata, inputs.sm_scale
+    md, scale, window = inputs.metadata, inputs.sm_scale, inputs.sliding_window
     return lambda q, kv: pallas_attention.paged_attention(q, kv, md, sm_scale=scale,
-                                                          interpret=interpret, config=config)
+                                                          interpret=interpret, config=config,
+                                                          sliding_window=window)
 
 
 def _reference_fn(case: Case, inputs: Inputs, interpret: bool) -> Callable:
     from pjllm.kernels import reference
 
-    md, scale = inputs.metadata, inputs.sm_scale
-    return lambda q, kv: reference.paged_attention_reference(q, kv, md, sm_scale=scale)
+    md, scale, window = inputs.metadata, inputs.sm_scale, inputs.sliding_window
+    return lambda q, kv: reference.paged_attention_reference(q, kv, md, sm_scale=scale,
+                                                             sliding_window=window)
 
 
 def _bundled_fn(case: Case, inputs: Inputs, interpret: bool) -> tuple[Callable, list, list]:
@@ -252,8 +279,8 @@ def _bundled_fn(case: Case, inputs: Inputs, interpret: bool) -> tuple[Callable, 
         warnings.simplefilter("ignore", DeprecationWarning)
         from jax.experimental.pallas.ops.gpu import paged_attention as bundled
 
-    if case.kind != "decode" or case.num_tokens != case.num_seqs:
-        raise NotImplementedError("decode only")
+    if case.kind != "decode" or case.num_tokens != case.num_seqs or case.sliding_window:
+        raise NotImplementedError("decode without a sliding window only")
     md = inputs.metadata
     width = 1 << max(0, (case.max_pages - 1).bit_length())
     tables = jnp.pad(md.block_tables, ((0, 0), (0, width - md.block_tables.shape[1])))
@@ -276,8 +303,8 @@ def _cudnn_fn(case: Case, inputs: Inputs, on_gpu: bool) -> tuple[Callable, list,
     import jax
     import jax.numpy as jnp
 
-    if case.kind != "prefill" or len(case.q_lens) != 1:
-        raise NotImplementedError("prefill of one sequence only")
+    if case.kind != "prefill" or len(case.q_lens) != 1 or case.sliding_window:
+        raise NotImplementedError("prefill of one sequence without a sliding window only")
     md = inputs.metadata
     q_len, ctx = case.q_lens[0], case.ctx_lens[0]
     pages = md.block_tables[0, : -(-ctx // case.page_size)]
@@ -468,7 +495,7 @@ def launch_config(case: Case, config: BlockConfig | None = None) -> BlockConfig:
 
     return pa.launch_config(case.num_tokens, case.num_seqs, num_q_heads=case.num_q_heads,
                             num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
-                            page_size=case.page_size, max_context=case.max_pages * case.page_size,
+                            page_size=case.page_size, max_context=case.max_context,
                             dtype=case.dtype, config=config)
 
 

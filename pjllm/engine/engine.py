@@ -120,7 +120,10 @@ class LLMEngine:
             max_num_batched_tokens=self.max_num_batched_tokens, dtype=self.dtype,
             attention_backend=self.attention_backend, max_logprobs=config.max_logprobs,
             swap_enabled=config.preemption_mode == "swap",
-            cascade_attention=config.enable_prefix_caching and not config.disable_cascade_attn)
+            # (Windowed and ALiBi layers attend without it: a model of only those has no use
+            # for cascade programs.)
+            cascade_attention=(config.enable_prefix_caching and not config.disable_cascade_attn
+                               and self.model_config.has_full_causal_layers))
         self.kv_cache_manager = KVCacheManager(
             num_pages, config.page_size, config.enable_prefix_caching,
             sliding_window=self.model_config.uniform_sliding_window)

@@ -4,7 +4,6 @@ tied output embeddings."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -16,21 +15,8 @@ from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
 from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
-from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, init_param, paged_attention,
-                                 run_layers, tied_logits)
-
-
-def alibi_slopes(num_heads: int) -> np.ndarray:
-    """ALiBi's per-head slopes f32[num_heads] (Press et al.; BLOOM's and Falcon's): a geometric
-    sequence from 2^(-8/n) for the largest power of two n <= num_heads, then every other term of
-    the sequence for 2n, for the heads past n."""
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
-    slopes = [base ** i for i in range(1, closest + 1)]
-    if closest != num_heads:
-        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-        slopes += [extra ** i for i in range(1, 2 * (num_heads - closest), 2)]
-    return np.asarray(slopes, np.float32)
+from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, alibi_slopes, init_param,
+                                 paged_attention, run_layers, tied_logits)
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -74,7 +60,7 @@ class BloomForCausalLM(CausalLM):
     hf_config_aliases = {"hidden_size": "n_embed", "num_hidden_layers": "n_layer",
                          "num_attention_heads": "n_head"}
     # ALiBi has no position table; BLOOM was trained on 2,048-token sequences.
-    hf_config_defaults = {"tie_word_embeddings": True, "layer_norm_epsilon": 1e-5,
+    hf_config_defaults = {"alibi": True, "tie_word_embeddings": True, "layer_norm_epsilon": 1e-5,
                           "hidden_act": "gelu_pytorch_tanh", "max_position_embeddings": 2048}
     base_model_prefix = "transformer"
 

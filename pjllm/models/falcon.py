@@ -1,8 +1,7 @@
 """Falcon: rotary attention with one fused Q/K/V per KV head group (multi-query in Falcon-7B;
 grouped KV heads in the new decoder architecture of Falcon-40B/180B), attention and MLP in
 parallel on one (or, new architecture, two) LayerNorm of the layer's input, a GELU MLP, tied
-output embeddings. (Falcon-RW's ALiBi variant is not supported: transformers computes its biases
-in bfloat16, which float32 attention cannot reproduce.)"""
+output embeddings. Falcon-RW positions tokens with ALiBi biases instead of rotary embeddings."""
 
 from __future__ import annotations
 
@@ -17,7 +16,8 @@ from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
 from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
-from pjllm.models.layers import MLP, LayerNorm, activation, init_param, run_layers, tied_logits
+from pjllm.models.layers import (MLP, LayerNorm, activation, alibi_slopes, init_param, run_layers,
+                                 tied_logits)
 from pjllm.models.llama import Attention, LlamaForCausalLM
 
 
@@ -41,10 +41,10 @@ class FalconDecoderLayer(nnx.Module):
         self.mlp = MLP(embed, config.intermediate_size, dtype, rngs,
                        activation=activation(config.hidden_act), bias=config.attention_bias)
 
-    def __call__(self, x, kv_pages, metadata, positions, inv_freq, *, backend):
+    def __call__(self, x, kv_pages, metadata, positions, inv_freq, slopes, *, backend):
         attn_in = getattr(self, self.norm_names[0])(x)
         attn_out, kv_pages = self.self_attention(attn_in, positions, inv_freq, kv_pages, metadata,
-                                                 backend)
+                                                 backend, alibi_slopes=slopes)
         if not self.parallel:
             x = x + attn_out
             return x + self.mlp(getattr(self, self.norm_names[1])(x)), kv_pages
@@ -65,8 +65,6 @@ class FalconForCausalLM(CausalLM):
     @classmethod
     def adapt_hf_config(cls, hf: dict[str, Any]) -> dict[str, Any]:
         hf = super().adapt_hf_config(hf)
-        if hf.get("alibi"):
-            raise ValueError("Falcon with alibi=true (Falcon-RW) is not supported")
         if hf.get("new_decoder_architecture"):
             hf["num_key_value_heads"] = hf["num_kv_heads"]
             hf["use_parallel_residual"] = True
@@ -87,12 +85,26 @@ class FalconForCausalLM(CausalLM):
                                           rngs, 1.0)
         self.h = nnx.List([FalconDecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
         self.ln_f = LayerNorm(embed, config.layer_norm_eps, dtype)
-        self.inv_freq = nnx.Variable(jnp.asarray(self.rope_inv_freq(config)))
+        self.positions = nnx.Variable(jnp.asarray(self.position_table(config)))
+
+    @classmethod
+    def position_table(cls, config: ModelConfig) -> np.ndarray:
+        """What positions the tokens: rotary frequencies, or (Falcon-RW) the ALiBi slopes.
+
+        transformers scales Falcon's ALiBi bias by the softmax scale along with the scores, so
+        the slopes carry it. (It also rounds the bias to bfloat16, where this keeps float32, as
+        vLLM does: the two agree exactly while slope * position is a bfloat16, e.g. with at most
+        8 heads, whose slopes are powers of two, over fewer than 256 positions.)"""
+        if config.alibi:
+            return alibi_slopes(config.num_heads) * np.float32(config.head_dim ** -0.5)
+        return cls.rope_inv_freq(config)
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
                  metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+        table = self.positions[...]
+        inv_freq, slopes = (None, table) if self.config.alibi else (table, None)
         x, kv_caches = run_layers(self.h, self.word_embeddings[...][token_ids], kv_caches, metadata,
-                                  positions, self.inv_freq[...], backend=backend)
+                                  positions, inv_freq, slopes, backend=backend)
         return self.ln_f(x), kv_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
@@ -120,7 +132,7 @@ class FalconForCausalLM(CausalLM):
         embed, heads, kv_heads = config.hidden_size, config.num_heads, config.num_kv_heads
         head_dim, group = config.head_dim, heads // kv_heads
         out = {"word_embeddings": hf["transformer.word_embeddings.weight"],
-               "inv_freq": cls.rope_inv_freq(config)}
+               "positions": cls.position_table(config)}
         copy_layer_norms(out, hf, "", "transformer.", ("ln_f",))
         for i in range(config.num_layers):
             p, q = f"transformer.h.{i}.", f"h/{i}/"

@@ -51,6 +51,18 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
                           "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
                           "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}
     qk_norm = True
+    rope_scaling_extends_context = False  # 12B-27B: 131,072 positions, rope_scaling factor 8
+
+    @classmethod
+    def adapt_hf_config(cls, hf: dict[str, Any]) -> dict[str, Any]:
+        hf = super().adapt_hf_config(hf)
+        if hf.get("layer_types") is None:
+            # Configs written before transformers listed layer_types: every
+            # sliding_window_pattern-th layer is global, the others local.
+            every = hf.get("sliding_window_pattern", 6)
+            hf["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                                 for i in range(hf["num_hidden_layers"])]
+        return hf
 
     def __init__(self, config: ModelConfig, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)

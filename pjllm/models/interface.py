@@ -28,6 +28,9 @@ class CausalLM(nnx.Module):
     hf_config_defaults: ClassVar[dict[str, Any]] = {}
     # The prefix of the bare model's tensor names, which a checkpoint saved from it lacks.
     base_model_prefix: ClassVar[str] = "model"
+    # Whether linear / dynamic rope scaling stretches max_position_embeddings (Llama's configs
+    # state the original context), or the config states the stretched one already (Gemma 3).
+    rope_scaling_extends_context: ClassVar[bool] = True
 
     @classmethod
     def adapt_hf_config(cls, hf: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,8 @@ class Attention(nnx.Module):
     `qk_norm` (Qwen3, Gemma 3) each query and key head is RMS-normalised before rotary; with a
     `sliding_window` each token attends to itself and the sliding_window - 1 tokens before it.
     `sm_scale` overrides head_dim ** -0.5; `norm_unit_offset` makes the q/k norms Gemma's.
+    Positions come from rotary embeddings (`inv_freq`) or, in ALiBi models, from per-head
+    `alibi_slopes` biasing the scores instead.
     """
 
     def __init__(self, config: ModelConfig, dtype: Any, rngs: nnx.Rngs, qk_norm: bool = False,
@@ -65,19 +67,22 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_pages: jax.Array,
-                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array | None,
+                 kv_pages: jax.Array, metadata: AttentionMetadata, backend: str,
+                 alibi_slopes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         qkv = self.qkv_proj(x)
         num_tokens = x.shape[0]
         q = qkv[:, :, :self.group].reshape(num_tokens, self.num_heads, self.head_dim)
         k, v = qkv[:, :, self.group], qkv[:, :, self.group + 1]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, inv_freq, self.rope_scale)
-        k = apply_rope(k, positions, inv_freq, self.rope_scale)
+        if inv_freq is not None:
+            q = apply_rope(q, positions, inv_freq, self.rope_scale)
+            k = apply_rope(k, positions, inv_freq, self.rope_scale)
         out, kv_pages = paged_attention(q, k, v, kv_pages, metadata,
                                         sm_scale=self.sm_scale, backend=backend,
-                                        sliding_window=self.sliding_window)
+                                        sliding_window=self.sliding_window,
+                                        alibi_slopes=alibi_slopes)
         return self.o_proj(out), kv_pages
 
 

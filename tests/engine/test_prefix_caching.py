@@ -2,6 +2,8 @@
 cached pages of an earlier one's prompt, computes only the rest, and generates exactly what it
 would with caching off."""
 
+import pathlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -138,6 +140,21 @@ def test_cascade_attention_changes_no_output(make_llm, monkeypatch):
         for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
             assert {t: lp.logprob for t, lp in a.items()} == pytest.approx(
                 {t: lp.logprob for t, lp in b.items()}, abs=1e-4)
+
+
+def test_alibi_models_build_no_cascade_programs():
+    """BLOOM's layers all take ALiBi biases, which cascade attention's shared-prefix pass lacks:
+    its engine builds no cascade programs, and a shared prefix still hits the cache."""
+    golden = pathlib.Path(__file__).parent.parent / "golden" / "bloom"
+    with pjllm.LLM(str(golden), dtype="float32", max_model_len=128, page_size=PAGE,
+                   max_num_seqs=4, max_num_batched_tokens=64, compilation_cache_dir=None,
+                   skip_tokenizer_init=True) as llm:
+        assert not llm.engine.model_runner.cascade_attention
+        system = _tokens(12, 4 * PAGE)
+        _generate(llm, [system + [7]])
+        outputs = _generate(llm, [system + _tokens(30 + i, 3) for i in range(4)])
+        assert all(o.num_cached_tokens == 4 * PAGE for o in outputs)
+        assert not [key for key in llm.engine.model_runner.programs.keys() if "cascade" in key]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ GOLDEN = pathlib.Path(__file__).parent.parent / "golden"
 # mistral_window: a sliding window of 8 tokens, shorter than two of the prompts.
 MODELS = ["llama2", "llama3", "llama_yarn", "mistral", "mistral_window", "qwen2", "qwen3", "llama_tied_mqa",
           "llama_hd80", "gpt2", "gpt_neox", "gpt_neox_sequential", "gemma3", "bloom",
-          "falcon_mqa", "falcon_new", "falcon_sequential"]
+          "falcon_mqa", "falcon_new", "falcon_sequential", "falcon_alibi"]
 # float32 through either attention path: within 1e-4 of transformers' float32 (on CPU, and on the
 # GPU, where float32 must not mean TF32). The Pallas kernels run in interpret mode on CPU.
 ATOL = 1e-4

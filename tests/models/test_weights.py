@@ -421,8 +421,9 @@ def test_a_checkpoint_of_the_bare_model_loads(tmp_path) -> None:
 
 
 def test_falcon_variants_from_the_config():
-    """Falcon's KV heads and LayerNorms follow multi_query / new_decoder_architecture; its
-    ALiBi variant is refused by name."""
+    """Falcon's KV heads and LayerNorms follow multi_query / new_decoder_architecture; alibi
+    (Falcon-RW) replaces rotary with ALiBi, which BLOOM always has; cascade attention serves
+    neither."""
     with open(os.path.join(GOLDEN, "falcon_mqa", "config.json")) as f:
         base = json.load(f)
     for fields, kv_heads, norms in (({"multi_query": True}, 1, 1),
@@ -430,8 +431,11 @@ def test_falcon_variants_from_the_config():
                                     ({"new_decoder_architecture": True, "num_kv_heads": 2}, 2, 2)):
         cfg = ModelConfig.from_hf_config({**base, **fields})
         assert (cfg.num_kv_heads, cfg.parallel_norms) == (kv_heads, norms)
-    with pytest.raises(ValueError, match="alibi"):
-        ModelConfig.from_hf_config({**base, "alibi": True})
+    assert base.get("alibi") is False and ModelConfig.from_hf_config(base).has_full_causal_layers
+    rw = ModelConfig.from_hf_config({**base, "alibi": True})
+    assert rw.alibi and not rw.has_full_causal_layers
+    with open(os.path.join(GOLDEN, "bloom", "config.json")) as f:
+        assert ModelConfig.from_hf_config(json.load(f)).alibi
 
 
 def test_generation_config_eos_ids_end_generation_too(tmp_path) -> None:
@@ -441,3 +445,27 @@ def test_generation_config_eos_ids_end_generation_too(tmp_path) -> None:
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [2, 7]}, f)
     assert ModelConfig.from_hf_config(load_hf_config(path)).eos_token_ids == (2, 7)
+
+
+def test_gemma3_layer_types_from_the_older_pattern_field():
+    """A Gemma 3 config.json without layer_types (as the released ones were written) makes every
+    sliding_window_pattern-th layer global, transformers' rule, not every layer windowed."""
+    with open(os.path.join(GOLDEN, "gemma3", "config.json")) as f:
+        base = json.load(f)
+    del base["layer_types"]
+    for fields, globals_at in (({"num_hidden_layers": 12}, (5, 11)),
+                               ({"num_hidden_layers": 5, "sliding_window_pattern": 2}, (1, 3))):
+        cfg = ModelConfig.from_hf_config({**base, **fields})
+        assert [i for i in range(cfg.num_layers) if cfg.layer_window(i) is None] == list(globals_at)
+        assert cfg.layer_window(0) == base["sliding_window"]
+
+
+def test_context_length_under_linear_rope_scaling():
+    """Linear rope scaling stretches a Llama config's max_position_embeddings; Gemma 3's configs
+    state the stretched length already (131,072 positions with factor 8), as vLLM reads them."""
+    scaling = {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    for name, expected in (("llama2", 8 * 256), ("gemma3", 256)):
+        with open(os.path.join(GOLDEN, name, "config.json")) as f:
+            hf = {**json.load(f), "max_position_embeddings": 256, **scaling}
+        hf.pop("rope_parameters", None)
+        assert ModelConfig.from_hf_config(hf).max_context_len == expected

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
+import numpy as np
 
 from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
@@ -24,3 +27,16 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Arra
     out = ops.paged_attention(q, kv_pages, metadata, sm_scale=sm_scale, backend=backend,
                               sliding_window=sliding_window, alibi_slopes=alibi_slopes)
     return out, kv_pages
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's per-head slopes f32[num_heads] (Press et al.; BLOOM's and Falcon-RW's): a geometric
+    sequence from 2^(-8/n) for the largest power of two n <= num_heads, then every other term of
+    the sequence for 2n, for the heads past n."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** i for i in range(1, closest + 1)]
+    if closest != num_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** i for i in range(1, 2 * (num_heads - closest), 2)]
+    return np.asarray(slopes, np.float32)
