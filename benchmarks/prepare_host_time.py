@@ -18,6 +18,7 @@ import time
 import jax.numpy as jnp
 
 from pjllm.config import ModelConfig
+from pjllm.kernels.ops import AttentionBackend
 from pjllm.models.loader import build_model
 from pjllm.runner.model_runner import ModelRunner
 from pjllm.sampling_params import SamplingParams
@@ -36,7 +37,7 @@ def measure(num_seqs: int, context: int, max_model_len: int, page_size: int, ste
                          num_pages=num_seqs * pages_per_seq, page_size=page_size,
                          max_model_len=max_model_len, max_num_seqs=num_seqs,
                          max_num_batched_tokens=max(num_seqs, 256), dtype=jnp.float32,
-                         attention_backend="reference", max_logprobs=0)
+                         attention=AttentionBackend("reference"), max_logprobs=0)
     params = SamplingParams(temperature=0.8, top_k=50, seed=1)
     ids = list(range(num_seqs))
     held = -(-context // page_size)

@@ -247,6 +247,11 @@ class EngineConfig:
     preemption_mode: str = "recompute"
     swap_space: float = 4.0
     attention_backend: str = "auto"
+    # Tensor parallelism, as vLLM's: one model split across this many devices (attention by
+    # heads, MLP by features, embeddings by vocabulary; pjllm/sharding). Pipeline parallelism
+    # is not supported (only 1).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "pjllm", "xla"))
     # Compiling the step program of every token bucket ahead of use: "background" (the engine
@@ -290,7 +295,8 @@ class EngineConfig:
             raise ValueError(f"swap_space must be a number of GiB >= 0; got {self.swap_space!r}")
         _check_int("page_size", self.page_size, 1)
         _check_choice("page_size", self.page_size, PAGE_SIZES)
-        for name, minimum in (("max_num_seqs", 1), ("seed", None), ("max_logprobs", 0)):
+        for name, minimum in (("max_num_seqs", 1), ("seed", None), ("max_logprobs", 0),
+                              ("tensor_parallel_size", 1), ("pipeline_parallel_size", 1)):
             _check_int(name, getattr(self, name), minimum)
         for name in ("max_model_len", "num_pages", "max_num_batched_tokens"):
             if getattr(self, name) is not None:
@@ -299,6 +305,9 @@ class EngineConfig:
         if utilization is None or not 0.0 < utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be a number in (0, 1]; "
                              f"got {self.gpu_memory_utilization!r}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(f"pipeline_parallel_size must be 1 (pipeline parallelism is not "
+                             f"supported yet); got {self.pipeline_parallel_size}")
         for name in ("skip_tokenizer_init", "async_scheduling", "enable_prefix_caching",
                      "disable_cascade_attn"):
             if not isinstance(getattr(self, name), bool):

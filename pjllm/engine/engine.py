@@ -27,6 +27,7 @@ from pjllm.runner.memory import kv_cache_bytes
 from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
 from pjllm.runner.sampler import SamplerOutput, TokenLogprobs
 from pjllm.sampling_params import SamplingParams
+from pjllm.sharding import kv_head_replicas, make_mesh
 
 logger = logging.getLogger("pjllm")
 
@@ -92,9 +93,14 @@ class LLMEngine:
         self.max_model_len = self.inputs.max_model_len
         self.dtype = _resolve_dtype(config.dtype)
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        self.attention_backend = config.attention_backend
-        if self.attention_backend == "auto":
-            self.attention_backend = "reference" if jax.default_backend() == "cpu" else "pallas"
+        self.attention_backend = ops.resolve_backend(config.attention_backend)
+        # Always a mesh, of one device too: one code path for every degree of parallelism.
+        self.mesh = make_mesh(config.tensor_parallel_size)
+        kv_replicas = kv_head_replicas(self.model_config.num_heads, self.model_config.num_kv_heads,
+                                       config.tensor_parallel_size)
+        # The model as it runs: with each KV head copied where devices outnumber them.
+        self.model_config = dataclasses.replace(
+            self.model_config, num_kv_heads=self.model_config.num_kv_heads * kv_replicas)
 
         load_format = config.load_format
         if load_format == "auto":
@@ -103,9 +109,11 @@ class LLMEngine:
         self.startup_timings: dict[str, float] = {}
         start = time.perf_counter()
         graphdef, state = build_model(self.model_config, self.dtype, load_format, config.model,
-                                      config.seed)
+                                      config.seed, mesh=self.mesh, kv_head_replicas=kv_replicas)
         self.startup_timings["load_weights_s"] = time.perf_counter() - start
-        weights_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        # What one device holds: its shard of each split parameter, and the replicated ones whole.
+        weights_bytes = sum(leaf.addressable_shards[0].data.nbytes
+                            for leaf in jax.tree.leaves(state))
         num_pages = config.num_pages or self._num_pages_from_memory(weights_bytes)
         if num_pages * config.page_size < self.max_model_len:
             raise ValueError(
@@ -118,7 +126,8 @@ class LLMEngine:
             self.model_config, graphdef, state, num_pages=num_pages, page_size=config.page_size,
             max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, dtype=self.dtype,
-            attention_backend=self.attention_backend, max_logprobs=config.max_logprobs,
+            attention=ops.AttentionBackend(self.attention_backend, self.mesh),
+            max_logprobs=config.max_logprobs,
             swap_enabled=config.preemption_mode == "swap",
             # (Windowed and ALiBi layers attend without it: a model of only those has no use
             # for cascade programs.)
@@ -168,7 +177,7 @@ class LLMEngine:
 
     def _num_pages_from_memory(self, weights_bytes: int) -> int:
         cfg = self.model_config
-        page_bytes = self._page_bytes()
+        page_bytes = self._page_bytes() // self.config.tensor_parallel_size  # split by KV head
         itemsize = jnp.dtype(self.dtype).itemsize
         # Peak activations of one step: MLP intermediates for the token budget, plus float32
         # logits (and their sort) for every sequence, plus a margin for XLA's workspace.

@@ -6,21 +6,42 @@ index 0 = K, 1 = V; slot s = page * page_size + row. Nothing outside pjllm.kerne
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from pjllm.kernels import paged_attention as _pallas
 from pjllm.kernels import reference as _reference
 from pjllm.kernels.attention_metadata import AttentionMetadata
+from pjllm.sharding import MODEL_AXIS
 
 BACKENDS = ("auto", "reference", "pallas")
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """How a model's attention runs, fixed once per engine: the kernels ("reference" or
+    "pallas", resolved), and the mesh whose `model` axis splits attention heads across devices
+    (None: one device). Models pass it through to `attention` without looking inside."""
+
+    kernels: str
+    mesh: Mesh | None = None
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return self.mesh is not None and self.mesh.shape[MODEL_AXIS] > 1
+
+
 def allocate_kv_pages(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-                      dtype: jnp.dtype) -> jax.Array:
-    """Zeroed KV pages of one layer: [2, num_kv_heads, num_pages, page_size, head_dim]."""
-    return jnp.zeros((2, num_kv_heads, num_pages, page_size, head_dim), dtype)
+                      dtype: jnp.dtype, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+    """Zeroed KV pages of one layer: [2, num_kv_heads, num_pages, page_size, head_dim], placed
+    with `sharding` (each device zeroes only its own part)."""
+    shape = (2, num_kv_heads, num_pages, page_size, head_dim)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 def read_pages(kv_pages: jax.Array, pages: jax.Array) -> jax.Array:
@@ -47,6 +68,38 @@ def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.
     Returns the updated kv_pages (donate it to update in place).
     """
     return _reference.write_kv_reference(kv_pages, k, v, slot_mapping)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array,
+              metadata: AttentionMetadata, *, sm_scale: float, backend: AttentionBackend,
+              sliding_window: int | None = None,
+              alibi_slopes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Writes this step's K/V into the paged cache, then attends over it (`paged_attention`).
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_pages: [2, Hkv, P, page_size, D]. Returns (out
+    [T, Hq, D], kv_pages with k and v written). Under tensor parallelism each device runs the
+    kernels on its own heads (`shard_map` over the mesh's `model` axis: q, k, v, the pages and
+    the ALiBi slopes split by head, the metadata whole), so attention needs no communication.
+    """
+    step = functools.partial(_write_and_attend, sm_scale=sm_scale, kernels=backend.kernels,
+                             sliding_window=sliding_window)
+    if not backend.tensor_parallel:
+        return step(q, k, v, kv_pages, metadata, alibi_slopes)
+    heads = PartitionSpec(None, MODEL_AXIS)
+    slopes = None if alibi_slopes is None else PartitionSpec(MODEL_AXIS)
+    metadata_spec = jax.tree.map(lambda _: PartitionSpec(), metadata)
+    return jax.shard_map(step, mesh=backend.mesh,
+                         in_specs=(heads, heads, heads, heads, metadata_spec, slopes),
+                         out_specs=(heads, heads), check_vma=False)(
+        q, k, v, kv_pages, metadata, alibi_slopes)
+
+
+def _write_and_attend(q, k, v, kv_pages, metadata, alibi_slopes, *, sm_scale: float,
+                      kernels: str, sliding_window: int | None):
+    kv_pages = write_kv(kv_pages, k, v, metadata.slot_mapping)
+    out = paged_attention(q, kv_pages, metadata, sm_scale=sm_scale, backend=kernels,
+                          sliding_window=sliding_window, alibi_slopes=alibi_slopes)
+    return out, kv_pages
 
 
 def resolve_backend(backend: str) -> str:

@@ -15,8 +15,8 @@ from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
 from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
-from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, alibi_slopes, init_param,
-                                 paged_attention, run_layers, tied_logits)
+from pjllm.models.layers import (MLP, AttentionBackend, LayerNorm, Linear, activation, alibi_slopes,
+                                 init_param, paged_attention, run_layers, tied_logits)
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -76,7 +76,8 @@ class BloomForCausalLM(CausalLM):
         self.alibi_slopes = nnx.Variable(jnp.asarray(alibi_slopes(config.num_heads)))
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
-                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+                 metadata: AttentionMetadata,
+                 backend: AttentionBackend) -> tuple[jax.Array, list[jax.Array]]:
         x = self.word_embeddings_layernorm(self.word_embeddings[...][token_ids])
         x, kv_caches = run_layers(self.h, x, kv_caches, metadata, self.alibi_slopes[...],
                                   backend=backend)

@@ -16,8 +16,8 @@ from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
 from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
-from pjllm.models.layers import (MLP, LayerNorm, activation, alibi_slopes, init_param, run_layers,
-                                 tied_logits)
+from pjllm.models.layers import (MLP, AttentionBackend, LayerNorm, activation, alibi_slopes,
+                                 init_param, run_layers, tied_logits)
 from pjllm.models.llama import Attention, LlamaForCausalLM
 
 
@@ -100,7 +100,8 @@ class FalconForCausalLM(CausalLM):
         return cls.rope_inv_freq(config)
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
-                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+                 metadata: AttentionMetadata,
+                 backend: AttentionBackend) -> tuple[jax.Array, list[jax.Array]]:
         table = self.positions[...]
         inv_freq, slopes = (None, table) if self.config.alibi else (table, None)
         x, kv_caches = run_layers(self.h, self.word_embeddings[...][token_ids], kv_caches, metadata,

@@ -14,7 +14,8 @@ from flax import nnx
 
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
-from pjllm.models.layers import GatedMLP, RMSNorm, activation, call_layer, init_param, rope_inv_freq
+from pjllm.models.layers import (AttentionBackend, GatedMLP, RMSNorm, activation, call_layer,
+                                 init_param, rope_inv_freq)
 from pjllm.models.llama import Attention, LlamaForCausalLM
 
 _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -82,7 +83,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         return rope_inv_freq(config.head_dim, config.rope_local_theta, None)
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
-                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+                 metadata: AttentionMetadata,
+                 backend: AttentionBackend) -> tuple[jax.Array, list[jax.Array]]:
         embed = self.embed_tokens[...]
         x = embed[token_ids] * jnp.asarray(math.sqrt(self.config.hidden_size), embed.dtype)
         new_caches = []

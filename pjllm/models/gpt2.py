@@ -14,8 +14,8 @@ from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
 from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes
-from pjllm.models.layers import (MLP, LayerNorm, Linear, activation, init_param, paged_attention,
-                                 run_layers, tied_logits)
+from pjllm.models.layers import (MLP, AttentionBackend, LayerNorm, Linear, activation, init_param,
+                                 paged_attention, run_layers, tied_logits)
 
 
 class GPT2Attention(nnx.Module):
@@ -31,7 +31,7 @@ class GPT2Attention(nnx.Module):
                              rngs, bias=True)
 
     def __call__(self, x: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
-                 backend: str) -> tuple[jax.Array, jax.Array]:
+                 backend: AttentionBackend) -> tuple[jax.Array, jax.Array]:
         qkv = self.qkv_proj(x)
         out, kv_pages = paged_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], kv_pages, metadata,
                                         sm_scale=self.head_dim ** -0.5, backend=backend)
@@ -78,7 +78,8 @@ class GPT2LMHeadModel(CausalLM):
         self.ln_f = LayerNorm(embed, config.layer_norm_eps, dtype)
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
-                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+                 metadata: AttentionMetadata,
+                 backend: AttentionBackend) -> tuple[jax.Array, list[jax.Array]]:
         x = self.wte[...][token_ids] + self.wpe[...][positions]
         x, kv_caches = run_layers(self.h, x, kv_caches, metadata, backend=backend)
         return self.ln_f(x), kv_caches

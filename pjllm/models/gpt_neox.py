@@ -15,7 +15,8 @@ from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
 from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
-from pjllm.models.layers import MLP, LayerNorm, Linear, activation, init_param, run_layers
+from pjllm.models.layers import (MLP, AttentionBackend, LayerNorm, Linear, activation, init_param,
+                                 run_layers)
 from pjllm.models.llama import Attention, LlamaForCausalLM
 
 
@@ -61,7 +62,8 @@ class GPTNeoXForCausalLM(CausalLM):
         self.inv_freq = nnx.Variable(jnp.asarray(self.rope_inv_freq(config)))
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
-                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+                 metadata: AttentionMetadata,
+                 backend: AttentionBackend) -> tuple[jax.Array, list[jax.Array]]:
         x, kv_caches = run_layers(self.layers, self.embed_in[...][token_ids], kv_caches, metadata,
                                   positions, self.inv_freq[...], backend=backend)
         return self.final_layer_norm(x), kv_caches

@@ -10,6 +10,7 @@ from flax import nnx
 
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
+from pjllm.kernels.ops import AttentionBackend
 
 
 class CausalLM(nnx.Module):
@@ -42,7 +43,8 @@ class CausalLM(nnx.Module):
         return hf
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
-                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+                 metadata: AttentionMetadata,
+                 backend: AttentionBackend) -> tuple[jax.Array, list[jax.Array]]:
         """token_ids, positions [T] -> (final hidden states [T, hidden], kv_caches with this
         step's K/V written; one [2, Hkv, P, page_size, D] array per layer)."""
         raise NotImplementedError

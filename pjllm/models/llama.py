@@ -22,9 +22,9 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.layers import (GatedMLP, Linear, RMSNorm, activation, apply_rope, init_param,
-                                 paged_attention, rope_attention_factor, rope_inv_freq, run_layers,
-                                 tied_logits)
+from pjllm.models.layers import (AttentionBackend, GatedMLP, Linear, RMSNorm, activation,
+                                 apply_rope, init_param, paged_attention, rope_attention_factor,
+                                 rope_inv_freq, run_layers, tied_logits)
 
 
 def has_o_bias(config: ModelConfig) -> bool:
@@ -68,7 +68,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array | None,
-                 kv_pages: jax.Array, metadata: AttentionMetadata, backend: str,
+                 kv_pages: jax.Array, metadata: AttentionMetadata, backend: AttentionBackend,
                  alibi_slopes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         qkv = self.qkv_proj(x)
         num_tokens = x.shape[0]
@@ -138,7 +138,8 @@ class LlamaForCausalLM(CausalLM):
         return rope_inv_freq(rotary_dim, config.rope_theta, config.rope_scaling)
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
-                 metadata: AttentionMetadata, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+                 metadata: AttentionMetadata,
+                 backend: AttentionBackend) -> tuple[jax.Array, list[jax.Array]]:
         """token_ids, positions: [T] -> (final hidden states [T, hidden], updated kv_caches)."""
         x = self.embed_tokens[...][token_ids]
         x, kv_caches = run_layers(self.layers, x, kv_caches, metadata, positions,

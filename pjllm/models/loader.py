@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -9,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from pjllm.config import ModelConfig
 from pjllm.models.registry import model_class
+from pjllm.sharding import replicate_kv_heads, shard_state
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +24,14 @@ def _path_key(path: tuple) -> str:
 
 
 def build_model(model_config: ModelConfig, dtype: jnp.dtype, load_format: str, model_path: str,
-                seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
-    """Returns the model split into (graphdef, state), weights on the default device.
+                seed: int = 0, mesh: Mesh | None = None,
+                kv_head_replicas: int = 1) -> tuple[nnx.GraphDef, nnx.State]:
+    """Returns the model split into (graphdef, state), weights on the default device, or on
+    `mesh` placed by their logical axes (pjllm.sharding).
+
+    With `kv_head_replicas` > 1, `model_config` has that many copies of each of the
+    checkpoint's KV heads (tensor parallelism over more devices than KV heads) and the fused
+    Q/K/V weights are split to match (`sharding.replicate_kv_heads`).
 
     `load_format="dummy"` draws random weights on the device from `seed` (no checkpoint needed);
     otherwise weights come from `model_path` (HF directory or GGUF file) cast to `dtype`.
@@ -37,7 +46,9 @@ def build_model(model_config: ModelConfig, dtype: jnp.dtype, load_format: str, m
         from pjllm.models.weights import load_hf_state_dict
 
         hf_tensors = load_hf_state_dict(model_path, np.float32 if dtype == jnp.float32 else dtype)
-        arrays = model.state_from_checkpoint(model_config, hf_tensors)
+        checkpoint_config = dataclasses.replace(
+            model_config, num_kv_heads=model_config.num_kv_heads // kv_head_replicas)
+        arrays = model.state_from_checkpoint(checkpoint_config, hf_tensors)
         del hf_tensors
         abstract = nnx.eval_shape(lambda: model(model_config, dtype, nnx.Rngs(seed)))
         graphdef, abstract_state = nnx.split(abstract)
@@ -45,7 +56,8 @@ def build_model(model_config: ModelConfig, dtype: jnp.dtype, load_format: str, m
         leaves = []
         for path, variable in flat:
             key = _path_key(path)
-            array = arrays.pop(key)
+            array = replicate_kv_heads(arrays.pop(key), variable.get_metadata().get(
+                "logical_axes") or (), kv_head_replicas)
             expected = variable.get_value().shape
             if tuple(array.shape) != tuple(expected):
                 raise ValueError(f"parameter {key!r} has shape {array.shape}, expected {expected}")
@@ -53,6 +65,8 @@ def build_model(model_config: ModelConfig, dtype: jnp.dtype, load_format: str, m
             leaves.append(variable.replace(jnp.asarray(
                 array, dtype=dtype if isinstance(variable, nnx.Param) else array.dtype)))
         state = nnx.from_flat_state([(path, leaf) for (path, _), leaf in zip(flat, leaves)])
+    if mesh is not None:
+        state = shard_state(state, mesh)
     jax.block_until_ready(jax.tree.leaves(state))
     logger.info("model weights ready in %.1f s (%s)", time.perf_counter() - start, load_format)
     return graphdef, state

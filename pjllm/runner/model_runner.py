@@ -26,6 +26,7 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
+from pjllm.kernels.ops import AttentionBackend
 from pjllm.models.interface import CausalLM
 from pjllm.runner.swap import SwappedPages, pad_pages, read_swapped, write_swapped
 from pjllm.runner.input_batch import MAX_BANNED_TOKENS, InputBatch, SampledRows
@@ -34,6 +35,7 @@ from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, 
                                   SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
                                   compute_logprobs, sample)
 from pjllm.scheduler_output import SchedulerOutput
+from pjllm.sharding import kv_cache_sharding, replicated
 
 
 # The smallest token bucket, by JAX platform. On a GPU a step of up to 256 tokens is bound by
@@ -147,7 +149,7 @@ def matmul_precision(dtype: Any) -> str:
 
 def run_forward(weights: list[jax.Array], kv_caches: list[jax.Array], page_tokens: jax.Array,
                 last_tokens: jax.Array, batch: StepInput, *, graphdef: nnx.GraphDef,
-                state_treedef: Any, attention_backend: str, precision: str):
+                state_treedef: Any, attention: AttentionBackend, precision: str):
     """The forward over the ragged batch, as a pure function.
 
     `weights` is the model state's arrays as a flat list (`jax.tree.flatten(state)`, whose
@@ -162,9 +164,14 @@ def run_forward(weights: list[jax.Array], kv_caches: list[jax.Array], page_token
         model: CausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
         token_ids = jnp.where(batch.last_token_rows >= 0,
                               last_tokens[jnp.maximum(batch.last_token_rows, 0)], batch.token_ids)
-        hidden, kv_caches = model(token_ids, batch.positions, kv_caches, batch.attention,
-                                  attention_backend)
+        hidden, kv_caches = model(token_ids, batch.positions, kv_caches, batch.attention, attention)
         logits = model.compute_logits(hidden[batch.logits_indices])
+        if attention.mesh is not None:
+            # Whole on every device: sampling reads whole rows (gathered from the vocabulary
+            # shards), and the prompt logprobs program takes the hidden states as they are.
+            whole = replicated(attention.mesh)
+            logits = jax.lax.with_sharding_constraint(logits, whole)
+            hidden = jax.lax.with_sharding_constraint(hidden, whole)
     slots = batch.attention.slot_mapping
     page_tokens = page_tokens.at[jnp.where(slots >= 0, slots, page_tokens.shape[0])].set(
         token_ids, mode="drop")
@@ -235,9 +242,10 @@ class ModelRunner:
 
     def __init__(self, model_config: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, dtype: Any, attention_backend: str,
+                 max_num_batched_tokens: int, dtype: Any, attention: AttentionBackend,
                  max_logprobs: int, swap_enabled: bool = False, cascade_attention: bool = False):
         self.model_config = model_config
+        self.attention = attention  # its mesh holds the weights, the KV cache and every step
         self.swap_enabled = swap_enabled  # whether the warmup builds the swap programs
         # Whether steps whose sequences all begin with the same pages run cascade attention.
         self.cascade_attention = cascade_attention
@@ -262,7 +270,7 @@ class ModelRunner:
         precision = matmul_precision(dtype)
         model_statics = dict(graphdef=graphdef, state_treedef=state_treedef, precision=precision)
         forward = jax.jit(
-            functools.partial(run_forward, attention_backend=attention_backend, **model_statics),
+            functools.partial(run_forward, attention=attention, **model_statics),
             donate_argnames=("kv_caches", "page_tokens"), compiler_options=STEP_COMPILER_OPTIONS)
         sampler = jax.jit(functools.partial(run_sampler, page_size=page_size),
                           static_argnames=("flags",))
@@ -278,6 +286,8 @@ class ModelRunner:
             (self.weights, self.kv_caches, self.page_tokens, self.last_tokens))
         vocab, hidden_size = model_config.vocab_size, model_config.hidden_size
         max_pages = self.max_pages_per_seq
+        # The forward's logits and hidden states, whole on every device of the mesh.
+        whole = replicated(attention.mesh) if attention.mesh is not None else None
 
         def lower(key: tuple) -> jax.stages.Lowered:
             """Keys: ("forward", T), ("forward", T, "cascade"), ("sampler", N, flags),
@@ -290,12 +300,12 @@ class ModelRunner:
                 return forward.lower(weights, kv_caches, page_tokens, last_tokens, batch)
             if kind == "sampler":
                 batch = _abstract(dummy_batch(size, size, max_pages))
-                logits = jax.ShapeDtypeStruct((size, vocab), jnp.float32)
+                logits = jax.ShapeDtypeStruct((size, vocab), jnp.float32, sharding=whole)
                 return sampler.lower(logits, last_tokens, page_tokens, batch.sampling,
                                      batch.attention.block_tables, batch.attention.seq_lens,
                                      flags=key[2])
             if kind == "prompt_logprobs":
-                hidden = jax.ShapeDtypeStruct((size, hidden_size), dtype)
+                hidden = jax.ShapeDtypeStruct((size, hidden_size), dtype, sharding=whole)
                 return prompt_logprobs.lower(weights, hidden, jax.ShapeDtypeStruct((size,), jnp.int32))
             pages = jax.ShapeDtypeStruct((size,), jnp.int32)
             if kind == "swap_out":
@@ -313,15 +323,17 @@ class ModelRunner:
         """Fresh (zeroed) KV pages and sampled-token buffer, e.g. after a step failed on device
         and left the donated ones unusable. The persistent batch is the scheduler's to reset
         (its next message has `reset_batch`): its sequences' KV must be recomputed."""
-        cfg = self.model_config
+        cfg, mesh = self.model_config, self.attention.mesh
+        kv_sharding = kv_cache_sharding(mesh) if mesh is not None else None
+        whole = replicated(mesh) if mesh is not None else None
         self.kv_caches = [ops.allocate_kv_pages(self.num_pages, self.page_size, cfg.num_kv_heads,
-                                                cfg.head_dim, self.dtype)
+                                                cfg.head_dim, self.dtype, kv_sharding)
                           for _ in range(cfg.num_layers)]
         # The last sampled token of every row, kept on device so the next step can read tokens
         # the host has not seen yet (async scheduling). Fixed size, so it adds no compiled shapes.
-        self.last_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
+        self.last_tokens = jnp.zeros(self.max_num_seqs, jnp.int32, device=whole)
         # The token id of every KV slot (4 bytes beside each token's KV): the penalties' history.
-        self.page_tokens = jnp.zeros(self.num_pages * self.page_size, jnp.int32)
+        self.page_tokens = jnp.zeros(self.num_pages * self.page_size, jnp.int32, device=whole)
         # Swapped-out pages still on the device, moved to the host at the next fetch.
         self._swaps_on_device: list[SwappedPages] = []
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pjllm.config import ModelConfig
+from pjllm.kernels.ops import AttentionBackend
 from pjllm.models.loader import build_model
 from pjllm.runner.model_runner import ModelRunner, StepHandle
 from pjllm.runner.sampler import SORT_FREE_TOP_K, SamplerOutput
@@ -137,7 +138,7 @@ def test_prepare_matches_a_direct_construction(model, seed):
     config, graphdef, state = model
     runner = ModelRunner(config, graphdef, state, num_pages=NUM_PAGES, page_size=PAGE,
                          max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET,
-                         dtype=jnp.float32, attention_backend="reference", max_logprobs=4)
+                         dtype=jnp.float32, attention=AttentionBackend("reference"), max_logprobs=4)
     rng = np.random.default_rng(seed)
     free_pages = rng.permutation(NUM_PAGES).tolist()
     running: list[Seq] = []

@@ -10,12 +10,12 @@ from flax import nnx
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="backend")
-def _decoder_layer(graphdef: nnx.GraphDef, state: nnx.State, *args: Any, backend: str) -> Any:
+def _decoder_layer(graphdef: nnx.GraphDef, state: nnx.State, *args: Any, backend: Any) -> Any:
     # (Named for the profiles: a step's ops inside a layer carry "_decoder_layer" in their names.)
     return nnx.merge(graphdef, state)(*args, backend=backend)
 
 
-def call_layer(layer: nnx.Module, *args: Any, backend: str) -> Any:
+def call_layer(layer: nnx.Module, *args: Any, backend: Any) -> Any:
     """layer(*args, backend=backend) as a pure function of its state. Jitted so that inside the
     step's trace every layer after the first reuses the first one's jaxpr and lowering (layers
     alike have equal graphdefs): tracing and lowering a step costs one layer of each kind, not
@@ -25,7 +25,7 @@ def call_layer(layer: nnx.Module, *args: Any, backend: str) -> Any:
 
 
 def run_layers(layers: list[nnx.Module], x: jax.Array, kv_caches: list[jax.Array],
-               metadata: Any, *extra: Any, backend: str) -> tuple[jax.Array, list[jax.Array]]:
+               metadata: Any, *extra: Any, backend: Any) -> tuple[jax.Array, list[jax.Array]]:
     """x through each layer in turn, `layer(x, kv_pages, metadata, *extra, backend=backend)`,
     each with its own KV cache; returns (x, the updated caches)."""
     new_caches = []

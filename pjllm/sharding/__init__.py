@@ -1,0 +1,8 @@
+"""Parallelism on a jax.sharding mesh: the mesh, and how model axes map onto it."""
+
+from pjllm.sharding.mesh import (DATA_AXIS, MODEL_AXIS, kv_cache_sharding, kv_head_replicas,
+                                 make_mesh, param_sharding, replicate_kv_heads, replicated,
+                                 shard_state)
+
+__all__ = ["DATA_AXIS", "MODEL_AXIS", "kv_cache_sharding", "kv_head_replicas", "make_mesh",
+           "param_sharding", "replicate_kv_heads", "replicated", "shard_state"]

@@ -1,0 +1,82 @@
+"""Tensor parallelism on eight CPU devices: the tiny HF goldens split across 2 and 4 devices
+give transformers' prompt logprobs (within 1e-4) and greedy tokens, as one device does, with
+every split parameter and the KV cache spread over the mesh."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import pjllm
+from pjllm.sharding import MODEL_AXIS, kv_head_replicas, replicate_kv_heads
+
+GOLDEN = pathlib.Path(__file__).parent.parent / "golden"
+OPTIONS = dict(dtype="float32", max_model_len=128, page_size=8, max_num_seqs=4,
+               max_num_batched_tokens=32, compilation_cache_dir=None, skip_tokenizer_init=True)
+# (golden, tensor_parallel_size, attention kernels): GQA with KV heads = TP (qwen3: 2 of 4
+# heads), more KV heads than TP (llama2's 4 over 2, bloom's 6 over 2), fewer (llama3's 2 over 4,
+# multi-query Falcon's 1 over 2: each device gets a copy), and families other than Llama
+# (BLOOM's ALiBi slopes split with the heads, Gemma 3's windowed layers, GPT-2).
+CASES = [("llama2", 4, "pallas"), ("qwen3", 2, "pallas"), ("bloom", 2, "reference"),
+         ("gemma3", 2, "reference"), ("gpt2", 4, "reference"), ("llama2", 2, "reference"),
+         ("llama3", 4, "reference"), ("falcon_mqa", 2, "pallas")]
+
+
+@pytest.mark.parametrize("name,tp,kernels", CASES, ids=lambda v: str(v))
+def test_tensor_parallel_matches_transformers(name, tp, kernels):
+    prompts = json.loads((GOLDEN / name / "expected.json").read_text())["prompts"]
+    inputs = [{"prompt_token_ids": p["prompt_ids"]} for p in prompts]
+    with pjllm.LLM(str(GOLDEN / name), attention_backend=kernels, tensor_parallel_size=tp,
+                   **OPTIONS) as llm:
+        params = pjllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5,
+                                      ignore_eos=True)
+        for prompt, output in zip(prompts, llm.generate(inputs, params, use_tqdm=False)):
+            ids = prompt["prompt_ids"]
+            ours = [output.prompt_logprobs[i + 1][ids[i + 1]].logprob for i in range(len(ids) - 1)]
+            np.testing.assert_allclose(ours, prompt["prompt_logprobs"], atol=1e-4, rtol=0)
+        greedy = pjllm.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        outputs = llm.generate(inputs, greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == [p["greedy_ids"] for p in prompts]
+
+        runner = llm.engine.model_runner
+        for kv in runner.kv_caches:  # split by KV head over all tp devices
+            assert len(kv.sharding.device_set) == tp and kv.sharding.spec[1] == MODEL_AXIS
+            assert kv.addressable_shards[0].data.shape[1] == kv.shape[1] // tp
+        split = [w for w in runner.weights if MODEL_AXIS in tuple(w.sharding.spec)]
+        assert split and all(len(w.sharding.device_set) == tp for w in runner.weights)
+        held = sum(w.addressable_shards[0].data.nbytes for w in runner.weights)
+        assert held < sum(w.nbytes for w in runner.weights) / tp * 1.5  # no device holds it all
+
+
+def test_tensor_parallel_errors_name_the_field():
+    path = str(GOLDEN / "llama2")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) must divide the model's "
+                                         r"num_attention_heads \(4\)"):
+        pjllm.LLM(path, tensor_parallel_size=3, **OPTIONS)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(6\) must divide the model's "
+                                         r"num_key_value_heads \(8\) or be a multiple of it"):
+        kv_head_replicas(12, 8, 6)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(16\) x data_parallel_size "
+                                         rf"\(1\) = 16 devices, but only {len(jax.devices())}"):
+        pjllm.LLM(str(GOLDEN / "bloom"), tensor_parallel_size=16, **OPTIONS)
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be 1"):
+        pjllm.LLM(path, pipeline_parallel_size=2, **OPTIONS)
+
+
+def test_replicated_kv_heads_keep_every_query_with_its_key_and_value():
+    """[embed, Hkv=2, G=4 queries + K + V, D] as 2 replicas per KV head: 4 KV heads of 2
+    queries each, the queries in their order, each beside a copy of its own K and V."""
+    embed, kv_heads, group, head_dim = 3, 2, 4, 5
+    fused = np.arange(embed * kv_heads * (group + 2) * head_dim, dtype=np.float32).reshape(
+        embed, kv_heads, group + 2, head_dim)
+    out = replicate_kv_heads(fused, ("embed", "kv_heads", "qkv", "head_dim"), 2)
+    assert out.shape == (embed, 4, 4, head_dim)
+    queries = out[:, :, :2].reshape(embed, 8, head_dim)
+    np.testing.assert_array_equal(queries, fused[:, :, :group].reshape(embed, 8, head_dim))
+    for head in range(4):
+        np.testing.assert_array_equal(out[:, head, 2:], fused[:, head // 2, group:])
+    assert kv_head_replicas(4, 2, 4) == 2 and kv_head_replicas(4, 4, 2) == 1
+    norm = np.ones(5, np.float32)  # a parameter without the fused axes comes back as it is
+    assert replicate_kv_heads(norm, ("head_dim",), 2) is norm
