@@ -14,7 +14,7 @@ from pjllm.validation import as_float32, is_int
 # The allowed values of the string options (also the choices of the `pjllm bench` flags).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "pallas", "reference")
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 WARMUP_MODES = ("auto", "background", "blocking", "off")
 GENERATION_CONFIG_MODES = ("auto", "none")
 SCHEDULING_POLICIES = ("fcfs", "priority")

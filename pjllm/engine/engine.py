@@ -22,6 +22,7 @@ from pjllm.engine.scheduler import ScheduledSeq, ScheduledStep, Scheduler
 from pjllm.engine.sequence import Request, Sequence
 from pjllm.kernels import ops
 from pjllm.models.loader import build_model
+from pjllm.models.orbax_checkpoint import is_orbax_checkpoint
 from pjllm.outputs import CompletionOutput, FlatLogprobs, Logprob, RequestMetrics, RequestOutput
 from pjllm.runner.memory import kv_cache_bytes
 from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
@@ -104,7 +105,8 @@ class LLMEngine:
 
         load_format = config.load_format
         if load_format == "auto":
-            load_format = "gguf" if config.model.endswith(".gguf") else "safetensors"
+            load_format = ("gguf" if config.model.endswith(".gguf") else
+                           "orbax" if is_orbax_checkpoint(config.model) else "safetensors")
         # Seconds spent in each startup phase, for `pjllm bench startup` and logs.
         self.startup_timings: dict[str, float] = {}
         start = time.perf_counter()

@@ -114,6 +114,13 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from pjllm.models.orbax_checkpoint import convert_to_orbax
+
+    print(convert_to_orbax(args.model, args.out, args.dtype))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pjllm.bench import run_bench
 
@@ -136,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: the default model) and print its path")
     download.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
     download.add_argument("--cache-dir", default=None)
+    convert = subparsers.add_parser(
+        "convert", help="write a model (HF directory or GGUF file) as a pjllm checkpoint, whose "
+                        "weights restore straight onto the devices' shards")
+    convert.add_argument("model")
+    convert.add_argument("out", help="the directory to write (new or empty)")
+    convert.add_argument("--format", default="orbax", choices=["orbax"])
+    convert.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16",
+                                                              "float32"],
+                         help="the weights' dtype (auto: bfloat16)")
     _add_serve_parser(subparsers)
     add_bench_parser(subparsers)
     return parser
@@ -148,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        commands = {"generate": _generate, "download": _download, "serve": _serve, "bench": _bench}
+        commands = {"generate": _generate, "download": _download, "serve": _serve, "bench": _bench,
+                    "convert": _convert}
         return commands[args.command](args)
     except ValueError as error:
         print(f"pjllm: error: {error}", file=sys.stderr)
