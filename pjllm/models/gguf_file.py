@@ -3,14 +3,23 @@
 A GGUF holds its config and tokenizer as metadata under llama.cpp's key names and its weights
 under llama.cpp's tensor names, quantized in ggml block formats. This module turns those into
 what the rest of pjllm reads from an HF checkpoint: a `config.json`-style dict, and a state dict
-named and laid out like transformers' Llama/Mistral/Qwen2 models.
+named and laid out like transformers' Llama/Mistral/Qwen2/Gemma 3 models.
 
-Two things llama.cpp's converter changes besides names are undone here:
+gguf-py (the `gguf` package, kept by llama.cpp's authors) supplies the format's constants, the
+dequantizers (`gguf.quants.dequantize`, called on flat runs of blocks: see _VALUES_PER_CALL) and
+the GGUF name of each HF tensor name per architecture (`gguf.get_tensor_name_map`). The header is
+parsed here: `gguf.GGUFReader` makes a numpy view of every element of every metadata array, and
+on the vocabularies of real files took 27x (SmolLM2, 49k tokens) and 49x (Gemma 3, 262k tokens)
+as long as this parser (docs/architecture.md has the numbers).
+
+What llama.cpp's converter changes besides names is undone here:
 - For the `llama` architecture (which Mistral files use too), the rows of q_proj and k_proj (and
   their biases) are permuted from HF's half-split rotary layout to interleaved pairs; we apply the
   inverse permutation, as transformers' GGUF loader does. `qwen2` files are not permuted.
 - Llama 3.x rope scaling is stored as a precomputed `rope_freqs.weight` tensor of per-frequency
   divisors rather than as config values; we fit the `llama3` rope_scaling parameters back from it.
+- Gemma 3's norm weights are stored as 1 + weight, and its layer pattern and local rotary base are
+  not stored at all (llama.cpp hardcodes them).
 """
 
 from __future__ import annotations
@@ -20,57 +29,38 @@ import functools
 import logging
 import math
 import os
-import re
 import struct
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
-
-from pjllm.models import ggml_quants
+from gguf.constants import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC,
+                            MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFValueType)
+from gguf.quants import dequantize
+from gguf.tensor_mapping import get_tensor_name_map
 
 logger = logging.getLogger(__name__)
 
-_GGUF_MAGIC = b"GGUF"
-_DEFAULT_ALIGNMENT = 32
-
-# Metadata value types: fixed-size scalars by struct format; 8 = string, 9 = array.
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                   10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
+# The GGUF versions whose header layout the parser below reads.
+_SUPPORTED_VERSIONS = (2, 3)
+# Little-endian struct formats of the fixed-size metadata value types (strings and arrays are
+# length-prefixed, read by _Cursor.value).
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.FLOAT64: "<d", GGUFValueType.BOOL: "<?",
+}
 
 # general.architecture -> (HF architecture, HF model_type).
 GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
-    "mistral": ("MistralForCausalLM", "mistral"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
+# llama.cpp writes Mistral models as `llama`; transformers maps them back by general.name.
+_MISTRAL = ("MistralForCausalLM", "mistral")
 # Architectures whose q/k rows llama.cpp's converter permutes.
-_PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
-
-_GLOBAL_TENSOR_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_TENSOR_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# Where an architecture's layer tensors differ from the Llama names above.
-_ARCHITECTURE_LAYER_TENSOR_NAMES = {
-    "gemma3": {"ffn_norm": "pre_feedforward_layernorm",
-               "post_attention_norm": "post_attention_layernorm",
-               "post_ffw_norm": "post_feedforward_layernorm",
-               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
-}
+_PERMUTED_QK_ARCHITECTURES = ("llama",)
 # Architectures whose norm weights llama.cpp's converter stores as 1 + weight (Gemma's RMSNorm
 # multiplies by 1 + weight; transformers keeps the weight).
 _UNIT_OFFSET_NORM_ARCHITECTURES = ("gemma3",)
@@ -78,7 +68,19 @@ _UNIT_OFFSET_NORM_ARCHITECTURES = ("gemma3",)
 # llama.cpp hardcodes it too, with the local layers' rotary base).
 _GEMMA3_GLOBAL_EVERY = 6
 _GEMMA3_LOCAL_ROPE_THETA = 10_000.0
-_LAYER_TENSOR_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# gguf-py dequantizes an array 16 rows per step, and rows of a few hundred values (SmolLM2's 576,
+# Gemma 3 270M's 640) make its per-step overhead most of the cost. Block formats ignore rows, so
+# we pass it flat runs of this many values instead (1 MiB of float32, so its temporaries stay in
+# cache): faster than whole tensors, and than runs 8x as long (docs/architecture.md).
+_VALUES_PER_CALL = 1 << 18
+
+
+def _ggml_type_name(type_id: int) -> str:
+    """`Q4_K` for 12; `type 99` for an id gguf-py does not know."""
+    try:
+        return GGMLQuantizationType(type_id).name
+    except ValueError:
+        return f"type {type_id}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +89,8 @@ class GGUFTensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    ggml_type: int
+    ggml_type: int  # a GGMLQuantizationType value, or an id gguf-py does not know
     offset: int  # absolute byte offset in the file
-    nbytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,29 +106,53 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.metadata["general.architecture"])
 
-    def raw(self, name: str) -> np.ndarray:
-        """The bytes of tensor `name`, as a uint8 view into the memory map."""
-        info = self.tensors[name]
-        return self.data[info.offset:info.offset + info.nbytes]
-
     def tensor(self, name: str) -> np.ndarray:
-        """Tensor `name`, dequantized to float32, in numpy order ([out, in] for a weight)."""
+        """Tensor `name`, dequantized to float32, in numpy order ([out, in] for a weight).
+
+        Raises ValueError for a ggml type gguf-py cannot dequantize, or a truncated file.
+        """
         info = self.tensors[name]
-        return ggml_quants.dequantize(self.raw(name), info.ggml_type, info.shape)
+        try:
+            qtype = GGMLQuantizationType(info.ggml_type)
+        except ValueError:
+            raise self._cannot_dequantize(info) from None
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        if info.shape and info.shape[-1] % block_size:
+            raise ValueError(f"tensor {name!r} in {self.path}: {qtype.name} rows must be a "
+                             f"multiple of {block_size} values; got shape {info.shape}")
+        n_blocks = math.prod(info.shape) // block_size
+        raw = self.data[info.offset:info.offset + n_blocks * type_size]
+        if raw.size != n_blocks * type_size:
+            raise ValueError(f"tensor {name!r} runs past the end of {self.path} (truncated file?)")
+        values = np.empty(n_blocks * block_size, np.float32)
+        blocks_per_call = max(1, _VALUES_PER_CALL // block_size)
+        try:
+            for start in range(0, n_blocks, blocks_per_call):
+                stop = min(start + blocks_per_call, n_blocks)
+                values[start * block_size:stop * block_size] = dequantize(
+                    raw[start * type_size:stop * type_size], qtype)
+        except NotImplementedError:  # gguf-py knows the type but has no dequantizer for it
+            raise self._cannot_dequantize(info) from None
+        return values.reshape(info.shape)
+
+    def _cannot_dequantize(self, info: GGUFTensorInfo) -> ValueError:
+        return ValueError(f"tensor {info.name!r} in {self.path} is of ggml type "
+                          f"{_ggml_type_name(info.ggml_type)}, which gguf-py cannot dequantize")
 
     def type_counts(self) -> dict[str, int]:
         """How many tensors of each ggml type the file holds, e.g. {"Q4_1": 210, "F32": 61}."""
         counts: dict[str, int] = {}
         for info in self.tensors.values():
-            name = ggml_quants.ggml_type_name(info.ggml_type)
+            name = _ggml_type_name(info.ggml_type)
             counts[name] = counts.get(name, 0) + 1
         return counts
 
 
 class _Cursor:
-    """Sequential little-endian reads over a byte buffer."""
+    """Sequential little-endian reads over a byte buffer: a memoryview of the file's memory map,
+    which slices several times faster than the numpy memmap (a vocabulary is one string each)."""
 
-    def __init__(self, buf: np.ndarray, pos: int = 0) -> None:
+    def __init__(self, buf: memoryview, pos: int = 0) -> None:
         self.buf = buf
         self.pos = pos
 
@@ -145,16 +170,19 @@ class _Cursor:
     def value(self, value_type: int) -> Any:
         if value_type in _SCALAR_FORMATS:
             return self.unpack(_SCALAR_FORMATS[value_type])
-        if value_type == _STRING:
+        if value_type == GGUFValueType.STRING:
             return self.string()
-        if value_type == _ARRAY:
+        if value_type == GGUFValueType.ARRAY:
             item_type, count = self.unpack("<IQ")
             if item_type in _SCALAR_FORMATS:
+                # One numpy read for the whole array, rather than one unpack per item.
                 dtype = np.dtype(_SCALAR_FORMATS[item_type])
                 end = self.pos + count * dtype.itemsize
                 values = np.frombuffer(self.buf[self.pos:end].tobytes(), dtype=dtype).tolist()
                 self.pos = end
                 return values
+            if item_type == GGUFValueType.STRING:  # the vocabulary: up to hundreds of thousands
+                return [self.string() for _ in range(count)]
             return [self.value(item_type) for _ in range(count)]
         raise ValueError(f"unknown GGUF metadata value type {value_type}")
 
@@ -173,12 +201,13 @@ def read_gguf(path: str) -> GGUFFile:
 def _read_gguf(path: str, size: int, mtime_ns: int) -> GGUFFile:
     del size, mtime_ns  # cache key only
     data = np.memmap(path, mode="r", dtype=np.uint8)
-    if bytes(data[:4]) != _GGUF_MAGIC:
+    if data.size < 4 or struct.unpack_from("<I", data)[0] != GGUF_MAGIC:
         raise ValueError(f"model file {path} is not a GGUF file (bad magic bytes)")
-    cur = _Cursor(data, 4)
+    cur = _Cursor(memoryview(data), 4)
     version, tensor_count, kv_count = cur.unpack("<IQQ")
-    if version not in (2, 3):
-        raise ValueError(f"model file {path} is GGUF version {version}; supported: 2, 3")
+    if version not in _SUPPORTED_VERSIONS:
+        raise ValueError(f"model file {path} is GGUF version {version}; supported: "
+                         f"{', '.join(map(str, _SUPPORTED_VERSIONS))}")
     metadata: dict[str, Any] = {}
     for _ in range(kv_count):
         key = cur.string()
@@ -187,20 +216,14 @@ def _read_gguf(path: str, size: int, mtime_ns: int) -> GGUFFile:
     for _ in range(tensor_count):
         name = cur.string()
         n_dims = cur.unpack("<I")
-        dims = struct.unpack_from(f"<{n_dims}Q", data, cur.pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", cur.buf, cur.pos)
         cur.pos += 8 * n_dims
         ggml_type, offset = cur.unpack("<IQ")
         entries.append((name, tuple(int(d) for d in reversed(dims)), ggml_type, offset))
-    alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
     data_start = (cur.pos + alignment - 1) // alignment * alignment
-    tensors = {}
-    for name, shape, ggml_type, offset in entries:
-        n_values = int(np.prod(shape, dtype=np.int64))
-        try:
-            size = ggml_quants.nbytes(ggml_quants.GGMLType(ggml_type), n_values)
-        except ValueError:
-            size = 0  # unsupported type: reported if and when the tensor is read
-        tensors[name] = GGUFTensorInfo(name, shape, ggml_type, data_start + offset, size)
+    tensors = {name: GGUFTensorInfo(name, shape, ggml_type, data_start + offset)
+               for name, shape, ggml_type, offset in entries}
     return GGUFFile(path, metadata, tensors, data)
 
 
@@ -238,20 +261,25 @@ def _llama3_rope_scaling(rope_factors: np.ndarray, head_dim: int, rope_theta: fl
     return scaling
 
 
+def _check_architecture(gguf: GGUFFile) -> str:
+    """The file's architecture, if pjllm reads it (GGUF_ARCHITECTURES); else ValueError."""
+    arch = gguf.architecture
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; "
+                         f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}")
+    return arch
+
+
 def gguf_to_hf_config(gguf: GGUFFile) -> dict[str, Any]:
     """An HF `config.json` dict for a GGUF file of a supported architecture (GGUF_ARCHITECTURES).
 
     Raises ValueError for an architecture pjllm does not read from GGUF.
     """
     md = gguf.metadata
-    arch = gguf.architecture
-    if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; "
-                         f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}")
+    arch = _check_architecture(gguf)
     hf_arch, model_type = GGUF_ARCHITECTURES[arch]
     if arch == "llama" and "mistral" in str(md.get("general.name", "")).lower():
-        # llama.cpp writes Mistral models as `llama`; transformers maps them back by name.
-        hf_arch, model_type = GGUF_ARCHITECTURES["mistral"]
+        hf_arch, model_type = _MISTRAL
 
     def key(name: str, default: Any = None) -> Any:
         return md.get(f"{arch}.{name}", default)
@@ -281,7 +309,7 @@ def gguf_to_hf_config(gguf: GGUFFile) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in gguf.tensors,
         "hidden_act": "silu",
     }
-    if arch in ("llama", "mistral"):
+    if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in gguf.tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in gguf.tensors
     if arch == "gemma3":
@@ -322,20 +350,19 @@ def gguf_to_hf_config(gguf: GGUFFile) -> dict[str, Any]:
 # Weights
 
 
-def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
-    """The transformers name of a GGUF tensor of a file of `architecture` (`blk.0.attn_q.weight`
-    -> `model.layers.0.self_attn.q_proj.weight`), or None for one with no HF counterpart."""
-    match = _LAYER_TENSOR_RE.match(gguf_name)
-    if match:
-        layer, part, kind = match.groups()
-        names = {**_LAYER_TENSOR_NAMES, **_ARCHITECTURE_LAYER_TENSOR_NAMES.get(architecture, {})}
-        if part not in names:
-            return None
-        return f"model.layers.{layer}.{names[part]}.{kind}"
-    base, _, kind = gguf_name.rpartition(".")
-    if base in _GLOBAL_TENSOR_NAMES and kind in ("weight", "bias"):
-        return f"{_GLOBAL_TENSOR_NAMES[base]}.{kind}"
-    return None
+def gguf_tensor_names(gguf: GGUFFile, hf_names: Iterable[str]) -> dict[str, str]:
+    """The GGUF name of each of `hf_names` that the file holds (`model.layers.0.self_attn.q_proj.
+    weight` -> `blk.0.attn_q.weight`), by gguf-py's table for the file's architecture; names the
+    file lacks are left out (the caller reports them)."""
+    arch = _check_architecture(gguf)
+    model_arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == arch)
+    name_map = get_tensor_name_map(model_arch, int(gguf.metadata[f"{arch}.block_count"]))
+    names = {}
+    for hf_name in hf_names:
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name in gguf.tensors:
+            names[hf_name] = gguf_name
+    return names
 
 
 def unpermute_qk(rows: np.ndarray, n_heads: int) -> np.ndarray:
@@ -351,19 +378,14 @@ def unpermute_qk(rows: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(rows.shape))
 
 
-def gguf_state_dict(gguf: GGUFFile, names: set[str], config: dict[str, Any],
+def gguf_state_dict(gguf: GGUFFile, gguf_names: dict[str, str], config: dict[str, Any],
                     dtype: np.dtype) -> dict[str, np.ndarray]:
-    """Dequantize the GGUF tensors whose HF names are in `names`, keyed by HF name, cast to `dtype`.
-
-    Names without a GGUF tensor are left out (the caller reports them).
-    """
+    """The tensors of `gguf_names` (HF name -> GGUF name, from `gguf_tensor_names`), dequantized,
+    laid out as transformers', cast to `dtype`, keyed by HF name."""
     permute = gguf.architecture in _PERMUTED_QK_ARCHITECTURES
     unit_offset_norms = gguf.architecture in _UNIT_OFFSET_NORM_ARCHITECTURES
     out: dict[str, np.ndarray] = {}
-    for gguf_name in gguf.tensors:
-        name = hf_tensor_name(gguf_name, gguf.architecture)
-        if name is None or name not in names:
-            continue
+    for name, gguf_name in gguf_names.items():
         values = gguf.tensor(gguf_name)
         if unit_offset_norms and name.endswith("norm.weight"):
             values = values - 1.0

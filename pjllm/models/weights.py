@@ -28,7 +28,6 @@ from pjllm.config import ModelConfig
 # pjllm uses transformers for tokenizers only; its import-time advice that torch is missing
 # would greet every user of the CLI.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-from pjllm.models import gguf_file
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -86,6 +85,8 @@ def load_hf_config(model_path: str) -> dict[str, Any]:
     (its eos_token_id joined by generation_config.json's, or the file's end-of-turn token)."""
     source = resolve_model_source(model_path)
     if source.kind == "gguf":
+        from pjllm.models import gguf_file  # gguf-py is needed for GGUF files only
+
         return gguf_file.gguf_to_hf_config(gguf_file.read_gguf(source.path))
     config_file = model_path if os.path.isfile(model_path) else os.path.join(source.path, "config.json")
     with open(config_file) as f:
@@ -206,14 +207,13 @@ def load_hf_state_dict(model_path: str, dtype: Any = "float32") -> dict[str, np.
 
         return _load_safetensors(source.path, expected, dt,
                                  model_class(cfg.architecture).base_model_prefix)
+    from pjllm.models import gguf_file
+
     gguf = gguf_file.read_gguf(source.path)
-    shapes = {}
-    for info in gguf.tensors.values():
-        name = gguf_file.hf_tensor_name(info.name, gguf.architecture)
-        if name is not None:
-            shapes[name] = info.shape
-    _check_shapes(shapes, expected, source.path)
-    return gguf_file.gguf_state_dict(gguf, set(expected), hf_config, dt)
+    gguf_names = gguf_file.gguf_tensor_names(gguf, expected)
+    _check_shapes({name: gguf.tensors[gguf_name].shape for name, gguf_name in gguf_names.items()},
+                  expected, source.path)
+    return gguf_file.gguf_state_dict(gguf, gguf_names, hf_config, dt)
 
 
 def load_tokenizer(model_path: str, tokenizer_path: str | None = None) -> Any:
@@ -225,6 +225,8 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None) -> Any:
     field = "tokenizer" if tokenizer_path is not None else "model"
     source = resolve_model_source(tokenizer_path if tokenizer_path is not None else model_path, field)
     if source.kind == "gguf":
+        from pjllm.models import gguf_file
+
         return gguf_file.gguf_tokenizer(gguf_file.read_gguf(source.path))
     if not any(os.path.isfile(os.path.join(source.path, name)) for name in _TOKENIZER_FILES):
         raise ValueError(f"{field} directory {source.path!r} has no tokenizer files "

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from pjllm.config import ModelConfig
-from pjllm.models import ggml_quants, gguf_file
+from pjllm.models import gguf_file
 from pjllm.models.qwen3 import Qwen3ForCausalLM
 from pjllm.models.registry import MODELS, resolve_architecture
 from pjllm.models.weights import (expected_state_dict_shapes, load_hf_config, load_hf_state_dict,
@@ -24,55 +24,7 @@ TINY_MODELS = ("llama2", "llama3", "mistral", "qwen2", "llama_tied_mqa")
 
 
 # --------------------------------------------------------------------------------------------
-# Dequantizers against gguf-py's reference
-
-
-def _random_blocks(gtype: ggml_quants.GGMLType, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes for `n_blocks` blocks, with finite fp16 scales where the format has them."""
-    fmt = ggml_quants.FORMATS[gtype]
-    if gtype == ggml_quants.GGMLType.F32:
-        return rng.standard_normal(n_blocks).astype(np.float32).view(np.uint8).reshape(n_blocks, 4)
-    if gtype == ggml_quants.GGMLType.F16:
-        return rng.standard_normal(n_blocks).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
-    if gtype == ggml_quants.GGMLType.BF16:
-        values = rng.standard_normal(n_blocks).astype(ml_dtypes.bfloat16)
-        return values.view(np.uint8).reshape(n_blocks, 2)
-    blocks = rng.integers(0, 256, (n_blocks, fmt.type_size), dtype=np.uint8)
-    scale_offsets = {
-        ggml_quants.GGMLType.Q4_0: (0,), ggml_quants.GGMLType.Q5_0: (0,),
-        ggml_quants.GGMLType.Q8_0: (0,), ggml_quants.GGMLType.Q4_1: (0, 2),
-        ggml_quants.GGMLType.Q5_1: (0, 2), ggml_quants.GGMLType.Q4_K: (0, 2),
-        ggml_quants.GGMLType.Q5_K: (0, 2), ggml_quants.GGMLType.Q6_K: (208,),
-    }[gtype]
-    for offset in scale_offsets:
-        scales = (rng.standard_normal(n_blocks) * 0.05).astype(np.float16)
-        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
-    return blocks
-
-
-@pytest.mark.parametrize("gtype", list(ggml_quants.FORMATS), ids=lambda t: t.name)
-def test_dequantize_matches_gguf_py(gtype: ggml_quants.GGMLType) -> None:
-    rng = np.random.default_rng(int(gtype))
-    fmt = ggml_quants.FORMATS[gtype]
-    rows, blocks_per_row = 6, 3
-    blocks = _random_blocks(gtype, rows * blocks_per_row, rng)
-    raw = blocks.reshape(rows, blocks_per_row * fmt.type_size)
-    ours = ggml_quants.dequantize(raw, gtype, (rows, blocks_per_row * fmt.block_size))
-    reference = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(int(gtype)))
-    assert ours.dtype == np.float32
-    assert ours.shape == reference.shape
-    np.testing.assert_array_equal(ours, reference.astype(np.float32))
-
-
-def test_dequantize_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="not supported"):
-        ggml_quants.dequantize(np.zeros(10, np.uint8), 23, (10,))
-    with pytest.raises(ValueError, match="needs 36 bytes"):
-        ggml_quants.dequantize(np.zeros(10, np.uint8), ggml_quants.GGMLType.Q4_0, (2, 32))
-
-
-# --------------------------------------------------------------------------------------------
-# The real default model: SmolLM2-135M-Instruct Q4_1 GGUF
+# Real GGUF files: the default model (SmolLM2-135M-Instruct Q4_1) and Gemma 3 270M Q4_K_M
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +35,16 @@ def smollm2_path() -> str:
         return download_default_model()
     except (RuntimeError, OSError) as e:
         pytest.skip(f"default model SmolLM2 GGUF not cached and could not be downloaded: {e}")
+
+
+@pytest.fixture(scope="module")
+def gemma3_path() -> str:
+    from pjllm.models.default_model import download_model
+
+    try:
+        return download_model("gemma-3-270m")
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"Gemma 3 270M GGUF not cached and could not be downloaded: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +85,20 @@ def test_smollm2_config(smollm2_path: str, smollm2_chat: dict) -> None:
     assert cfg.eos_token_ids == (2,)
     gguf_info = gguf_file.read_gguf(smollm2_path)
     assert gguf_info.type_counts() == smollm2_chat["quant_types"]
+
+
+@pytest.mark.parametrize("model_path", ["smollm2_path", "gemma3_path"])
+def test_real_gguf_names_from_gguf_py_tables(model_path: str, request) -> None:
+    """gguf-py's name table of the file's architecture (llama, gemma3) finds every parameter
+    the config implies, each of the right shape, and uses every tensor of the file."""
+    path = request.getfixturevalue(model_path)
+    gguf_info = gguf_file.read_gguf(path)
+    expected = expected_state_dict_shapes(ModelConfig.from_hf_config(load_hf_config(path)))
+    names = gguf_file.gguf_tensor_names(gguf_info, expected)
+    assert set(names) == set(expected)
+    assert sorted(names.values()) == sorted(gguf_info.tensors)
+    for hf_name, gguf_name in names.items():
+        assert gguf_info.tensors[gguf_name].shape == expected[hf_name], hf_name
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2_path: str, smollm2_chat: dict) -> None:
@@ -386,6 +362,64 @@ def test_unpermute_inverts_llamacpp_permute() -> None:
             gguf_file.unpermute_qk(_llamacpp_permute(w, n_heads), n_heads), w)
         np.testing.assert_array_equal(
             gguf_file.unpermute_qk(_llamacpp_permute(b, n_heads), n_heads), b)
+
+
+def _write_tensors(path: str, arch: str, tensors: dict[str, np.ndarray],
+                   raw_types: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
+    """A GGUF of architecture `arch` holding `tensors`; those named in `raw_types` are raw bytes
+    [rows, bytes per row] of that ggml type."""
+    writer = gguf.GGUFWriter(path, arch)
+    for name, value in tensors.items():
+        writer.add_tensor(name, value, raw_dtype=(raw_types or {}).get(name))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # random fp16 scales: NaN, inf
+def test_dequantized_in_runs_of_blocks_as_gguf_py_does_whole(tmp_path, monkeypatch,
+                                                              qtype: str) -> None:
+    """Tensors go through gguf-py's dequantizer in flat runs of blocks; runs that end mid-row
+    change no bit of the result."""
+    qtype = gguf.GGMLQuantizationType[qtype]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, blocks_per_row = 6, 3
+    raw = np.random.default_rng(int(qtype)).integers(0, 256, (rows, blocks_per_row * type_size),
+                                                     dtype=np.uint8)
+    path = str(tmp_path / "one.gguf")
+    _write_tensors(path, "llama", {"t": raw}, {"t": qtype})
+    monkeypatch.setattr(gguf_file, "_VALUES_PER_CALL", 4 * block_size)
+    values = gguf_file.read_gguf(path).tensor("t")
+    assert values.dtype == np.float32 and values.shape == (rows, blocks_per_row * block_size)
+    np.testing.assert_array_equal(values, gguf.quants.dequantize(raw, qtype))
+
+
+def test_gguf_errors_name_the_file_and_the_type(tmp_path) -> None:
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
+    with pytest.raises(ValueError, match=r"model file .*model\.gguf is not a GGUF file"):
+        load_hf_config(str(not_gguf))
+
+    path = str(tmp_path / "odd.gguf")
+    _write_tensors(path, "bert", {"ints": np.arange(32, dtype=np.int8),
+                                  "unknown": np.zeros(32, np.float32)})
+    with open(path, "r+b") as f:  # give tensor "unknown" a ggml type id gguf-py does not know
+        header = f.read(4096)
+        f.seek(header.index(b"unknown") + len(b"unknown") + 4 + 8)  # past n_dims and one dim
+        f.write((99).to_bytes(4, "little"))
+    with pytest.raises(ValueError, match=r"GGUF architecture 'bert' is not supported; "
+                                         r"supported: gemma3, llama, qwen2"):
+        load_hf_config(path)
+    odd = gguf_file.read_gguf(path)
+    assert odd.type_counts() == {"I8": 1, "type 99": 1}
+    with pytest.raises(ValueError, match=r"'ints' in .*odd\.gguf is of ggml type I8, which "
+                                         r"gguf-py cannot dequantize"):
+        odd.tensor("ints")
+    with pytest.raises(ValueError, match=r"'unknown' .* is of ggml type type 99"):
+        odd.tensor("unknown")
 
 
 def test_sliding_window_layers_from_the_config():
