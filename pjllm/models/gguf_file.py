@@ -312,14 +312,12 @@ def gguf_to_hf_config(gguf: GGUFFile) -> dict[str, Any]:
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in gguf.tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in gguf.tensors
-    if arch == "gemma3":
-        num_layers = config["num_hidden_layers"]
+    if arch == "gemma3":  # (the family turns the pattern into layer_types)
         config.update(
             hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=int(head_dim),
             sliding_window=int(key("attention.sliding_window")),
             rope_local_base_freq=_GEMMA3_LOCAL_ROPE_THETA,
-            layer_types=["full_attention" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0
-                         else "sliding_attention" for i in range(num_layers)])
+            sliding_window_pattern=_GEMMA3_GLOBAL_EVERY)
         del config["hidden_act"]
     scaling_type = key("rope.scaling.type")
     if scaling_type in ("linear", "yarn"):
