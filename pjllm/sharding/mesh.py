@@ -105,10 +105,11 @@ def param_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
 
 
 def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """The model state with every array placed on `mesh` by its logical axes."""
+    """The model state with every array placed on `mesh` by its logical axes. The arrays
+    given are consumed (donated: their memory goes to the placed ones, or is freed)."""
     flat = nnx.to_flat_state(state)
     placed = [(path, variable.replace(jax.device_put(variable.get_value(),
-                                                     param_sharding(variable, mesh))))
+                                                     param_sharding(variable, mesh), donate=True)))
               for path, variable in flat]
     return nnx.from_flat_state(placed)
 
