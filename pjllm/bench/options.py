@@ -35,6 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="default: the workload's longest prompt + output, rounded up to a page")
     parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="devices one model is split across")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=None)
@@ -92,7 +94,8 @@ def engine_kwargs(args: argparse.Namespace, model: str, max_model_len: int) -> d
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization, page_size=args.page_size,
-        num_pages=args.num_pages, warmup=args.warmup)
+        num_pages=args.num_pages, warmup=args.warmup,
+        tensor_parallel_size=args.tensor_parallel_size)
     if args.compilation_cache_dir is not None:
         cache = args.compilation_cache_dir
         kwargs["compilation_cache_dir"] = None if cache.lower() == "none" else cache
