@@ -1,34 +1,17 @@
 """`pjllm convert` to orbax, and restoring it onto a mesh: the same outputs as the HF checkpoint
 (transformers' goldens), each device holding only its shards."""
 
-import json
-import pathlib
-
-import numpy as np
 import pytest
 
 import pjllm
 from pjllm.entrypoints.cli import main
 from pjllm.models.orbax_checkpoint import convert_to_orbax
 from pjllm.sharding import MODEL_AXIS
+from tests.golden_outputs import GOLDEN, assert_matches_golden
 
-GOLDEN = pathlib.Path(__file__).parent.parent / "golden"
 OPTIONS = dict(dtype="float32", max_model_len=128, page_size=8, max_num_seqs=4,
                max_num_batched_tokens=32, compilation_cache_dir=None, skip_tokenizer_init=True,
                attention_backend="reference")
-
-
-def _check_matches_golden(llm, name):
-    prompts = json.loads((GOLDEN / name / "expected.json").read_text())["prompts"]
-    inputs = [{"prompt_token_ids": p["prompt_ids"]} for p in prompts]
-    params = pjllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, ignore_eos=True)
-    for prompt, output in zip(prompts, llm.generate(inputs, params, use_tqdm=False)):
-        ids = prompt["prompt_ids"]
-        ours = [output.prompt_logprobs[i + 1][ids[i + 1]].logprob for i in range(len(ids) - 1)]
-        np.testing.assert_allclose(ours, prompt["prompt_logprobs"], atol=1e-4, rtol=0)
-    greedy = pjllm.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    outputs = llm.generate(inputs, greedy, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs] == [p["greedy_ids"] for p in prompts]
 
 
 @pytest.mark.parametrize("name,tp", [("bloom", 2), ("llama3", 4)])
@@ -41,7 +24,7 @@ def test_convert_then_restore_sharded(tmp_path, capsys, name, tp):
     assert (out / "config.json").exists() and (out / "params").is_dir()
     with pjllm.LLM(str(out), tensor_parallel_size=tp, **OPTIONS) as llm:
         assert llm.engine.config.load_format == "auto"
-        _check_matches_golden(llm, name)
+        assert_matches_golden(llm, name)
         weights = llm.engine.model_runner.weights
         split = [w for w in weights if MODEL_AXIS in tuple(w.sharding.spec)]
         assert split and all(len(w.sharding.device_set) == tp for w in weights)

@@ -2,17 +2,13 @@
 give transformers' prompt logprobs (within 1e-4) and greedy tokens, as one device does, with
 every split parameter and the KV cache spread over the mesh."""
 
-import json
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 
 import pjllm
 from pjllm.sharding import MODEL_AXIS, kv_head_replicas, replicate_kv_heads
-
-GOLDEN = pathlib.Path(__file__).parent.parent / "golden"
+from tests.golden_outputs import GOLDEN, assert_matches_golden
 OPTIONS = dict(dtype="float32", max_model_len=128, page_size=8, max_num_seqs=4,
                max_num_batched_tokens=32, compilation_cache_dir=None, skip_tokenizer_init=True)
 # (golden, tensor_parallel_size, attention kernels): GQA with KV heads = TP (qwen3: 2 of 4
@@ -26,20 +22,9 @@ CASES = [("llama2", 4, "pallas"), ("qwen3", 2, "pallas"), ("bloom", 2, "referenc
 
 @pytest.mark.parametrize("name,tp,kernels", CASES, ids=lambda v: str(v))
 def test_tensor_parallel_matches_transformers(name, tp, kernels):
-    prompts = json.loads((GOLDEN / name / "expected.json").read_text())["prompts"]
-    inputs = [{"prompt_token_ids": p["prompt_ids"]} for p in prompts]
     with pjllm.LLM(str(GOLDEN / name), attention_backend=kernels, tensor_parallel_size=tp,
                    **OPTIONS) as llm:
-        params = pjllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5,
-                                      ignore_eos=True)
-        for prompt, output in zip(prompts, llm.generate(inputs, params, use_tqdm=False)):
-            ids = prompt["prompt_ids"]
-            ours = [output.prompt_logprobs[i + 1][ids[i + 1]].logprob for i in range(len(ids) - 1)]
-            np.testing.assert_allclose(ours, prompt["prompt_logprobs"], atol=1e-4, rtol=0)
-        greedy = pjllm.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-        outputs = llm.generate(inputs, greedy, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outputs] == [p["greedy_ids"] for p in prompts]
-
+        assert_matches_golden(llm, name)
         runner = llm.engine.model_runner
         for kv in runner.kv_caches:  # split by KV head over all tp devices
             assert len(kv.sharding.device_set) == tp and kv.sharding.spec[1] == MODEL_AXIS
