@@ -215,7 +215,7 @@ class LlamaForCausalLM(CausalLM):
                 out[prefix + "self_attn/k_norm/weight"] = hf[attn + "k_norm.weight"]
             mlp = hf_prefix + "mlp."
             out[prefix + "mlp/gate_up_proj/kernel"] = np.stack(
-                [hf[mlp + "gate_proj.weight"].T, hf[mlp + "up_proj.weight"].T], axis=1)
+                [hf[mlp + "gate_proj.weight"].T, hf[mlp + "up_proj.weight"].T], axis=2)
             out[prefix + "mlp/down_proj/kernel"] = hf[mlp + "down_proj.weight"].T
             out[prefix + "input_layernorm/weight"] = hf[hf_prefix + "input_layernorm.weight"]
             out[prefix + "post_attention_layernorm/weight"] = hf[

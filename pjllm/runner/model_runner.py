@@ -35,7 +35,7 @@ from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, 
                                   SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
                                   compute_logprobs, sample)
 from pjllm.scheduler_output import SchedulerOutput
-from pjllm.sharding import kv_cache_sharding, replicated
+from pjllm.sharding import kv_cache_sharding, replicated, vocab_sharded
 
 
 # The smallest token bucket, by JAX platform. On a GPU a step of up to 256 tokens is bound by
@@ -170,6 +170,9 @@ def run_forward(weights: list[jax.Array], kv_caches: list[jax.Array], page_token
             # Whole on every device: sampling reads whole rows (gathered from the vocabulary
             # shards), and the prompt logprobs program takes the hidden states as they are.
             whole = replicated(attention.mesh)
+            # Each device computes its vocabulary shard's logits, then they are gathered (rather
+            # than the output layer's weights, a far larger gather).
+            logits = jax.lax.with_sharding_constraint(logits, vocab_sharded(attention.mesh))
             logits = jax.lax.with_sharding_constraint(logits, whole)
             hidden = jax.lax.with_sharding_constraint(hidden, whole)
     slots = batch.attention.slot_mapping

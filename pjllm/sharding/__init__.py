@@ -2,7 +2,7 @@
 
 from pjllm.sharding.mesh import (DATA_AXIS, MODEL_AXIS, kv_cache_sharding, kv_head_replicas,
                                  make_mesh, param_sharding, replicate_kv_heads, replicated,
-                                 shard_state)
+                                 shard_state, vocab_sharded)
 
 __all__ = ["DATA_AXIS", "MODEL_AXIS", "kv_cache_sharding", "kv_head_replicas", "make_mesh",
-           "param_sharding", "replicate_kv_heads", "replicated", "shard_state"]
+           "param_sharding", "replicate_kv_heads", "replicated", "shard_state", "vocab_sharded"]

@@ -119,6 +119,11 @@ def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, MODEL_AXIS))
 
 
+def vocab_sharded(mesh: Mesh) -> NamedSharding:
+    """Logits [rows, vocab] split by vocabulary, as the output layer computes them."""
+    return NamedSharding(mesh, PartitionSpec(None, LOGICAL_AXIS_RULES["vocab"]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """An array every device of the mesh holds whole (step inputs, logits, sampled tokens)."""
     return NamedSharding(mesh, PartitionSpec())

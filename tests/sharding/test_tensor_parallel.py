@@ -2,6 +2,8 @@
 give transformers' prompt logprobs (within 1e-4) and greedy tokens, as one device does, with
 every split parameter and the KV cache spread over the mesh."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -65,3 +67,19 @@ def test_replicated_kv_heads_keep_every_query_with_its_key_and_value():
     assert kv_head_replicas(4, 2, 4) == 2 and kv_head_replicas(4, 4, 2) == 1
     norm = np.ones(5, np.float32)  # a parameter without the fused axes comes back as it is
     assert replicate_kv_heads(norm, ("head_dim",), 2) is norm
+
+
+def test_a_step_moves_no_parameters_between_devices():
+    """The compiled TP forward's collectives are all-reduces of activations and one gather of
+    the logits: no parameter (output layer, gate/up, ...) is gathered from its shards."""
+    with pjllm.LLM(str(GOLDEN / "llama2"), tensor_parallel_size=2, warmup="blocking",
+                   attention_backend="reference", **OPTIONS) as llm:
+        runner = llm.engine.model_runner
+        hidden, vocab = llm.engine.model_config.hidden_size, llm.engine.model_config.vocab_size
+        for key in [k for k in runner.programs.keys() if k[0] == "forward"]:
+            tokens, rows = key[1], runner.max_num_seqs
+            text = runner.programs.get(key).as_text()
+            gathers = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather\(", text)
+            reduces = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-reduce\(", text)
+            assert set(gathers) <= {f"{n},{vocab}" for n in range(1, rows + 1)}, (key, gathers)
+            assert reduces and set(reduces) == {f"{tokens},{hidden}"}, (key, reduces)

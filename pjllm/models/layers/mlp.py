@@ -30,19 +30,20 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu. Gate and up are one fused
-    [embed, 2, mlp] projection."""
+    [embed, mlp, 2] projection (the pair innermost, so that splitting `mlp` across devices
+    leaves each device whole gate/up pairs, which its one 2-D matmul keeps together)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype: Any, rngs: nnx.Rngs,
                  activation: Callable[[jax.Array], jax.Array] = jax.nn.silu):
         self.activation = activation
-        self.gate_up_proj = Linear((hidden_size,), (2, intermediate_size), ("embed",),
-                                   (None, "mlp"), dtype, rngs)
+        self.gate_up_proj = Linear((hidden_size,), (intermediate_size, 2), ("embed",),
+                                   ("mlp", None), dtype, rngs)
         self.down_proj = Linear((intermediate_size,), (hidden_size,), ("mlp",), ("embed",),
                                 dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate_up = self.gate_up_proj(x)
-        return self.down_proj(self.activation(gate_up[:, 0]) * gate_up[:, 1])
+        return self.down_proj(self.activation(gate_up[..., 0]) * gate_up[..., 1])
 
 
 class MLP(nnx.Module):
