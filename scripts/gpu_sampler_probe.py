@@ -1,6 +1,10 @@
 """Probe on a GPU: does lax.cond block the dispatching thread, and what do sampler stages cost on
-[N, V] float32 logits (V = Llama-3's 128,256)?  Prints one JSON line per measurement."""
+[N, V] float32 logits (V = Llama-3's 128,256)?  Prints one JSON line per measurement.
 
+    python scripts/gpu_sampler_probe.py [cond] [stages] | filters [--no-sweeps]
+"""
+
+import dataclasses
 import json
 import sys
 import time
@@ -99,8 +103,6 @@ def stage_probe():
 
     for n in (256, 1024):
         logits = jax.random.normal(jax.random.key(0), (n, V), jnp.float32) * 1.3
-        k = jnp.full((n,), 50, jnp.int32)
-        p = jnp.full((n,), 0.9, jnp.float32)
         cases = {
             "log_softmax+rank": lambda x: sampler.compute_logprobs(x, jnp.zeros(n, jnp.int32), 0).ranks,
             "sort": lambda x: jnp.sort(x, axis=-1, descending=True)[:, :4],
@@ -123,7 +125,57 @@ def stage_probe():
                 report(probe="stage", n=n, case=name, error=repr(error)[:300])
 
 
+def filter_probe(sweeps: bool = True):
+    """The sampler as it ships: its top-k/top-p methods, `largest_values` at a few block widths,
+    the search at a few bits a pass, and whole sampler programs."""
+    from pjllm.runner import sampler
+
+    for n in (256, 1024):
+        logits = jax.random.normal(jax.random.key(0), (n, V), jnp.float32) * 1.3
+        rng = np.random.default_rng(0)
+        top_k = jnp.asarray(rng.choice([0, 20, 50, 100], n), jnp.int32)
+        top_p = jnp.asarray(rng.choice([1.0, 0.9, 0.95], n), jnp.float32)
+        for block in (16, 32, 64) if sweeps else ():
+            sampler.CANDIDATE_BLOCK = block
+            for k in (20, 128):
+                report(probe="largest_values", n=n, block=block, k=k,
+                       ms=timed(jax.jit(lambda x, k=k: sampler.largest_values(x, k)), logits))
+        sampler.CANDIDATE_BLOCK = 32
+        for bits in (2, 3, 4) if sweeps else ():
+            sampler.RADIX_BITS = bits
+            for method in ("nucleus", "bisect"):
+                report(probe="filter", n=n, method=method, bits=bits, ms=timed(jax.jit(
+                    lambda x, m=method: sampler.apply_top_k_top_p(x, top_k, top_p, m)), logits))
+        sampler.RADIX_BITS = 2
+        for method in ("top_k_prefix", "sort"):
+            report(probe="filter", n=n, method=method, ms=timed(jax.jit(
+                lambda x, m=method: sampler.apply_top_k_top_p(x, top_k, top_p, m)), logits))
+        metadata = sampler.SamplingMetadata(
+            temperature=jnp.ones(n), top_k=top_k, top_p=top_p, min_p=jnp.zeros(n),
+            presence_penalty=jnp.zeros(n), frequency_penalty=jnp.zeros(n),
+            repetition_penalty=jnp.ones(n), seeds=jnp.arange(n, dtype=jnp.uint32),
+            sample_index=jnp.zeros(n, jnp.int32), step=jnp.zeros(n, jnp.int32),
+            prompt_lens=jnp.zeros(n, jnp.int32), banned_token_ids=jnp.full((n, 32), -1, jnp.int32),
+            search_rows=jnp.full(sampler.few_searched_rows(n), n, jnp.int32))
+        # The top_p-alone rows (a sixth of them, as in the mixed benchmark) for "nucleus_few".
+        searched = np.flatnonzero((np.asarray(top_k) == 0) & (np.asarray(top_p) < 1))
+        rows = np.full(sampler.few_searched_rows(n), n, np.int32)
+        rows[:len(searched)] = searched[:len(rows)]
+        few = dataclasses.replace(metadata, search_rows=jnp.asarray(rows))
+        for method, filtered in (("sort", False), ("top_k_prefix", True), ("nucleus_few", True),
+                                 ("nucleus", True), ("bisect", True)):
+            for k in (0, 20):
+                flags = sampler.SamplerFlags(filtered, method, False, k)
+                md = few if method == "nucleus_few" else metadata
+                report(probe="sample", n=n, method=method if filtered else "off", num_logprobs=k,
+                       ms=timed(jax.jit(lambda x, f=flags, md=md: sampler.sample(x, md, f)), logits))
+
+
 if __name__ == "__main__":
+    if "filters" in sys.argv[1:]:
+        report(devices=str(jax.devices()))
+        filter_probe(sweeps="--no-sweeps" not in sys.argv)
+        sys.exit()
     report(devices=str(jax.devices()))
     if "cond" in sys.argv[1:] or len(sys.argv) == 1:
         cond_probe()

@@ -50,7 +50,7 @@ class InputBatch:
       temperature, top_k (>= vocab resolved to 0), top_p, min_p, presence_penalty,
       frequency_penalty, repetition_penalty, seeds (u32), sample_index, min_tokens: [R+1]
       banned_while_short       i32[R+1, Kb] -1 padded
-      filters, uses_penalties, wants_logprobs, wants_prompt_logprobs: bool[R+1], what selects
+      filters, uses_penalties, wants_prompt_logprobs: bool[R+1], what selects
                                the step's programs
       add_id                   i64[R+1] which add the row's contents come from (-1: free)
       sampled_in_step          i64[R+1] the step that sampled the row's newest token (-1: none;
@@ -87,7 +87,6 @@ class InputBatch:
         self.banned_while_short = np.full((rows, MAX_BANNED_TOKENS), -1, np.int32)
         self.filters = column(bool)
         self.uses_penalties = column(bool)
-        self.wants_logprobs = column(bool)
         self.wants_prompt_logprobs = column(bool)
         self.add_id = column(np.int64, -1)
         self.sampled_in_step = column(np.int64, -1)
@@ -147,7 +146,6 @@ class InputBatch:
         self.banned_while_short[row, :len(new.banned_while_short)] = new.banned_while_short
         self.filters[row] = not params.is_greedy and (top_k > 0 or params.top_p < 1.0)
         self.uses_penalties[row] = params.uses_penalties
-        self.wants_logprobs[row] = bool(params.logprobs)
         self.wants_prompt_logprobs[row] = params.prompt_logprobs is not None
         self.add_id[row] = self._num_adds
         self._num_adds += 1

@@ -33,7 +33,7 @@ from pjllm.runner.input_batch import MAX_BANNED_TOKENS, InputBatch, SampledRows
 from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, SORT_FREE_TOP_K,
                                   SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
-                                  compute_logprobs, sample)
+                                  compute_logprobs, few_searched_rows, sample)
 from pjllm.scheduler_output import SchedulerOutput
 from pjllm.sharding import kv_cache_sharding, replicated, vocab_sharded
 
@@ -118,9 +118,6 @@ class StepVariant:
 # +2% without Triton GEMMs) and leaving Triton's candidates out of autotuning cuts the compile
 # of the 8B step programs by 40% (docs/perf.md).
 STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-
-# Plain sampling, which also serves greedy rows: what a step without costly options runs.
-DEFAULT_VARIANT = StepVariant(SamplerFlags(), False)
 
 
 @dataclasses.dataclass
@@ -461,19 +458,27 @@ class ModelRunner:
         sampler program that the step's rows (`rows`) need."""
         batch = self.input_batch
         filtered = batch.filters[rows]
+        penalties = bool(batch.uses_penalties[rows].any())
         top_k = batch.top_k[rows][filtered]
+        beyond = (top_k <= 0) | (top_k > SORT_FREE_TOP_K)  # rows the largest logits cannot serve
         if not filtered.any():
             method = "sort"  # unused: the filter is off
-        elif self.bisect_thresholds:
-            method = "bisect"
-        elif ((top_k > 0) & (top_k <= SORT_FREE_TOP_K)).all():
+        elif not beyond.any():
             method = "top_k_prefix"
-        else:
+        elif not self.bisect_thresholds:
             method = "sort"
-        flags = SamplerFlags(
-            use_top_k_top_p=bool(filtered.any()), threshold_method=method,
-            use_penalties=bool(batch.uses_penalties[rows].any()),
-            num_logprobs=self.num_logprobs if batch.wants_logprobs[rows].any() else 0)
+        elif (top_k[beyond] > 0).any():
+            method = "bisect"
+        elif beyond.sum() <= few_searched_rows(len(padded_rows)) and not penalties:
+            method = "nucleus_few"  # top_p alone (a top_k of the vocabulary is 0 here)
+        else:
+            method = "nucleus"
+        flags = SamplerFlags(use_top_k_top_p=bool(filtered.any()), threshold_method=method,
+                             use_penalties=penalties, num_logprobs=self.num_logprobs)
+        search_rows = np.full(few_searched_rows(len(padded_rows)), len(padded_rows), np.int32)
+        if method == "nucleus_few":
+            found = np.flatnonzero(filtered)[beyond]  # positions among `rows`, as in padded_rows
+            search_rows[:len(found)] = found
         # Generated so far, counting tokens still in flight: the sampling key's step.
         step = batch.num_tokens[padded_rows] - batch.num_prompt_tokens[padded_rows]
         short = step < batch.min_tokens[padded_rows]
@@ -486,7 +491,8 @@ class ModelRunner:
             seeds=batch.seeds[padded_rows], sample_index=batch.sample_index[padded_rows], step=step,
             prompt_lens=batch.num_prompt_tokens[padded_rows],
             banned_token_ids=np.where(short[:, None], batch.banned_while_short[padded_rows],
-                                      np.int32(-1)))
+                                      np.int32(-1)),
+            search_rows=search_rows)
         return metadata, flags
 
     def dispatch(self, batch: StepInput, variant: StepVariant) -> "StepHandle":
@@ -547,7 +553,7 @@ class ModelRunner:
         count a sequence can hold."""
         seq_buckets = sorted({seqs for _, seqs in self.buckets()})
         variants = SamplerFlags.all_variants(self.num_logprobs, self.bisect_thresholds)
-        default = DEFAULT_VARIANT.sampler
+        default = variants[0]  # plain sampling, which also serves greedy rows
         keys = []
         for tokens, seqs in self.buckets():
             keys += [("forward", tokens), ("sampler", seqs, default)]
@@ -597,7 +603,8 @@ def dummy_batch(tokens: int, seqs: int, max_pages_per_seq: int, cascade: bool = 
         presence_penalty=rows, frequency_penalty=rows, repetition_penalty=rows + 1,
         seeds=rows.astype(np.uint32), sample_index=rows.astype(np.int32), step=rows.astype(np.int32),
         prompt_lens=rows.astype(np.int32),
-        banned_token_ids=np.full((seqs, MAX_BANNED_TOKENS), -1, np.int32))
+        banned_token_ids=np.full((seqs, MAX_BANNED_TOKENS), -1, np.int32),
+        search_rows=np.full(few_searched_rows(seqs), seqs, np.int32))
     return StepInput(
         token_ids=zeros_t, last_token_rows=zeros_t - 1, positions=zeros_t,
         attention=AttentionMetadata(slot_mapping=zeros_t - 1,

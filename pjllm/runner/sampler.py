@@ -17,7 +17,8 @@ Order of operations (vLLM semantics), all in float32:
      (seed, sample_index, step, its own logits row): never on its position or on other rows.
      Rows with 0 < top_k <= SORT_FREE_TOP_K are filtered from their SORT_FREE_TOP_K largest
      logits in every program, so whether the batch sorted the vocabulary changes no row. On
-     GPUs the thresholds come from bisections instead, for every row (BISECT_THRESHOLDS).
+     GPUs the other rows' thresholds come from radix searches instead of a sort
+     (BISECT_THRESHOLDS).
 Returned logprobs are log-softmax of the RAW logits (vLLM's `raw_logprobs`).
 """
 
@@ -31,23 +32,32 @@ import jax.numpy as jnp
 # Temperatures below this are treated as greedy (dividing by them would overflow).
 GREEDY_TEMPERATURE_EPS = 1e-5
 
-# Rows with 0 < top_k <= this need only their this-many largest logits (lax.top_k), not a sort
-# of the vocabulary: on CPU one row's sort of a 49k vocabulary took 9.4 ms, its top 128 0.09 ms.
-# Covers the usual top_k values (20, 40, 50, 100).
+# Rows with 0 < top_k <= this need only their this-many largest logits (`largest_values`), not
+# a sort of the vocabulary: on CPU one row's sort of a 49k vocabulary took 9.4 ms, its top 128
+# 0.09 ms. Covers the usual top_k values (20, 40, 50, 100).
 SORT_FREE_TOP_K = 128
 
-# Whether the top-k/top-p thresholds are found by bisection rather than by sorting, by JAX
-# platform. On an H200 a sort of [1024, 128k] logits takes 8.3 ms (lax.top_k with k > 16 is a
-# sort there too) and a bisection over the logits' bits 2.5 ms per threshold; on a CPU,
-# lax.top_k(128) takes 0.09 ms a row and the bisection's 48 passes over the vocabulary would
-# cost more than all of today's sampling (docs/perf.md).
+# Whether rows beyond SORT_FREE_TOP_K (top_p alone, a larger top_k) get their thresholds from
+# radix searches rather than a sort, by JAX platform. On an H200 a sort of [1024, 128k] logits
+# takes 8.3 ms and a search a few passes over them; on a CPU the passes would cost more than
+# the sort (docs/perf.md).
 BISECT_THRESHOLDS = {"cpu": False}
 DEFAULT_BISECT_THRESHOLDS = True
 
-# XLA's GPU TopK kernel takes k <= 16; a larger k is a sort of the row (top 20 of [1024, 128k]
-# logits: 8.6 ms; as 16 and then 4: 2.7 ms on an H200). Top-K logprobs are taken this many at a
-# time.
-TOP_K_CHUNK = 16
+# `largest_values` reads the vocabulary in blocks of this many logits and keeps the k blocks
+# with the largest maxima: every one of a row's k largest values lies in them, so the exact
+# top k is taken from k x BLOCK candidates rather than the whole row. (XLA's GPU TopK kernel
+# takes k <= 16 and sorts the row for a larger k: top 20 of [1024, 128k] logits took 8.6 ms.)
+CANDIDATE_BLOCK = 32
+
+# "nucleus_few" programs search the thresholds of at most 1 / this of their rows, gathered
+# (`few_searched_rows`): a search costs a few passes over each row it covers, and a batch where
+# a few requests ask for top_p alone should not pay for the whole batch.
+FEW_SEARCHED_SHARE = 4
+
+# Bits of the 32-bit search key settled per pass over the vocabulary by `_largest_key_where`:
+# each pass makes 2**bits - 1 fused counts or sums.
+RADIX_BITS = 2
 
 _NEG_INF = float("-inf")
 
@@ -73,6 +83,8 @@ class SamplingMetadata:
     prompt_lens:        i32[N]      prompt length: where the output starts in the row's token
                                     history (read by the penalties only).
     banned_token_ids:   i32[N, Kb]  -1 padded; set to -inf this step (a fixed width Kb).
+    search_rows:        i32[S]      the rows whose thresholds a "nucleus_few" program searches,
+                                    padded with N (S = few_searched_rows(N)).
     """
 
     temperature: jax.Array
@@ -87,6 +99,12 @@ class SamplingMetadata:
     step: jax.Array
     prompt_lens: jax.Array
     banned_token_ids: jax.Array
+    search_rows: jax.Array
+
+
+def few_searched_rows(num_rows: int) -> int:
+    """S, the number of rows a "nucleus_few" sampler program of N = num_rows rows searches."""
+    return max(1, num_rows // FEW_SEARCHED_SHARE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +112,19 @@ class SamplerFlags:
     """Static (hashable) switches of the costly stages; each combination is one sampler program.
 
     use_top_k_top_p:  some row has top_k or top_p on.
-    threshold_method: with use_top_k_top_p, how `apply_top_k_top_p` finds the thresholds:
-                      "top_k_prefix" when every such row has 0 < top_k <= SORT_FREE_TOP_K (no
-                      sort; rows with top_p alone would be wrong), "bisect" on GPUs
-                      (BISECT_THRESHOLDS; no sort, any row), else "sort".
+    threshold_method: with use_top_k_top_p, how `apply_top_k_top_p` finds the thresholds of
+                      rows other than those with 0 < top_k <= SORT_FREE_TOP_K (which take
+                      theirs from their largest logits in every method): "top_k_prefix" when
+                      there are none; on GPUs (BISECT_THRESHOLDS) "nucleus_few" when at most
+                      few_searched_rows(N) rows have top_p alone (one radix search over those
+                      rows, `SamplingMetadata.search_rows`), "nucleus" when more have (over
+                      every row), "bisect" for any row (two searches); else "sort".
     use_penalties:    some row has a presence/frequency/repetition penalty on.
     num_logprobs:     K, the number of top logprobs returned per row (0 -> none). The runner
-                      uses one K (EngineConfig.max_logprobs) whatever the rows ask for, and the
-                      host keeps each request's own count.
+                      returns K = EngineConfig.max_logprobs in every step, whatever the rows
+                      ask for, and the host keeps each request's own count: taken from block
+                      candidates they cost 0.13 ms a step for 256 rows on an H200, against a
+                      second copy of every sampler program (docs/perf.md).
     """
 
     use_top_k_top_p: bool = False
@@ -111,15 +134,17 @@ class SamplerFlags:
 
     @classmethod
     def all_variants(cls, num_logprobs: int, bisect_thresholds: bool) -> list["SamplerFlags"]:
-        """Every combination the runner can ask for when logprobs come with K = num_logprobs:
-        the filter modes (off, sort-free top-k, sort; or off, bisection) x penalties on/off x
-        logprobs on/off (12 or 8, half that when num_logprobs is 0)."""
-        filters = ([(False, "sort"), (True, "bisect")] if bisect_thresholds else
-                   [(False, "sort"), (True, "top_k_prefix"), (True, "sort")])
-        return [cls(top_k_top_p, method, penalties, k)
-                for k in sorted({0, num_logprobs})
+        """Every combination the runner can ask for, with K = num_logprobs top logprobs: the
+        filter modes (off, sort-free top-k, sort; on GPUs off, sort-free top-k, nucleus of a
+        few rows, nucleus, bisection) x penalties on/off, except the few rows' nucleus with
+        penalties, which "nucleus" serves (6, or 9 on GPUs). The first is plain sampling."""
+        filters = [(False, "sort"), (True, "top_k_prefix")]
+        filters += ([(True, "nucleus_few"), (True, "nucleus"), (True, "bisect")]
+                    if bisect_thresholds else [(True, "sort")])
+        return [cls(top_k_top_p, method, penalties, num_logprobs)
                 for penalties in (False, True)
-                for top_k_top_p, method in filters]
+                for top_k_top_p, method in filters
+                if not (penalties and method == "nucleus_few")]
 
 
 @jax.tree_util.register_dataclass
@@ -167,26 +192,38 @@ def compute_logprobs(logits: jax.Array, target_ids: jax.Array, num_logprobs: int
     ranks = 1 + jnp.sum(logprobs > target[:, None], axis=-1, dtype=jnp.int32)
     m = logits.shape[0]
     if num_logprobs > 0:
-        top_vals, top_ids = top_k_in_chunks(logprobs, num_logprobs)
+        top_vals, top_ids = largest_values(logprobs, num_logprobs)
     else:
         top_vals = jnp.zeros((m, 0), jnp.float32)
         top_ids = jnp.zeros((m, 0), jnp.int32)
     return TokenLogprobs(logprobs=target, ranks=ranks, top_ids=top_ids, top_logprobs=top_vals)
 
 
-def top_k_in_chunks(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`lax.top_k(x, k)` of f32[M, V], TOP_K_CHUNK at a time: (values f32[M, k], ids i32[M, k]),
-    descending, ties in index order. Each chunk's tokens are set to -inf before the next, so a
-    row needs more than k - TOP_K_CHUNK finite values (raw logits are all finite)."""
-    values, ids = [], []
-    rows = jnp.arange(x.shape[0])[:, None]
-    for start in range(0, k, TOP_K_CHUNK):
-        chunk_values, chunk_ids = jax.lax.top_k(x, min(TOP_K_CHUNK, k - start))
-        values.append(chunk_values)
-        ids.append(chunk_ids.astype(jnp.int32))
-        if start + TOP_K_CHUNK < k:
-            x = x.at[rows, chunk_ids].set(_NEG_INF)
-    return jnp.concatenate(values, axis=1), jnp.concatenate(ids, axis=1)
+def largest_values(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k(x, k)` of f32[M, V] without sorting the rows: (values f32[M, k], ids i32[M, k]),
+    descending, ties in index order.
+
+    Every one of a row's k largest values lies in the k blocks (of CANDIDATE_BLOCK positions) with the
+    largest maxima: a block left out has k blocks whose maxima are at least its own, so k
+    values at least as large. The top k is taken from those k x block candidates, gathered in
+    vocabulary order so ties resolve as lax.top_k's do (a tie at the cut that leaves a block
+    out means k blocks tie at their maxima, and the lower-indexed ones are kept). Rows too short
+    for that to pay use lax.top_k itself.
+    """
+    m, v = x.shape
+    block = CANDIDATE_BLOCK
+    num_blocks = -(-v // block)
+    if num_blocks <= 2 * k:
+        values, ids = jax.lax.top_k(x, k)
+        return values, ids.astype(jnp.int32)
+    padded = jnp.pad(x, ((0, 0), (0, num_blocks * block - v)), constant_values=_NEG_INF)
+    blocks = padded.reshape(m, num_blocks, block)
+    _, kept = jax.lax.top_k(jnp.max(blocks, axis=-1), k)
+    kept = jnp.sort(kept.astype(jnp.int32), axis=-1)  # vocabulary order
+    candidates = jnp.take_along_axis(blocks, kept[:, :, None], axis=1).reshape(m, k * block)
+    values, position = jax.lax.top_k(candidates, k)
+    ids = kept[jnp.arange(m)[:, None], position // block] * block + position % block
+    return values, ids
 
 
 def _row_index(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
@@ -281,38 +318,47 @@ def _top_k_top_p_threshold(sorted_desc: jax.Array, k: jax.Array, top_p: jax.Arra
 
 
 def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                      method: str = "sort") -> jax.Array:
+                      method: str = "sort", search_rows: jax.Array | None = None) -> jax.Array:
     """Top-k, then top-p (nucleus) over the renormalized top-k.
 
     Top-p keeps the smallest prefix of the sorted tokens whose cumulative probability reaches
     top_p (the most likely token is always kept). Both filters become a per-row logit threshold,
-    so tokens tied with the last kept one are kept as well. `method` finds the thresholds:
-      "sort":         rows with 0 < top_k <= SORT_FREE_TOP_K from their SORT_FREE_TOP_K largest
-                      logits, the others from a descending sort of [N, V];
-      "top_k_prefix": the first part only (every filtered row must have such a top_k;
-                      unfiltered rows are kept whole);
-      "bisect":       bisections over the logits' bits, no sort (`_bisect_thresholds`).
-    The three give the same result, up to float rounding of top-p's cumulative sums.
+    so tokens tied with the last kept one are kept as well. Rows with 0 < top_k <=
+    SORT_FREE_TOP_K take theirs from their SORT_FREE_TOP_K largest logits (`largest_values`)
+    whatever the method; `method` finds the other rows':
+      "sort":         from a descending sort of [N, V] (any row);
+      "top_k_prefix": none (every filtered row must have such a top_k; unfiltered rows are
+                      kept whole);
+      "nucleus":      top_p alone (top_k off), by one radix search over the logits;
+      "nucleus_few":  the same for the rows `search_rows` only (others must need no search);
+      "bisect":       any row, by radix searches (`_searched_threshold`), no sort.
+    All give the same result, up to float rounding of top-p's cumulative sums.
 
     Args:
-      logits: f32[N, V]; top_k: i32[N] (<= 0 or >= V off); top_p: f32[N] (>= 1 off).
+      logits: f32[N, V]; top_k: i32[N] (<= 0 or >= V off); top_p: f32[N] (>= 1 off);
+      search_rows: i32[S] for "nucleus_few", padded with N.
     Returns:
       f32[N, V] with dropped tokens at -inf.
     """
     _, v = logits.shape
     k = top_k.astype(jnp.int32)
     k = jnp.where((k <= 0) | (k >= v), v, k)
-    if method == "bisect":
-        return _bisect_thresholds(logits, k, top_p)
     width = min(SORT_FREE_TOP_K, v)
     if method == "sort":
         sorted_desc = jnp.sort(logits, axis=-1, descending=True)
-        # The same values lax.top_k gives, so a row's threshold is the same in either variant.
-        largest = sorted_desc[:, :width]
-        beyond = _top_k_top_p_threshold(sorted_desc, k, top_p)
+        largest, beyond = sorted_desc[:, :width], _top_k_top_p_threshold(sorted_desc, k, top_p)
     else:
-        largest = jax.lax.top_k(logits, width)[0]
-        beyond = jnp.full(k.shape, _NEG_INF, jnp.float32)
+        largest = largest_values(logits, width)[0]
+        if method == "top_k_prefix":
+            beyond = jnp.full(k.shape, _NEG_INF, jnp.float32)
+        elif method == "nucleus_few":
+            searched = _searched_threshold(
+                jnp.take(logits, search_rows, axis=0, mode="fill", fill_value=0.0), None,
+                jnp.take(top_p, search_rows, mode="fill", fill_value=1.0), find_top_k=False)
+            beyond = jnp.full(k.shape, _NEG_INF, jnp.float32).at[search_rows].set(
+                searched, mode="drop")
+        else:
+            beyond = _searched_threshold(logits, k, top_p, find_top_k=method == "bisect")
     threshold = jnp.where(k <= width, _top_k_top_p_threshold(largest, k, top_p), beyond)
     return jnp.where(logits >= threshold[:, None], logits, _NEG_INF)
 
@@ -324,43 +370,64 @@ def _ordered_keys(x: jax.Array) -> jax.Array:
     return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _largest_key_where(holds, rows: int) -> jax.Array:
-    """u32[rows]: per row, the largest key K with holds(K) (bool[rows]), for a predicate that
-    holds from 0 up to some key and nowhere above it. Two bits a pass, 16 passes; each pass's
-    three tests read the same data, which XLA fuses into one read."""
+_NEG_INF_KEY = 0x007FFFFF  # _ordered_keys(-inf); keys below it are negative NaNs
+_POS_INF_KEY = 0xFF800000  # _ordered_keys(+inf); keys above it are positive NaNs
+
+
+def _key_values(keys: jax.Array) -> jax.Array:
+    """f32 values of u32 keys (the inverse of `_ordered_keys`), NaN keys as the infinity at
+    their end, so a predicate that compares logits with these values is monotone in the key."""
+    bits = jnp.where((keys >> 31) == 1, keys & jnp.uint32(0x7FFFFFFF), ~keys)
+    values = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    values = jnp.where(keys < jnp.uint32(_NEG_INF_KEY), _NEG_INF, values)
+    return jnp.where(keys > jnp.uint32(_POS_INF_KEY), jnp.inf, values)
+
+
+def _largest_key_where(holds, rows: int, bits: int = RADIX_BITS) -> jax.Array:
+    """f32[rows]: per row, the value of the largest key K with holds(value(K)) (bool[rows]), for
+    a predicate that holds from -inf up to some value and nowhere above it. `bits` of the key
+    a pass, from the top: each pass's 2**bits - 1 tests read the same data, which XLA fuses
+    into one read of it."""
     found = jnp.zeros(rows, jnp.uint32)
-    for shift in range(30, -1, -2):
+    shift = 32
+    while shift > 0:
+        step = min(bits, shift)
+        shift -= step
         best = found
-        for digit in (1, 2, 3):
+        for digit in range(1, 2 ** step):  # the predicate holds for a prefix of the digits
             candidate = found | jnp.uint32(digit << shift)
-            best = jnp.where(holds(candidate), candidate, best)
+            best = jnp.where(holds(_key_values(candidate)), candidate, best)
         found = best
-    return found
+    return _key_values(found)
 
 
-def _bisect_thresholds(logits: jax.Array, k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Top-k then top-p without a sort. The top-k threshold is the largest key with at least
-    k keys at or above it (the k-th largest logit); the top-p threshold is the largest key whose
-    tokens (within the top-k) hold at least top_p of the top-k's probability mass, which is
-    the last token the sorted prefix keeps. k: i32[N] in [1, V]."""
+def _searched_threshold(logits: jax.Array, k: jax.Array | None, top_p: jax.Array,
+                        find_top_k: bool) -> jax.Array:
+    """Top-k then top-p thresholds f32[N] without a sort. The top-k threshold is the largest
+    value with at least k logits at or above it (the k-th largest); the top-p threshold the
+    largest value whose tokens (within the top-k) hold at least top_p of the top-k's
+    probability mass, which is the last token the sorted prefix keeps. Without `find_top_k`
+    every row must have top_k off (k = V, and may be None). k: i32[N] in [1, V]."""
     rows = logits.shape[0]
-    keys = _ordered_keys(logits)
-    k_key = _largest_key_where(
-        lambda key: jnp.sum(keys >= key[:, None], axis=-1, dtype=jnp.int32) >= k, rows)
-    # Top-p renormalizes over exactly k tokens, as the sorted prefix does: those above the cut,
-    # and as many of the tokens tied at the cut as make up k.
-    above = keys > k_key[:, None]
     largest = jnp.max(logits, axis=-1)
-    weights = jnp.where(above, jnp.exp(logits - largest[:, None]), 0.0)
-    kth = jnp.max(jnp.where(above, _NEG_INF, logits), axis=-1)
-    num_at_cut = k - jnp.sum(above, axis=-1, dtype=jnp.int32)
-    needed = top_p.astype(jnp.float32) * (jnp.sum(weights, axis=-1)
-                                          + num_at_cut * jnp.exp(kth - largest))
-    p_key = _largest_key_where(
-        lambda key: (key <= k_key) | (jnp.sum(jnp.where(keys >= key[:, None], weights, 0.0),
-                                              axis=-1) >= needed), rows)
-    threshold = jnp.where(top_p < 1.0, p_key, k_key)
-    return jnp.where(keys >= threshold[:, None], logits, _NEG_INF)
+    weights = jnp.exp(logits - largest[:, None])  # recomputed inside each pass by XLA's fusion
+    if find_top_k:
+        k_cut = _largest_key_where(
+            lambda t: jnp.sum(logits >= t[:, None], axis=-1, dtype=jnp.int32) >= k, rows)
+        # Top-p renormalizes over exactly k tokens, as the sorted prefix does: those above the
+        # cut, and as many of the tokens tied at the cut as make up k.
+        above = logits > k_cut[:, None]
+        num_at_cut = k - jnp.sum(above, axis=-1, dtype=jnp.int32)
+        mass = (jnp.sum(jnp.where(above, weights, 0.0), axis=-1)
+                + num_at_cut * jnp.exp(k_cut - largest))
+    else:
+        k_cut = jnp.full((rows,), _NEG_INF, jnp.float32)
+        mass = jnp.sum(weights, axis=-1)
+    needed = top_p.astype(jnp.float32) * mass
+    p_cut = _largest_key_where(
+        lambda t: (t <= k_cut) | (jnp.sum(jnp.where(logits >= t[:, None], weights, 0.0),
+                                          axis=-1) >= needed), rows)
+    return jnp.where(top_p < 1.0, p_cut, k_cut)
 
 
 def argmax_rows(x: jax.Array) -> jax.Array:
@@ -424,7 +491,8 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, flags: SamplerFlags,
     scaled = x / jnp.where(is_greedy, 1.0, temperature)[:, None]
     scaled = apply_min_p(scaled, metadata.min_p)
     if flags.use_top_k_top_p:
-        scaled = apply_top_k_top_p(scaled, metadata.top_k, metadata.top_p, flags.threshold_method)
+        scaled = apply_top_k_top_p(scaled, metadata.top_k, metadata.top_p, flags.threshold_method,
+                                   metadata.search_rows)
     keys = row_keys(metadata.seeds, metadata.sample_index, metadata.step)
     perturbed = scaled + gumbel_noise(keys, v)
     token_ids = argmax_rows(jnp.where(is_greedy[:, None], x, perturbed))

@@ -27,6 +27,7 @@ PARAMS = [
     SamplingParams(temperature=1.0, top_p=0.9, presence_penalty=0.5, logprobs=2),
     SamplingParams(temperature=0.9, top_k=VOCAB, repetition_penalty=1.2, prompt_logprobs=1),
     SamplingParams(temperature=0.5, top_k=SORT_FREE_TOP_K + 1, min_p=0.1, n=2, min_tokens=1),
+    SamplingParams(temperature=0.8, top_p=0.95),
 ]
 
 
@@ -99,15 +100,25 @@ def reference_step(runner: ModelRunner, seqs: list[Seq], counts: list[int], step
             ids = [EOS, *seq.params.stop_token_ids]
             banned[i, :len(ids)] = ids
     filtered = [k for p, k in zip(params, top_k) if not p.is_greedy and (k > 0 or p.top_p < 1)]
+    searched = [i for i, (p, k) in enumerate(zip(params, top_k))
+                if not p.is_greedy and (k > 0 or p.top_p < 1) and not 0 < k <= SORT_FREE_TOP_K]
+    penalties = any(p.uses_penalties for p in params)
+    few = max(1, N // 4)
     if not filtered:
         method = "sort"
-    elif runner.bisect_thresholds:
+    elif not searched:
+        method = "top_k_prefix"
+    elif not runner.bisect_thresholds:
+        method = "sort"
+    elif any(top_k[i] > 0 for i in searched):
         method = "bisect"
     else:
-        method = "top_k_prefix" if all(0 < k <= SORT_FREE_TOP_K for k in filtered) else "sort"
+        method = "nucleus_few" if len(searched) <= few and not penalties else "nucleus"
+    search_rows = np.full(few, N, np.int32)
+    if method == "nucleus_few":
+        search_rows[:len(searched)] = searched
     flags = dict(use_top_k_top_p=bool(filtered), threshold_method=method,
-                 use_penalties=any(p.uses_penalties for p in params),
-                 num_logprobs=runner.num_logprobs if any(p.logprobs for p in params) else 0)
+                 use_penalties=penalties, num_logprobs=runner.num_logprobs)
     sampling = dict(
         temperature=column([p.temperature for p in params], np.float32, 0),
         top_k=column(top_k, np.int32, 0), top_p=column([p.top_p for p in params], np.float32, 1),
@@ -118,7 +129,7 @@ def reference_step(runner: ModelRunner, seqs: list[Seq], counts: list[int], step
         seeds=column([7 + seq.seq_id for seq in seqs], np.uint32, 0),
         sample_index=column([seq.sample_index for seq in seqs], np.int32, 0),
         step=column(steps, np.int32, 0), prompt_lens=column([s.prompt_len for s in seqs], np.int32, 0),
-        banned_token_ids=banned)
+        banned_token_ids=banned, search_rows=search_rows)
     wants_prompt = any(seq.params.prompt_logprobs is not None and seq.computed < seq.prompt_len - 1
                        for seq in seqs)
     arrays = dict(token_ids=token_ids, last_token_rows=last_rows, positions=positions,
@@ -139,6 +150,7 @@ def test_prepare_matches_a_direct_construction(model, seed):
     runner = ModelRunner(config, graphdef, state, num_pages=NUM_PAGES, page_size=PAGE,
                          max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET,
                          dtype=jnp.float32, attention=AttentionBackend("reference"), max_logprobs=4)
+    runner.bisect_thresholds = seed % 2 == 1  # a GPU's sampler programs (none runs here)
     rng = np.random.default_rng(seed)
     free_pages = rng.permutation(NUM_PAGES).tolist()
     running: list[Seq] = []

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pjllm.runner import sampler
 from pjllm.runner.sampler import (
     SORT_FREE_TOP_K,
     SamplerFlags,
@@ -17,7 +18,7 @@ from pjllm.runner.sampler import (
     SamplingMetadata,
     apply_penalties,
     apply_top_k_top_p,
-    top_k_in_chunks,
+    largest_values,
     argmax_rows,
     compute_logprobs,
     sample,
@@ -52,12 +53,14 @@ def make_metadata(n: int, **overrides) -> SamplingMetadata:
         step=np.zeros(n, np.int32),
         prompt_lens=np.zeros(n, np.int32),
         banned_token_ids=np.zeros((n, 0), np.int32),
+        search_rows=np.full(sampler.few_searched_rows(n), n, np.int32),
     )
     for name, value in overrides.items():
         assert name in fields, name
         value = np.asarray(value, dtype=fields[name].dtype)
         # Per-row fields broadcast to [n]; id lists to [n, L] (a 1-D list is shared by all rows).
-        shape = (n,) if fields[name].ndim == 1 else (n, value.shape[-1])
+        shape = ((n,) if name != "search_rows" else value.shape) if fields[name].ndim == 1 else (
+            n, value.shape[-1])
         fields[name] = np.broadcast_to(value, shape).copy()
     return SamplingMetadata(**{k: jnp.asarray(v) for k, v in fields.items()})
 
@@ -418,7 +421,16 @@ def numpy_top_k_top_p(logits, top_k, top_p):
     return out
 
 
-def test_sort_free_top_k_matches_full_sort_and_numpy():
+@pytest.fixture(params=[32, 4], ids=["lax-top-k", "block-candidates"])
+def candidate_block(request, monkeypatch):
+    """Both ways `largest_values` takes a row's largest logits: lax.top_k itself (the test
+    vocabularies are too short for 32-wide blocks to pay) and from the k blocks with the largest
+    maxima (4-wide blocks)."""
+    monkeypatch.setattr(sampler, "CANDIDATE_BLOCK", request.param)
+    return request.param
+
+
+def test_sort_free_top_k_matches_full_sort_and_numpy(candidate_block):
     rng = np.random.default_rng(9)
     n, v = 12, 3000
     # Rounded logits: many exact ties, some of them at the top-k cut.
@@ -429,22 +441,33 @@ def test_sort_free_top_k_matches_full_sort_and_numpy():
     filter_fn = jax.jit(apply_top_k_top_p, static_argnames="method")
     sort_free = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="top_k_prefix"))
     full = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="sort"))
-    bisected = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="bisect"))
     np.testing.assert_array_equal(sort_free, full)
-    np.testing.assert_array_equal(bisected, full)
+    for method in ("nucleus", "bisect"):
+        searched = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method=method))
+        np.testing.assert_array_equal(searched, full)
     np.testing.assert_array_equal(sort_free, numpy_top_k_top_p(logits, top_k, top_p))
     assert SORT_FREE_TOP_K == 128  # the rows above sit on both sides of the bound
-    # Rows that need the sort: top_p alone, top_k above the bound.
-    top_k[[0, 3, 8]] = [0, 129, 2000]
-    top_p[[0, 3, 8]] = [0.9, 0.97, 0.6]
-    full = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="sort"))
-    np.testing.assert_array_equal(full, numpy_top_k_top_p(logits, top_k, top_p))
-    bisected = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="bisect"))
-    np.testing.assert_array_equal(bisected, full)
+    # Rows beyond the largest logits: top_p alone (nucleus and bisect), top_k above the bound
+    # (bisect only).
+    top_k[[0, 8]] = 0
+    top_p[[0, 8]] = [0.9, 0.6]
+    want = numpy_top_k_top_p(logits, top_k, top_p)
+    for method in ("sort", "nucleus", "bisect"):
+        got = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method=method))
+        np.testing.assert_array_equal(got, want, err_msg=method)
+    few = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method="nucleus_few",
+                               search_rows=np.array([8, 0, n], np.int32)))  # n: padding
+    np.testing.assert_array_equal(few, want)
+    top_k[[3, 9]] = [129, 2000]
+    top_p[[3, 9]] = [0.97, 1.0]
+    want = numpy_top_k_top_p(logits, top_k, top_p)
+    for method in ("sort", "bisect"):
+        got = np.asarray(filter_fn(jnp.asarray(logits), top_k, top_p, method=method))
+        np.testing.assert_array_equal(got, want, err_msg=method)
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_bisected_thresholds_match_a_sort(seed):
+def test_searched_thresholds_match_a_sort(seed, candidate_block):
     """The GPU's sort-free thresholds keep exactly what vLLM's sorted top-k then top-p keeps:
     ties at the top-k cut (top-p renormalizes over exactly k tokens), -inf entries (bans,
     min-p), top_k off or beyond the vocabulary, tiny and whole top_p."""
@@ -458,24 +481,52 @@ def test_bisected_thresholds_match_a_sort(seed):
     logits[1, 100:] = -np.inf
     top_k = rng.choice([0, -1, 1, 2, 5, 20, 50, 128, 129, 500, 2999, 3000, 5000], size=n).astype(np.int32)
     top_p = rng.choice([1.0, 0.5, 0.9, 0.95, 0.99, 1e-6, 0.3], size=n).astype(np.float32)
-    bisected = jax.jit(apply_top_k_top_p, static_argnames="method")(
-        jnp.asarray(logits), top_k, top_p, method="bisect")
+    filter_fn = jax.jit(apply_top_k_top_p, static_argnames="method")
+    bisected = filter_fn(jnp.asarray(logits), top_k, top_p, method="bisect")
     np.testing.assert_array_equal(np.asarray(bisected), numpy_top_k_top_p(logits, top_k, top_p))
+    # The nucleus search serves rows with top_k off or within the largest logits.
+    top_k = np.where((top_k > SORT_FREE_TOP_K) & (top_k < v), 0, top_k)
+    nucleus = filter_fn(jnp.asarray(logits), top_k, top_p, method="nucleus")
+    want = numpy_top_k_top_p(logits, top_k, top_p)
+    np.testing.assert_array_equal(np.asarray(nucleus), want)
+    # The few rows' search, gathered: the rows that need it, in any order, then padding.
+    searched = np.flatnonzero((top_p < 1) & ((top_k <= 0) | (top_k >= v)))[::-1]
+    few = filter_fn(jnp.asarray(logits), top_k, top_p, method="nucleus_few",
+                    search_rows=np.append(searched, [n, n]).astype(np.int32))
+    np.testing.assert_array_equal(np.asarray(few), want)
 
 
-def test_bisected_thresholds_sort_nothing():
-    jaxpr = str(jax.make_jaxpr(sample, static_argnums=2)(
-        jnp.zeros((4, 300), jnp.float32), make_metadata(4),
-        SamplerFlags(use_top_k_top_p=True, threshold_method="bisect", num_logprobs=20)))
-    assert re.search(r"\bsort\[", jaxpr) is None
-    # Top-20 logprobs as lax.top_k of 16 and 4: XLA's GPU TopK kernel takes k <= 16.
-    assert sorted(map(int, re.findall(r"top_k\[[^\]]*k=(\d+)", jaxpr))) == [4, 16]
+def _sorted_widths(jaxpr) -> list[int]:
+    """The row length of every sort and top_k in a jaxpr (nested ones included)."""
+    widths = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("sort", "top_k"):
+            widths.append(eqn.invars[0].aval.shape[-1])
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                widths += _sorted_widths(inner)
+    return widths
 
 
-@pytest.mark.parametrize("k", [3, 16, 20, 33])
-def test_top_k_in_chunks_is_lax_top_k(k):
-    x = jnp.asarray(np.round(np.random.default_rng(k).normal(size=(6, 500)) * 8) / 8, jnp.float32)
-    want, got = jax.lax.top_k(x, k), top_k_in_chunks(x, k)
+def test_searched_thresholds_and_top_logprobs_sort_no_row_of_the_vocabulary():
+    v = 20_000
+    for method in ("nucleus_few", "nucleus", "bisect"):
+        widths = _sorted_widths(jax.make_jaxpr(sample, static_argnums=2)(
+            jnp.zeros((4, v), jnp.float32), make_metadata(4),
+            SamplerFlags(use_top_k_top_p=True, threshold_method=method, num_logprobs=20)).jaxpr)
+        # Block maxima and candidates only (v / 32 and 128 x 32), never the vocabulary.
+        assert widths and max(widths) <= SORT_FREE_TOP_K * sampler.CANDIDATE_BLOCK < v, widths
+
+
+@pytest.mark.parametrize("k", [1, 3, 16, 20, 33, 128])
+def test_largest_values_is_lax_top_k(k, candidate_block):
+    rng = np.random.default_rng(k)
+    x = np.round(rng.normal(size=(6, 3001)) * 8) / 8  # ties, and a last block cut short
+    x[1] = 0.0  # every value tied
+    x[2, ::7] = 50.0  # more ties at the top than k
+    x = jnp.asarray(x, jnp.float32)
+    want, got = jax.lax.top_k(x, k), jax.jit(largest_values, static_argnums=1)(x, k)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
 
@@ -495,9 +546,10 @@ def test_top_k_rows_sample_the_same_with_or_without_the_sort():
     want = _sample(jnp.asarray(logits), make_metadata(n, **small_k), sort_free).token_ids
     got = _sample(jnp.asarray(logits), make_metadata(n, **small_k), full_sort).token_ids
     np.testing.assert_array_equal(got, want)
-    bisect = SamplerFlags(use_top_k_top_p=True, threshold_method="bisect")
-    got = _sample(jnp.asarray(logits), make_metadata(n, **small_k), bisect).token_ids
-    np.testing.assert_array_equal(got, want)
+    for method in ("nucleus_few", "nucleus", "bisect"):
+        searched = SamplerFlags(use_top_k_top_p=True, threshold_method=method)
+        got = _sample(jnp.asarray(logits), make_metadata(n, **small_k), searched).token_ids
+        np.testing.assert_array_equal(got, want)
     # The same rows next to rows that need the sort (the batch order changes nothing either).
     mixed = {name: np.concatenate([value[::-1], value]) for name, value in small_k.items()}
     mixed["top_k"][:n] = [0, 500, 0, 0, 300, 0, 0, 0]
