@@ -4,6 +4,7 @@ tied output embeddings."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
+from pjllm.models.checkpoint import layer_norm_state, layer_norm_shapes, linear_shapes
 from pjllm.models.layers import (MLP, AttentionBackend, LayerNorm, Linear, activation, alibi_slopes,
                                  init_param, paged_attention, run_layers, tied_logits)
 
@@ -102,25 +103,24 @@ class BloomForCausalLM(CausalLM):
 
     @classmethod
     def state_from_checkpoint(cls, config: ModelConfig,
-                              hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                              hf: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
         embed, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
-        out = {"word_embeddings": hf["transformer.word_embeddings.weight"],
-               "alibi_slopes": alibi_slopes(heads)}
-        copy_layer_norms(out, hf, "", "transformer.", ("word_embeddings_layernorm", "ln_f"))
+        yield "word_embeddings", hf["transformer.word_embeddings.weight"]
+        yield "alibi_slopes", alibi_slopes(heads)
+        yield from layer_norm_state(hf, "", "transformer.", ("word_embeddings_layernorm", "ln_f"))
         for i in range(config.num_layers):
             p, q = f"transformer.h.{i}.", f"h/{i}/"
-            copy_layer_norms(out, hf, q, p, _NORMS)
+            yield from layer_norm_state(hf, q, p, _NORMS)
             attn = p + "self_attention."
             # query_key_value's rows are per head: its query, key and value -> [embed, H, 3, D].
-            out[q + "self_attention/query_key_value/kernel"] = hf[
+            yield q + "self_attention/query_key_value/kernel", hf[
                 attn + "query_key_value.weight"].T.reshape(embed, heads, 3, head_dim)
-            out[q + "self_attention/query_key_value/bias"] = hf[
+            yield q + "self_attention/query_key_value/bias", hf[
                 attn + "query_key_value.bias"].reshape(heads, 3, head_dim)
-            out[q + "self_attention/dense/kernel"] = hf[attn + "dense.weight"].T.reshape(
+            yield q + "self_attention/dense/kernel", hf[attn + "dense.weight"].T.reshape(
                 heads, head_dim, embed)
-            out[q + "self_attention/dense/bias"] = hf[attn + "dense.bias"]
-            out[q + "mlp/up_proj/kernel"] = hf[p + "mlp.dense_h_to_4h.weight"].T
-            out[q + "mlp/up_proj/bias"] = hf[p + "mlp.dense_h_to_4h.bias"]
-            out[q + "mlp/down_proj/kernel"] = hf[p + "mlp.dense_4h_to_h.weight"].T
-            out[q + "mlp/down_proj/bias"] = hf[p + "mlp.dense_4h_to_h.bias"]
-        return out
+            yield q + "self_attention/dense/bias", hf[attn + "dense.bias"]
+            yield q + "mlp/up_proj/kernel", hf[p + "mlp.dense_h_to_4h.weight"].T
+            yield q + "mlp/up_proj/bias", hf[p + "mlp.dense_h_to_4h.bias"]
+            yield q + "mlp/down_proj/kernel", hf[p + "mlp.dense_4h_to_h.weight"].T
+            yield q + "mlp/down_proj/bias", hf[p + "mlp.dense_4h_to_h.bias"]

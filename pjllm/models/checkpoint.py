@@ -1,9 +1,9 @@
 """Naming helpers for the families' transformers checkpoints (tensor names -> shapes, and
-tensors -> module state)."""
+tensors -> module state, yielded one variable at a time)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -24,9 +24,10 @@ def linear_shapes(prefix: str, layers: dict[str, tuple[int, int]],
     return shapes
 
 
-def copy_layer_norms(state: dict[str, Any], hf: dict[str, np.ndarray], ours: str, theirs: str,
-                     names: tuple[str, ...]) -> None:
-    """Copies LayerNorms `theirs + name` (weight and bias) to `ours + name` in `state`."""
+def layer_norm_state(hf: Mapping[str, np.ndarray], ours: str, theirs: str,
+                     names: tuple[str, ...]) -> Iterator[tuple[str, np.ndarray]]:
+    """LayerNorms `theirs + name` (weight and bias) as the state of `ours + name`, one
+    (path, array) pair per variable."""
     for name in names:
         for kind in ("weight", "bias"):
-            state[f"{ours}{name}/{kind}"] = hf[f"{theirs}{name}.{kind}"]
+            yield f"{ours}{name}/{kind}", hf[f"{theirs}{name}.{kind}"]

@@ -5,6 +5,7 @@ output embeddings. Falcon-RW positions tokens with ALiBi biases instead of rotar
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
+from pjllm.models.checkpoint import layer_norm_state, layer_norm_shapes, linear_shapes
 from pjllm.models.layers import (MLP, AttentionBackend, LayerNorm, activation, alibi_slopes,
                                  init_param, run_layers, tied_logits)
 from pjllm.models.llama import Attention, LlamaForCausalLM
@@ -129,28 +130,27 @@ class FalconForCausalLM(CausalLM):
 
     @classmethod
     def state_from_checkpoint(cls, config: ModelConfig,
-                              hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                              hf: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
         embed, heads, kv_heads = config.hidden_size, config.num_heads, config.num_kv_heads
         head_dim, group = config.head_dim, heads // kv_heads
-        out = {"word_embeddings": hf["transformer.word_embeddings.weight"],
-               "positions": cls.position_table(config)}
-        copy_layer_norms(out, hf, "", "transformer.", ("ln_f",))
+        yield "word_embeddings", hf["transformer.word_embeddings.weight"]
+        yield "positions", cls.position_table(config)
+        yield from layer_norm_state(hf, "", "transformer.", ("ln_f",))
         for i in range(config.num_layers):
             p, q = f"transformer.h.{i}.", f"h/{i}/"
-            copy_layer_norms(out, hf, q, p, _layer_norms(config))
+            yield from layer_norm_state(hf, q, p, _layer_norms(config))
             attn = p + "self_attention."
             # query_key_value's rows, per KV head: its group's queries, its key, its value
             # (multi-query: one KV head; MHA: groups of one) -> [embed, Hkv, G + 2, D].
-            out[q + "self_attention/qkv_proj/kernel"] = hf[attn + "query_key_value.weight"].T.reshape(
-                embed, kv_heads, group + 2, head_dim)
-            out[q + "self_attention/o_proj/kernel"] = hf[attn + "dense.weight"].T.reshape(
+            yield q + "self_attention/qkv_proj/kernel", hf[
+                attn + "query_key_value.weight"].T.reshape(embed, kv_heads, group + 2, head_dim)
+            yield q + "self_attention/o_proj/kernel", hf[attn + "dense.weight"].T.reshape(
                 heads, head_dim, embed)
-            out[q + "mlp/up_proj/kernel"] = hf[p + "mlp.dense_h_to_4h.weight"].T
-            out[q + "mlp/down_proj/kernel"] = hf[p + "mlp.dense_4h_to_h.weight"].T
+            yield q + "mlp/up_proj/kernel", hf[p + "mlp.dense_h_to_4h.weight"].T
+            yield q + "mlp/down_proj/kernel", hf[p + "mlp.dense_4h_to_h.weight"].T
             if config.attention_bias:
-                out[q + "self_attention/qkv_proj/bias"] = hf[attn + "query_key_value.bias"].reshape(
-                    kv_heads, group + 2, head_dim)
-                out[q + "self_attention/o_proj/bias"] = hf[attn + "dense.bias"]
-                out[q + "mlp/up_proj/bias"] = hf[p + "mlp.dense_h_to_4h.bias"]
-                out[q + "mlp/down_proj/bias"] = hf[p + "mlp.dense_4h_to_h.bias"]
-        return out
+                yield q + "self_attention/qkv_proj/bias", hf[
+                    attn + "query_key_value.bias"].reshape(kv_heads, group + 2, head_dim)
+                yield q + "self_attention/o_proj/bias", hf[attn + "dense.bias"]
+                yield q + "mlp/up_proj/bias", hf[p + "mlp.dense_h_to_4h.bias"]
+                yield q + "mlp/down_proj/bias", hf[p + "mlp.dense_4h_to_h.bias"]

@@ -5,6 +5,7 @@ attention and MLP, embeddings scaled by sqrt(hidden), a GeGLU MLP and tied outpu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -111,10 +112,9 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def state_from_checkpoint(cls, config: ModelConfig,
-                              hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = super().state_from_checkpoint(config, hf)
-        out["local_inv_freq"] = cls.local_rope_inv_freq(config)
+                              hf: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+        yield from super().state_from_checkpoint(config, hf)
+        yield "local_inv_freq", cls.local_rope_inv_freq(config)
         for i in range(config.num_layers):
             for norm in _NORMS[2:]:
-                out[f"layers/{i}/{norm}/weight"] = hf[f"model.layers.{i}.{norm}.weight"]
-        return out
+                yield f"layers/{i}/{norm}/weight", hf[f"model.layers.{i}.{norm}.weight"]

@@ -376,23 +376,19 @@ def unpermute_qk(rows: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(rows.shape))
 
 
-def gguf_state_dict(gguf: GGUFFile, gguf_names: dict[str, str], config: dict[str, Any],
-                    dtype: np.dtype) -> dict[str, np.ndarray]:
-    """The tensors of `gguf_names` (HF name -> GGUF name, from `gguf_tensor_names`), dequantized,
-    laid out as transformers', cast to `dtype`, keyed by HF name."""
-    permute = gguf.architecture in _PERMUTED_QK_ARCHITECTURES
-    unit_offset_norms = gguf.architecture in _UNIT_OFFSET_NORM_ARCHITECTURES
-    out: dict[str, np.ndarray] = {}
-    for name, gguf_name in gguf_names.items():
-        values = gguf.tensor(gguf_name)
-        if unit_offset_norms and name.endswith("norm.weight"):
-            values = values - 1.0
-        if permute and ".self_attn.q_proj." in name:
+def gguf_hf_tensor(gguf: GGUFFile, name: str, gguf_name: str, config: dict[str, Any],
+                   dtype: np.dtype) -> np.ndarray:
+    """HF tensor `name` from the file's `gguf_name` (from `gguf_tensor_names`), dequantized,
+    laid out as transformers' (e.g. [out, in] for a weight) and cast to `dtype`."""
+    values = gguf.tensor(gguf_name)
+    if gguf.architecture in _UNIT_OFFSET_NORM_ARCHITECTURES and name.endswith("norm.weight"):
+        values = values - 1.0
+    if gguf.architecture in _PERMUTED_QK_ARCHITECTURES:
+        if ".self_attn.q_proj." in name:
             values = unpermute_qk(values, config["num_attention_heads"])
-        elif permute and ".self_attn.k_proj." in name:
+        elif ".self_attn.k_proj." in name:
             values = unpermute_qk(values, config["num_key_value_heads"])
-        out[name] = values.astype(dtype, copy=False)
-    return out
+    return values.astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------

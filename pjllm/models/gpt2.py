@@ -3,6 +3,7 @@ embeddings, multi-head attention. Its checkpoints store Conv1D weights, already 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -13,7 +14,7 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes
+from pjllm.models.checkpoint import layer_norm_state, layer_norm_shapes
 from pjllm.models.layers import (MLP, AttentionBackend, LayerNorm, Linear, activation, init_param,
                                  paged_attention, run_layers, tied_logits)
 
@@ -105,22 +106,23 @@ class GPT2LMHeadModel(CausalLM):
 
     @classmethod
     def state_from_checkpoint(cls, config: ModelConfig,
-                              hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                              hf: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
         embed, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
-        out = {"wte": hf["transformer.wte.weight"], "wpe": hf["transformer.wpe.weight"]}
-        copy_layer_norms(out, hf, "", "transformer.", ("ln_f",))
+        yield "wte", hf["transformer.wte.weight"]
+        yield "wpe", hf["transformer.wpe.weight"]
+        yield from layer_norm_state(hf, "", "transformer.", ("ln_f",))
         for i in range(config.num_layers):
             p, q = f"transformer.h.{i}.", f"h/{i}/"
-            copy_layer_norms(out, hf, q, p, ("ln_1", "ln_2"))
+            yield from layer_norm_state(hf, q, p, ("ln_1", "ln_2"))
             # c_attn's columns: all heads' queries, then keys, then values -> [embed, H, 3, D].
-            out[q + "attn/qkv_proj/kernel"] = hf[p + "attn.c_attn.weight"].reshape(
+            yield q + "attn/qkv_proj/kernel", hf[p + "attn.c_attn.weight"].reshape(
                 embed, 3, heads, head_dim).transpose(0, 2, 1, 3)
-            out[q + "attn/qkv_proj/bias"] = hf[p + "attn.c_attn.bias"].reshape(
+            yield q + "attn/qkv_proj/bias", hf[p + "attn.c_attn.bias"].reshape(
                 3, heads, head_dim).transpose(1, 0, 2)
-            out[q + "attn/o_proj/kernel"] = hf[p + "attn.c_proj.weight"].reshape(heads, head_dim, embed)
-            out[q + "attn/o_proj/bias"] = hf[p + "attn.c_proj.bias"]
-            out[q + "mlp/up_proj/kernel"] = hf[p + "mlp.c_fc.weight"]
-            out[q + "mlp/up_proj/bias"] = hf[p + "mlp.c_fc.bias"]
-            out[q + "mlp/down_proj/kernel"] = hf[p + "mlp.c_proj.weight"]
-            out[q + "mlp/down_proj/bias"] = hf[p + "mlp.c_proj.bias"]
-        return out
+            yield q + "attn/o_proj/kernel", hf[p + "attn.c_proj.weight"].reshape(heads, head_dim,
+                                                                                 embed)
+            yield q + "attn/o_proj/bias", hf[p + "attn.c_proj.bias"]
+            yield q + "mlp/up_proj/kernel", hf[p + "mlp.c_fc.weight"]
+            yield q + "mlp/up_proj/bias", hf[p + "mlp.c_fc.bias"]
+            yield q + "mlp/down_proj/kernel", hf[p + "mlp.c_proj.weight"]
+            yield q + "mlp/down_proj/bias", hf[p + "mlp.c_proj.bias"]

@@ -4,6 +4,7 @@ MLP side by side on the layer's input."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ from flax import nnx
 from pjllm.config import ModelConfig
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.models.interface import CausalLM
-from pjllm.models.checkpoint import copy_layer_norms, layer_norm_shapes, linear_shapes
+from pjllm.models.checkpoint import layer_norm_state, layer_norm_shapes, linear_shapes
 from pjllm.models.layers import (MLP, AttentionBackend, LayerNorm, Linear, activation, init_param,
                                  run_layers)
 from pjllm.models.llama import Attention, LlamaForCausalLM
@@ -87,24 +88,24 @@ class GPTNeoXForCausalLM(CausalLM):
 
     @classmethod
     def state_from_checkpoint(cls, config: ModelConfig,
-                              hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                              hf: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
         embed, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
-        out = {"embed_in": hf["gpt_neox.embed_in.weight"],
-               "embed_out/kernel": hf["embed_out.weight"].T, "inv_freq": cls.rope_inv_freq(config)}
-        copy_layer_norms(out, hf, "", "gpt_neox.", ("final_layer_norm",))
+        yield "embed_in", hf["gpt_neox.embed_in.weight"]
+        yield "embed_out/kernel", hf["embed_out.weight"].T
+        yield "inv_freq", cls.rope_inv_freq(config)
+        yield from layer_norm_state(hf, "", "gpt_neox.", ("final_layer_norm",))
         for i in range(config.num_layers):
             p, q = f"gpt_neox.layers.{i}.", f"layers/{i}/"
-            copy_layer_norms(out, hf, q, p, _NORMS)
+            yield from layer_norm_state(hf, q, p, _NORMS)
             # query_key_value's rows are per head: its query, key and value -> [embed, H, 3, D].
-            out[q + "attention/qkv_proj/kernel"] = hf[p + "attention.query_key_value.weight"].T.reshape(
-                embed, heads, 3, head_dim)
-            out[q + "attention/qkv_proj/bias"] = hf[p + "attention.query_key_value.bias"].reshape(
-                heads, 3, head_dim)
-            out[q + "attention/o_proj/kernel"] = hf[p + "attention.dense.weight"].T.reshape(
+            yield q + "attention/qkv_proj/kernel", hf[
+                p + "attention.query_key_value.weight"].T.reshape(embed, heads, 3, head_dim)
+            yield q + "attention/qkv_proj/bias", hf[
+                p + "attention.query_key_value.bias"].reshape(heads, 3, head_dim)
+            yield q + "attention/o_proj/kernel", hf[p + "attention.dense.weight"].T.reshape(
                 heads, head_dim, embed)
-            out[q + "attention/o_proj/bias"] = hf[p + "attention.dense.bias"]
-            out[q + "mlp/up_proj/kernel"] = hf[p + "mlp.dense_h_to_4h.weight"].T
-            out[q + "mlp/up_proj/bias"] = hf[p + "mlp.dense_h_to_4h.bias"]
-            out[q + "mlp/down_proj/kernel"] = hf[p + "mlp.dense_4h_to_h.weight"].T
-            out[q + "mlp/down_proj/bias"] = hf[p + "mlp.dense_4h_to_h.bias"]
-        return out
+            yield q + "attention/o_proj/bias", hf[p + "attention.dense.bias"]
+            yield q + "mlp/up_proj/kernel", hf[p + "mlp.dense_h_to_4h.weight"].T
+            yield q + "mlp/up_proj/bias", hf[p + "mlp.dense_h_to_4h.bias"]
+            yield q + "mlp/down_proj/kernel", hf[p + "mlp.dense_4h_to_h.weight"].T
+            yield q + "mlp/down_proj/bias", hf[p + "mlp.dense_4h_to_h.bias"]

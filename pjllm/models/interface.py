@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -61,6 +62,10 @@ class CausalLM(nnx.Module):
 
     @classmethod
     def state_from_checkpoint(cls, config: ModelConfig,
-                              hf: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The module's state ('/'-joined NNX paths -> arrays) from those tensors."""
+                              hf: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+        """The module's state from those tensors, one variable at a time: ('/'-joined NNX
+        path, array) pairs, every variable once. `hf` reads a tensor when it is looked up, and
+        the loader places each array on its devices before asking for the next, so look up
+        only what the variable being built needs and keep nothing across yields: the host then
+        holds about one parameter, not the model."""
         raise NotImplementedError

@@ -12,6 +12,7 @@ Other families with the same decoder build on these classes (qwen3.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -183,41 +184,41 @@ class LlamaForCausalLM(CausalLM):
 
     @classmethod
     def state_from_checkpoint(cls, config: ModelConfig,
-                              hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                              hf: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
         """Maps a transformers state dict (as `checkpoint_shapes` lists it, shapes checked) to
-        this module's state: '/'-joined NNX paths (e.g. 'layers/0/self_attn/qkv_proj/kernel')
-        to arrays, Q/K/V and gate/up fused, rotary frequencies from the config."""
+        this module's state, one variable at a time: '/'-joined NNX paths (e.g.
+        'layers/0/self_attn/qkv_proj/kernel') and arrays, Q/K/V and gate/up fused, rotary
+        frequencies from the config."""
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         embed, group = config.hidden_size, heads // kv_heads
-        out = {"embed_tokens": hf["model.embed_tokens.weight"],
-               "norm/weight": hf["model.norm.weight"],
-               "inv_freq": cls.rope_inv_freq(config)}
+        yield "embed_tokens", hf["model.embed_tokens.weight"]
+        yield "norm/weight", hf["model.norm.weight"]
+        yield "inv_freq", cls.rope_inv_freq(config)
         if not config.tie_word_embeddings:
-            out["lm_head/kernel"] = hf["lm_head.weight"].T
+            yield "lm_head/kernel", hf["lm_head.weight"].T
         for i in range(config.num_layers):
             hf_prefix, prefix = f"model.layers.{i}.", f"layers/{i}/"
             attn = hf_prefix + "self_attn."
-            q = hf[attn + "q_proj.weight"].T.reshape(embed, kv_heads, group, head_dim)
-            k = hf[attn + "k_proj.weight"].T.reshape(embed, kv_heads, 1, head_dim)
-            v = hf[attn + "v_proj.weight"].T.reshape(embed, kv_heads, 1, head_dim)
-            out[prefix + "self_attn/qkv_proj/kernel"] = np.concatenate([q, k, v], axis=2)
-            out[prefix + "self_attn/o_proj/kernel"] = hf[attn + "o_proj.weight"].T.reshape(
+            yield prefix + "self_attn/qkv_proj/kernel", np.concatenate(
+                [hf[attn + "q_proj.weight"].T.reshape(embed, kv_heads, group, head_dim),
+                 hf[attn + "k_proj.weight"].T.reshape(embed, kv_heads, 1, head_dim),
+                 hf[attn + "v_proj.weight"].T.reshape(embed, kv_heads, 1, head_dim)], axis=2)
+            yield prefix + "self_attn/o_proj/kernel", hf[attn + "o_proj.weight"].T.reshape(
                 heads, head_dim, embed)
             if config.attention_bias:
-                out[prefix + "self_attn/qkv_proj/bias"] = np.concatenate(
+                yield prefix + "self_attn/qkv_proj/bias", np.concatenate(
                     [hf[attn + "q_proj.bias"].reshape(kv_heads, group, head_dim),
                      hf[attn + "k_proj.bias"].reshape(kv_heads, 1, head_dim),
                      hf[attn + "v_proj.bias"].reshape(kv_heads, 1, head_dim)], axis=1)
             if has_o_bias(config):
-                out[prefix + "self_attn/o_proj/bias"] = hf[attn + "o_proj.bias"]
+                yield prefix + "self_attn/o_proj/bias", hf[attn + "o_proj.bias"]
             if cls.qk_norm:
-                out[prefix + "self_attn/q_norm/weight"] = hf[attn + "q_norm.weight"]
-                out[prefix + "self_attn/k_norm/weight"] = hf[attn + "k_norm.weight"]
+                yield prefix + "self_attn/q_norm/weight", hf[attn + "q_norm.weight"]
+                yield prefix + "self_attn/k_norm/weight", hf[attn + "k_norm.weight"]
             mlp = hf_prefix + "mlp."
-            out[prefix + "mlp/gate_up_proj/kernel"] = np.stack(
+            yield prefix + "mlp/gate_up_proj/kernel", np.stack(
                 [hf[mlp + "gate_proj.weight"].T, hf[mlp + "up_proj.weight"].T], axis=2)
-            out[prefix + "mlp/down_proj/kernel"] = hf[mlp + "down_proj.weight"].T
-            out[prefix + "input_layernorm/weight"] = hf[hf_prefix + "input_layernorm.weight"]
-            out[prefix + "post_attention_layernorm/weight"] = hf[
-                hf_prefix + "post_attention_layernorm.weight"]
-        return out
+            yield prefix + "mlp/down_proj/kernel", hf[mlp + "down_proj.weight"].T
+            yield prefix + "input_layernorm/weight", hf[hf_prefix + "input_layernorm.weight"]
+            yield (prefix + "post_attention_layernorm/weight",
+                   hf[hf_prefix + "post_attention_layernorm.weight"])

@@ -3,9 +3,11 @@
 Whatever the source, the result is in HF-transformers terms, so the model code has one input
 format:
 - `load_hf_config(path)` -> the dict of an HF `config.json` (for `ModelConfig.from_hf_config`);
-- `load_hf_state_dict(path, dtype)` -> numpy arrays named and shaped like the transformers state
-  dict of the model's family (`model.layers.0.self_attn.q_proj.weight` is [out, in]), checked
-  against the config: exactly the tensors the config implies, each of the right shape;
+- `open_hf_state_dict(path, dtype)` -> a mapping of numpy arrays named and shaped like the
+  transformers state dict of the model's family (`model.layers.0.self_attn.q_proj.weight` is
+  [out, in]), checked against the config: exactly the tensors the config implies, each of the
+  right shape. Each tensor is read when it is looked up, so a loader holds one at a time;
+  `load_hf_state_dict(path, dtype)` reads them all into a dict;
 - `load_tokenizer(path)` -> a transformers fast tokenizer, with the chat template.
 
 `path` is an HF directory (config.json + *.safetensors, sharded or not), a `config.json` inside one,
@@ -18,6 +20,7 @@ import dataclasses
 import glob
 import json
 import os
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import ml_dtypes
@@ -162,16 +165,38 @@ def _safetensors_files(directory: str) -> list[str]:
     return files
 
 
-def _load_safetensors(directory: str, expected: dict[str, tuple[int, ...]], dtype: np.dtype,
-                      base_model_prefix: str) -> dict[str, np.ndarray]:
-    """The `expected` tensors of an HF directory. A checkpoint saved from the bare model (GPT-2's
-    hub files: `h.0.attn...`) names them without `base_model_prefix.`, as transformers allows."""
+class CheckpointTensors(Mapping[str, np.ndarray]):
+    """A checkpoint's tensors by transformers name. Looking one up reads it from the file
+    (dequantized and cast as the reader does); nothing is cached, so a caller that drops each
+    array before looking up the next holds one tensor's memory, not the checkpoint's.
+    `shapes` gives every tensor's shape without reading it."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray]):
+        self.shapes = shapes
+        self._read = read
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.shapes:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def _open_safetensors(directory: str, expected: dict[str, tuple[int, ...]], dtype: np.dtype,
+                      base_model_prefix: str) -> CheckpointTensors:
+    """The `expected` tensors of an HF directory, each read with `safe_open` when looked up. A
+    checkpoint saved from the bare model (GPT-2's hub files: `h.0.attn...`) names them without
+    `base_model_prefix.`, as transformers allows."""
     from safetensors import safe_open
 
-    files = _safetensors_files(directory)
     shapes: dict[str, tuple[int, ...]] = {}
     where: dict[str, tuple[str, str]] = {}  # expected name -> (file, name in the file)
-    for path in files:
+    for path in _safetensors_files(directory):
         with safe_open(path, framework="numpy") as f:
             for stored in f.keys():
                 name = stored if stored in expected else f"{base_model_prefix}.{stored}"
@@ -179,23 +204,23 @@ def _load_safetensors(directory: str, expected: dict[str, tuple[int, ...]], dtyp
                     shapes[name] = tuple(f.get_slice(stored).get_shape())
                     where[name] = (path, stored)
     _check_shapes(shapes, expected, directory)
-    out: dict[str, np.ndarray] = {}
-    for path in files:
-        names = [name for name in expected if where[name][0] == path]
-        if not names:
-            continue
+
+    def read(name: str) -> np.ndarray:
+        path, stored = where[name]
         with safe_open(path, framework="numpy") as f:
-            for name in names:
-                out[name] = f.get_tensor(where[name][1]).astype(dtype, copy=False)
-    return out
+            return f.get_tensor(stored).astype(dtype, copy=False)
+
+    return CheckpointTensors(dict(expected), read)
 
 
-def load_hf_state_dict(model_path: str, dtype: Any = "float32") -> dict[str, np.ndarray]:
-    """The checkpoint's weights as a transformers-style state dict of numpy arrays in `dtype`.
+def open_hf_state_dict(model_path: str, dtype: Any = "float32") -> CheckpointTensors:
+    """The checkpoint's weights as a transformers-style state dict, each tensor read (a GGUF
+    one dequantized) into a numpy array in `dtype` when it is looked up.
 
-    Returns exactly the tensors the config implies (see `expected_state_dict_shapes`); extra
+    Holds exactly the tensors the config implies (see `expected_state_dict_shapes`); extra
     tensors in the checkpoint (e.g. `lm_head.weight` of a tied model) are ignored.
-    Raises ValueError for a nonexistent path, or a missing or misshaped tensor.
+    Raises ValueError for a nonexistent path, or a missing or misshaped tensor (checked from
+    the file's header, before any tensor is read).
     """
     source = resolve_model_source(model_path)
     dt = numpy_dtype(dtype)
@@ -205,7 +230,7 @@ def load_hf_state_dict(model_path: str, dtype: Any = "float32") -> dict[str, np.
     if source.kind == "hf":
         from pjllm.models.registry import model_class
 
-        return _load_safetensors(source.path, expected, dt,
+        return _open_safetensors(source.path, expected, dt,
                                  model_class(cfg.architecture).base_model_prefix)
     from pjllm.models import gguf_file
 
@@ -213,7 +238,14 @@ def load_hf_state_dict(model_path: str, dtype: Any = "float32") -> dict[str, np.
     gguf_names = gguf_file.gguf_tensor_names(gguf, expected)
     _check_shapes({name: gguf.tensors[gguf_name].shape for name, gguf_name in gguf_names.items()},
                   expected, source.path)
-    return gguf_file.gguf_state_dict(gguf, gguf_names, hf_config, dt)
+    return CheckpointTensors(dict(expected), lambda name: gguf_file.gguf_hf_tensor(
+        gguf, name, gguf_names[name], hf_config, dt))
+
+
+def load_hf_state_dict(model_path: str, dtype: Any = "float32") -> dict[str, np.ndarray]:
+    """Every tensor of `open_hf_state_dict(model_path, dtype)` read into one dict (the whole
+    checkpoint in host memory: for inspection and tests; the loader streams instead)."""
+    return dict(open_hf_state_dict(model_path, dtype))
 
 
 def load_tokenizer(model_path: str, tokenizer_path: str | None = None) -> Any:

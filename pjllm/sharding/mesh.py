@@ -11,12 +11,15 @@ by vocabulary. Models never name mesh axes; only this module and the attention e
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, Sharding
+
+ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -62,22 +65,24 @@ def kv_head_replicas(num_heads: int, num_kv_heads: int, tensor_parallel_size: in
     return tensor_parallel_size // num_kv_heads
 
 
-def replicate_kv_heads(array: np.ndarray, logical_axes: Sequence[str | None],
-                       replicas: int) -> np.ndarray:
+def replicate_kv_heads(array: ArrayT, logical_axes: Sequence[str | None],
+                       replicas: int) -> ArrayT:
     """A fused Q/K/V parameter (a `kv_heads` axis of Hkv followed by a `qkv` axis of G + 2: each
     KV head's G query heads, its key, its value) with every KV head split into `replicas` heads
     of G / replicas queries each, all with the same key and value. Query heads keep their order,
-    so o_proj needs no change. Other parameters come back as they are."""
+    so o_proj needs no change. Other parameters come back as they are. A numpy array stays on
+    the host; a jax one (traced too) is copied where it lives."""
     axes = tuple(logical_axes)
     if replicas == 1 or "kv_heads" not in axes or "qkv" not in axes:
         return array
+    xp = jnp if isinstance(array, jax.Array) else np
     head_axis = axes.index("kv_heads")
     group = array.shape[head_axis + 1] - 2
-    queries, key_value = np.split(array, [group], axis=head_axis + 1)
+    queries, key_value = xp.split(array, [group], axis=head_axis + 1)
     shape = queries.shape
     queries = queries.reshape(*shape[:head_axis + 1], replicas, group // replicas, *shape[head_axis + 2:])
-    key_value = np.repeat(np.expand_dims(key_value, head_axis + 1), replicas, axis=head_axis + 1)
-    fused = np.concatenate([queries, key_value], axis=head_axis + 2)
+    key_value = xp.repeat(xp.expand_dims(key_value, head_axis + 1), replicas, axis=head_axis + 1)
+    fused = xp.concatenate([queries, key_value], axis=head_axis + 2)
     return fused.reshape(*shape[:head_axis], shape[head_axis] * replicas, group // replicas + 2,
                          *shape[head_axis + 2:])
 
@@ -104,14 +109,11 @@ def param_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, _spec(axes, value.shape, mesh))
 
 
-def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """The model state with every array placed on `mesh` by its logical axes. The arrays
-    given are consumed (donated: their memory goes to the placed ones, or is freed)."""
-    flat = nnx.to_flat_state(state)
-    placed = [(path, variable.replace(jax.device_put(variable.get_value(),
-                                                     param_sharding(variable, mesh), donate=True)))
-              for path, variable in flat]
-    return nnx.from_flat_state(placed)
+def place_host_array(array: np.ndarray, sharding: Sharding) -> jax.Array:
+    """`array` (on the host) as a jax.Array laid out by `sharding`: each device is sent only
+    its own slice (`jax.make_array_from_callback`), so no device ever holds more of a split
+    array than its shard."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def kv_cache_sharding(mesh: Mesh) -> NamedSharding:

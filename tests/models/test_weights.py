@@ -17,7 +17,7 @@ from pjllm.models import gguf_file
 from pjllm.models.qwen3 import Qwen3ForCausalLM
 from pjllm.models.registry import MODELS, resolve_architecture
 from pjllm.models.weights import (expected_state_dict_shapes, load_hf_config, load_hf_state_dict,
-                                  load_tokenizer)
+                                  load_tokenizer, open_hf_state_dict)
 
 GOLDEN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden")
 TINY_MODELS = ("llama2", "llama3", "mistral", "qwen2", "llama_tied_mqa")
@@ -351,6 +351,24 @@ def test_gguf_round_trip(tmp_path, name: str) -> None:
     assert set(state) == set(expected_state_dict_shapes(cfg_golden))
     for key, value in state.items():
         np.testing.assert_array_equal(value, tensors[key], err_msg=key)
+
+
+def test_gguf_tensors_are_dequantized_when_looked_up(tmp_path, monkeypatch) -> None:
+    """Opening a GGUF checks every tensor's shape from the header but dequantizes none (the
+    loader streams one parameter at a time); a lookup dequantizes that tensor alone."""
+    path = str(tmp_path / "llama3.gguf")
+    tensors = _write_gguf("llama3", path, quantize="gate")
+    read = []
+    dequantize = gguf_file.GGUFFile.tensor
+    monkeypatch.setattr(gguf_file.GGUFFile, "tensor",
+                        lambda self, name: read.append(name) or dequantize(self, name))
+    state = open_hf_state_dict(path, "float32")
+    assert set(read) <= {"rope_freqs.weight"}  # the config's llama3 rope scaling
+    assert set(state) == set(tensors)
+    read.clear()
+    name = "model.layers.1.mlp.gate_proj.weight"
+    np.testing.assert_array_equal(state[name], tensors[name])
+    assert read == ["blk.1.ffn_gate.weight"]
 
 
 def test_unpermute_inverts_llamacpp_permute() -> None:

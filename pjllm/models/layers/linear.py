@@ -12,9 +12,16 @@ from flax import nnx
 
 def init_param(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any, rngs: nnx.Rngs,
                scale: float) -> nnx.Param:
-    """A parameter drawn from N(0, scale^2), tagged with its logical sharding axes."""
-    value = jax.random.normal(rngs.params(), shape, jnp.float32) * scale
-    return nnx.Param(value.astype(dtype), logical_axes=axes)
+    """A parameter drawn from N(0, scale^2), tagged with its logical sharding axes and with the
+    draw (`init_std`), which `load_format="dummy"` repeats one parameter at a time on the
+    parameter's own shards."""
+    return nnx.Param(draw_normal(rngs.params(), shape, dtype, scale), logical_axes=axes,
+                     init_std=scale)
+
+
+def draw_normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, std: float) -> jax.Array:
+    """N(0, std^2) values of `shape`, drawn in float32 and cast to `dtype`."""
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
 
 class Linear(nnx.Module):
