@@ -1,8 +1,9 @@
 """Parallelism on a jax.sharding mesh: the mesh, and how model axes map onto it."""
 
 from pjllm.sharding.mesh import (DATA_AXIS, MODEL_AXIS, kv_cache_sharding, kv_head_replicas,
-                                 make_mesh, param_sharding, replicate_kv_heads, replicated,
-                                 shard_state, vocab_sharded)
+                                 make_mesh, param_sharding, replica_devices, replicate_kv_heads,
+                                 replicated, shard_state, vocab_sharded)
 
 __all__ = ["DATA_AXIS", "MODEL_AXIS", "kv_cache_sharding", "kv_head_replicas", "make_mesh",
-           "param_sharding", "replicate_kv_heads", "replicated", "shard_state", "vocab_sharded"]
+           "param_sharding", "replica_devices", "replicate_kv_heads", "replicated", "shard_state",
+           "vocab_sharded"]
