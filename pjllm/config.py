@@ -252,6 +252,10 @@ class EngineConfig:
     # is not supported (only 1).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Data parallelism, as vLLM's: this many independent engine replicas, replica i on devices
+    # [i x tensor_parallel_size, (i + 1) x tensor_parallel_size), each request routed to the
+    # replica with the fewest outstanding requests (pjllm/engine/router.py).
+    data_parallel_size: int = 1
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "pjllm", "xla"))
     # Compiling the step program of every token bucket ahead of use: "background" (the engine
@@ -296,7 +300,8 @@ class EngineConfig:
         _check_int("page_size", self.page_size, 1)
         _check_choice("page_size", self.page_size, PAGE_SIZES)
         for name, minimum in (("max_num_seqs", 1), ("seed", None), ("max_logprobs", 0),
-                              ("tensor_parallel_size", 1), ("pipeline_parallel_size", 1)):
+                              ("tensor_parallel_size", 1), ("pipeline_parallel_size", 1),
+                              ("data_parallel_size", 1)):
             _check_int(name, getattr(self, name), minimum)
         for name in ("max_model_len", "num_pages", "max_num_batched_tokens"):
             if getattr(self, name) is not None:

@@ -9,6 +9,12 @@ with the loop in a thread of the server's process, an H200 served 60% of the off
 (docs/perf.md). Here, prompts are checked and tokenized (`InputProcessor`) before they are sent;
 a reader thread receives each step's deltas, rebuilds the outputs and hands them to the callers'
 event loops, one wake-up per loop per step.
+
+With `data_parallel_size` D > 1 there are D core processes, replica i on its own devices
+(`sharding.replica_devices`); each request goes to the replica with the fewest outstanding
+requests (`engine/router.py`), its aborts and stop-string finishes to that replica, and each
+core has its own pipes and reader thread. What the cores report (running, waiting, KV use,
+preemptions, prefix cache counts) is combined for the metrics and the log line.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any, AsyncIterator, Callable
 from pjllm.config import EngineConfig
 from pjllm.engine.core_process import CoreStats, OutputAccumulator, RequestDelta, run_engine_core
 from pjllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from pjllm.engine.router import ReplicaRouter
 from pjllm.outputs import RequestOutput
 from pjllm.sampling_params import SamplingParams
 
@@ -59,13 +66,61 @@ class IterationStats:
     finished: list[tuple[str, float, float, int, int]] = dataclasses.field(default_factory=list)
 
 
+class _Core:
+    """The front end's side of one engine core process (one data-parallel replica): the
+    process, its pipes, its reader thread, and what the front end knows of its queue."""
+
+    def __init__(self, context: Any, config: EngineConfig, replica: int):
+        self.replica = replica
+        core_commands, self.commands = context.Pipe(duplex=False)  # (receiving end, sending end)
+        self.results, core_results = context.Pipe(duplex=False)
+        _enlarge_pipe(self.results)
+        self.process = context.Process(target=run_engine_core,
+                                       args=(config, replica, core_commands, core_results),
+                                       name=f"pjllm-engine-core-{replica}", daemon=True)
+        self.process.start()
+        core_commands.close()
+        core_results.close()
+        self.stats = CoreStats(0, 0, 0.0, 0)  # as of its last step
+        self.num_unseen_adds = 0  # adds sent since it last reported its queue
+        self.reader: threading.Thread | None = None
+
+    def wait_ready(self) -> str | None:
+        """Waits until the core has loaded the model: None, or why it failed to."""
+        ready = self.receive()
+        if ready is not None and ready[0] == "ready":
+            return None
+        self.process.join(30)
+        return ready[1] if ready else f"exit code {self.process.exitcode}"
+
+    def send(self, command: tuple) -> None:
+        try:
+            self.commands.send(command)
+        except (BrokenPipeError, OSError):
+            pass  # the core is gone; its reader fails its callers
+
+    def receive(self) -> tuple | None:
+        try:
+            return self.results.recv()
+        except (EOFError, OSError):
+            return None
+
+    def join(self, timeout: float) -> None:
+        """Waits for the process to exit (after "stop"), killing it after `timeout` seconds."""
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
 @dataclasses.dataclass(eq=False)
 class _Stream:
-    """One caller's request: where its outputs go, and how far it has got."""
+    """One caller's request: where its outputs go, which core runs it, and how far it has got."""
 
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
     arrival_time: float
+    core: _Core
     num_tokens: int = 0
     last_token_time: float | None = None
     abandoned: bool = False  # its caller went away: count its end, deliver nothing
@@ -79,11 +134,12 @@ class AsyncLLM:
     >>> async for output in engine.generate("Hello", SamplingParams(max_tokens=8), "req-1"):
     ...     print(output.outputs[0].text)
 
-    Keyword arguments are `EngineConfig` fields, as for `LLM`. `max_waiting_requests` bounds the
-    requests that wait for a place in the batch (None: unbounded); past it `generate` raises
-    `EngineOverloadedError`. `on_iteration` is called on the reader thread after every step.
-    The constructor returns once the engine core has loaded the model (its errors are raised
-    here as RuntimeError).
+    Keyword arguments are `EngineConfig` fields, as for `LLM` (`data_parallel_size`: that many
+    engine core processes). `max_waiting_requests` bounds the requests that wait for a place in
+    the batch, over all replicas (None: unbounded); past it `generate` raises
+    `EngineOverloadedError`. `on_iteration` is called on a reader thread after every step of
+    any replica. The constructor returns once every engine core has loaded the model (their
+    errors are raised here as RuntimeError).
     """
 
     def __init__(self, model: str, *, max_waiting_requests: int | None = None,
@@ -92,29 +148,28 @@ class AsyncLLM:
         self.inputs = InputProcessor(config)
         self.max_waiting_requests = max_waiting_requests
         self.on_iteration = on_iteration
-        self.stats = CoreStats(0, 0, 0.0, 0)
         self.dead_error: BaseException | None = None
         self._streams: dict[str, _Stream] = {}
         self._accumulator = OutputAccumulator(self.inputs.tokenizer)
-        self._lock = threading.Lock()  # _streams, _num_unseen_adds, and sends on the pipe
-        self._num_unseen_adds = 0  # adds sent since the core last reported its queue
-        # spawn, not fork: the parent may have started JAX, which must not be forked.
+        # _streams, the router, each core's num_unseen_adds and stats, and sends on the pipes.
+        self._lock = threading.Lock()
+        self._router = ReplicaRouter(config.data_parallel_size, config.seed)
+        # spawn, not fork: the parent may have started JAX, which must not be forked. All the
+        # cores load at once.
         context = multiprocessing.get_context("spawn")
-        core_commands, self._commands = context.Pipe(duplex=False)  # (receiving end, sending end)
-        self._results, core_results = context.Pipe(duplex=False)
-        _enlarge_pipe(self._results)
-        self._process = context.Process(target=run_engine_core, args=(config, core_commands, core_results),
-                                        name="pjllm-engine-core", daemon=True)
-        self._process.start()
-        core_commands.close()
-        core_results.close()
-        ready = self._receive()
-        if ready is None or ready[0] != "ready":
-            self._process.join(30)
-            raise RuntimeError("the engine core failed to start: "
-                               + (ready[1] if ready else f"exit code {self._process.exitcode}"))
-        self._reader = threading.Thread(target=self._read, name="pjllm-engine-reader", daemon=True)
-        self._reader.start()
+        self._cores = [_Core(context, config, replica)
+                       for replica in range(config.data_parallel_size)]
+        failures = [failure for core in self._cores if (failure := core.wait_ready()) is not None]
+        if failures:
+            for core in self._cores:
+                core.send(("stop",))
+            for core in self._cores:
+                core.join(30)
+            raise RuntimeError("the engine core failed to start: " + failures[0])
+        for core in self._cores:
+            core.reader = threading.Thread(target=self._read, args=(core,), daemon=True,
+                                           name=f"pjllm-engine-reader-{core.replica}")
+            core.reader.start()
 
     # ------------------------------------------------------------------ what the model takes
     @property
@@ -140,19 +195,24 @@ class AsyncLLM:
     # ------------------------------------------------------------------ caller side
     @property
     def is_running(self) -> bool:
-        """Whether the engine core is alive and takes requests."""
-        return self.dead_error is None and self._process.is_alive()
+        """Whether every engine core is alive and takes requests."""
+        return self.dead_error is None and all(core.process.is_alive() for core in self._cores)
+
+    @property
+    def stats(self) -> CoreStats:
+        """The cores' last reports, combined (`CoreStats.combine`)."""
+        return CoreStats.combine([core.stats for core in self._cores])
 
     def num_waiting_requests(self) -> int:
-        """Sequences waiting for a place in the batch, plus requests sent since the core's last
+        """Sequences waiting for a place in a batch, plus requests sent since their core's last
         report."""
-        return self.stats.num_waiting + self._num_unseen_adds
+        return sum(core.stats.num_waiting + core.num_unseen_adds for core in self._cores)
 
     def num_running_requests(self) -> int:
         return self.stats.num_running
 
     def kv_cache_usage(self) -> float:
-        """The share of KV cache pages in use, in [0, 1]."""
+        """The share of KV cache pages in use, in [0, 1] (the replicas' mean)."""
         return self.stats.kv_cache_usage
 
     async def generate(self, prompt: PromptType, params: SamplingParams | None,
@@ -170,14 +230,17 @@ class AsyncLLM:
         processed = self.process_prompt(prompt, params)
         self.inputs.check_priority(priority)
         text, token_ids = processed.text, processed.token_ids
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
+            # Seeds drawn here, in arrival order, whichever replica runs the request.
+            params = self._router.seeded(params)
+            core = self._cores[self._router.route()]
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic(), core)
             self._streams[request_id] = stream
             self._accumulator.start(request_id, text, token_ids, params)
-            self._num_unseen_adds += 1
-            self._send(("add", request_id, processed.as_dict(), params, priority))
+            core.num_unseen_adds += 1
+            core.send(("add", request_id, processed.as_dict(), params, priority))
         finished = False
         try:
             while not finished:
@@ -197,8 +260,9 @@ class AsyncLLM:
         """Stops a request and frees its pages (no-op for an unknown or finished id); its caller
         gets a final output with finish reason "abort"."""
         with self._lock:
-            if request_id in self._streams:
-                self._send(("abort", request_id))
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.core.send(("abort", request_id))
 
     def _abort_own(self, request_id: str, stream: _Stream) -> None:
         """Aborts the caller's own request only: once it finished, the id may be someone else's.
@@ -206,45 +270,32 @@ class AsyncLLM:
         with self._lock:
             if self._streams.get(request_id) is stream and not stream.done:
                 stream.abandoned = True
-                self._send(("abort", request_id))
+                stream.core.send(("abort", request_id))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Aborts every request (callers get their final output, finish reason "abort"), stops the
-        engine core (freeing its device memory) and the reader thread."""
-        if self._process.is_alive():
-            with self._lock:
-                for request_id in list(self._streams):
-                    self._send(("abort", request_id))
-                self._send(("stop",))
-            self._process.join(timeout)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-        self._reader.join(timeout)
+        engine cores (freeing their device memory) and the reader threads."""
+        with self._lock:
+            for request_id, stream in self._streams.items():
+                stream.core.send(("abort", request_id))
+            for core in self._cores:
+                core.send(("stop",))
+        for core in self._cores:
+            core.join(timeout)
+        for core in self._cores:
+            core.reader.join(timeout)
         if self.dead_error is None:
             self.dead_error = EngineDeadError("the engine was shut down")
 
     # ------------------------------------------------------------------ the pipes
-    def _send(self, command: tuple) -> None:
-        try:
-            self._commands.send(command)
-        except (BrokenPipeError, OSError):
-            pass  # the core is gone; the reader fails the callers
-
-    def _receive(self) -> tuple | None:
-        try:
-            return self._results.recv()
-        except (EOFError, OSError):
-            return None
-
-    def _read(self) -> None:
-        """The reader thread: each step's deltas to the callers, until the core goes away.
+    def _read(self, core: _Core) -> None:
+        """A core's reader thread: each step's deltas to the callers, until the core goes away.
         Messages that are already waiting are published together: a reader that fell behind
         catches up with one wake-up per event loop, not one per step."""
         while True:
-            messages = [self._receive()]
-            while messages[-1] is not None and self._results.poll():
-                messages.append(self._receive())
+            messages = [core.receive()]
+            while messages[-1] is not None and core.results.poll():
+                messages.append(core.receive())
             deltas: list[RequestDelta] = []
             stats = None
             for message in messages:
@@ -254,44 +305,52 @@ class AsyncLLM:
                     deltas += message[1]
                     stats = message[2]
                 elif message[0] == "refused":  # checked here, so the core only refuses on a bug
-                    self._fail_stream(message[1], ValueError(message[2]))
+                    self._fail_stream(core, message[1], ValueError(message[2]))
             if stats is not None:
-                self._publish(deltas, stats)
+                self._publish(core, deltas, stats)
             if messages[-1] is None:  # the core has gone away
                 break
-        with self._lock:
-            streams, self._streams = self._streams, {}
+        # Its callers fail; so does every later request (one replica's loss stops the engine,
+        # though the other replicas finish what they hold).
+        replica = f"replica {core.replica}, " if len(self._cores) > 1 else ""
         error = self.dead_error or EngineDeadError(
-            f"the engine core stopped (exit code {self._process.exitcode})")
+            f"the engine core stopped ({replica}exit code {core.process.exitcode})")
         self.dead_error = error
-        for stream in streams.values():
-            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, error)
-
-    def _fail_stream(self, request_id: str, error: BaseException) -> None:
         with self._lock:
-            stream = self._streams.pop(request_id, None)
-            self._accumulator.forget(request_id)
-        if stream is not None:
+            streams = [request_id for request_id, stream in self._streams.items()
+                       if stream.core is core]
+            streams = [self._end(request_id) for request_id in streams]
+        for stream in streams:
             stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, error)
 
-    def _end(self, request_id: str) -> None:
-        """Forgets a request the core has finished (with the lock held)."""
-        del self._streams[request_id]
-        self._accumulator.forget(request_id)
+    def _fail_stream(self, core: _Core, request_id: str, error: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+            if stream is None or stream.core is not core:
+                return
+            self._end(request_id)
+        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, error)
 
-    def _publish(self, deltas: list[RequestDelta], stats: CoreStats) -> None:
-        """Rebuilds each delta's output and sends it to its caller; the step's stats to
+    def _end(self, request_id: str) -> _Stream:
+        """Forgets a request its core has finished, refused or lost (with the lock held)."""
+        stream = self._streams.pop(request_id)
+        self._accumulator.forget(request_id)
+        self._router.release(stream.core.replica)
+        return stream
+
+    def _publish(self, core: _Core, deltas: list[RequestDelta], stats: CoreStats) -> None:
+        """Rebuilds each delta of `core`'s step and sends it to its caller; the step's stats to
         `on_iteration`."""
         now = time.monotonic()
         iteration = IterationStats(now)
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            self.stats = stats
-            self._num_unseen_adds = 0
+            core.stats = stats
+            core.num_unseen_adds = 0
             for delta in deltas:
                 request_id, core_finished = delta[0], delta[1]
                 stream = self._streams.get(request_id)
-                if stream is None:
+                if stream is None or stream.core is not core:
                     continue
                 if stream.done:  # its end was counted and delivered; the core caught up
                     if core_finished:
@@ -299,7 +358,7 @@ class AsyncLLM:
                     continue
                 output, stopped = self._accumulator.apply(delta)
                 for request_id, index, stop in stopped:
-                    self._send(("finish", request_id, index, stop))
+                    core.send(("finish", request_id, index, stop))
                 num_tokens = sum(len(completion.token_ids) for completion in output.outputs)
                 if num_tokens > stream.num_tokens:
                     iteration.generation_tokens += num_tokens - stream.num_tokens

@@ -63,6 +63,17 @@ class CoreStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
 
+    @classmethod
+    def combine(cls, replicas: list["CoreStats"]) -> "CoreStats":
+        """Data-parallel replicas' stats as one engine's: counts summed, KV cache usage the
+        replicas' mean (each has its own pages)."""
+        if len(replicas) == 1:
+            return replicas[0]
+        totals = {field.name: sum(getattr(stats, field.name) for stats in replicas)
+                  for field in dataclasses.fields(cls)}
+        totals["kv_cache_usage"] /= len(replicas)
+        return cls(**totals)
+
 
 class _DeltaTracker:
     """How many tokens of each sequence have been sent (core side), by request identity: ids
@@ -273,16 +284,20 @@ class _Outbox:
                 return
 
 
-def run_engine_core(config: EngineConfig, commands: multiprocessing.connection.Connection,
+def run_engine_core(config: EngineConfig, replica: int,
+                    commands: multiprocessing.connection.Connection,
                     results: multiprocessing.connection.Connection) -> None:
-    """The child process's main: builds the engine, says ("ready",), then serves commands and
-    steps until told to stop or its parent goes away. An error building the engine is sent as
-    ("failed", message)."""
+    """The child process's main: builds data-parallel replica `replica`'s engine on that
+    replica's devices (`sharding.replica_devices`), says ("ready",), then serves commands and
+    steps until told to stop or its parent goes away. An error building the engine (too few
+    devices for tensor x data parallel sizes, too) is sent as ("failed", message)."""
     from pjllm.engine.engine import LLMEngine
+    from pjllm.sharding import replica_devices
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        engine = LLMEngine(config, detokenize=False)
+        devices = replica_devices(config.tensor_parallel_size, config.data_parallel_size, replica)
+        engine = LLMEngine(config, detokenize=False, devices=devices)
     except Exception as error:  # noqa: BLE001 - the parent reports it
         results.send(("failed", f"{type(error).__name__}: {error}"))
         return
@@ -307,9 +322,10 @@ def run_engine_core(config: EngineConfig, commands: multiprocessing.connection.C
         return
     finally:
         timings = engine.step_timings
-        logger.info("engine core: %d steps: %.1f s of host work, %.1f s waiting for the device; "
-                    "%.1f s idle, %.1f s waiting to send, %.1f s collecting garbage", timings.steps,
-                    timings.host_s, timings.wait_s, idle_s, outbox.wait_s, gc_timer.total_s)
+        logger.info("engine core %d: %d steps: %.1f s of host work, %.1f s waiting for the "
+                    "device; %.1f s idle, %.1f s waiting to send, %.1f s collecting garbage",
+                    replica, timings.steps, timings.host_s, timings.wait_s, idle_s, outbox.wait_s,
+                    gc_timer.total_s)
         gc_timer.stop()
         outbox.close()
         engine.shutdown()

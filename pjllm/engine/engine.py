@@ -18,6 +18,7 @@ from pjllm.engine.detokenizer import (TokenTexts, decode_new_text, find_stop_str
                                       start_detokenizer)
 from pjllm.engine.input_processor import InputProcessor, PromptType
 from pjllm.engine.kv_cache_manager import KVCacheManager, pages_needed
+from pjllm.engine.router import draw_seed
 from pjllm.engine.scheduler import ScheduledSeq, ScheduledStep, Scheduler
 from pjllm.engine.sequence import Request, Sequence
 from pjllm.kernels import ops
@@ -28,7 +29,7 @@ from pjllm.runner.memory import kv_cache_bytes
 from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
 from pjllm.runner.sampler import SamplerOutput, TokenLogprobs
 from pjllm.sampling_params import SamplingParams
-from pjllm.sharding import kv_head_replicas, make_mesh
+from pjllm.sharding import kv_head_replicas, make_mesh, replica_devices
 
 logger = logging.getLogger("pjllm")
 
@@ -82,10 +83,21 @@ class LLMEngine:
     logprob tokens; the caller does that off the step loop
     (`engine/core_process.py`) and ends a sequence whose stop string matched with
     `finish_sequence`.
+
+    One engine is one replica of the model: on `devices` (default: data-parallel replica 0's,
+    the first `tensor_parallel_size`), which hold its weights, its KV cache, sized from their
+    own memory, and every step. A data-parallel engine runs several (`engine/data_parallel.py`,
+    `engine/async_engine.py`); `seed_rng` is then the generator all of them draw unseeded
+    requests' seeds from (`engine/router.py`), else the engine has its own, seeded with
+    `config.seed`.
     """
 
-    def __init__(self, config: EngineConfig, detokenize: bool = True):
+    def __init__(self, config: EngineConfig, detokenize: bool = True,
+                 devices: list[jax.Device] | None = None,
+                 seed_rng: np.random.Generator | None = None):
         self.config = config
+        if devices is None:
+            devices = replica_devices(config.tensor_parallel_size, config.data_parallel_size, 0)
         self.inputs = InputProcessor(config, load_tokenizer=detokenize)
         enable_compilation_cache(config.compilation_cache_dir)
         self.model_config = self.inputs.model_config
@@ -96,7 +108,7 @@ class LLMEngine:
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         self.attention_backend = ops.resolve_backend(config.attention_backend)
         # Always a mesh, of one device too: one code path for every degree of parallelism.
-        self.mesh = make_mesh(config.tensor_parallel_size)
+        self.mesh = make_mesh(config.tensor_parallel_size, devices=devices)
         kv_replicas = kv_head_replicas(self.model_config.num_heads, self.model_config.num_kv_heads,
                                        config.tensor_parallel_size)
         # The model as it runs: with each KV head copied where devices outnumber them.
@@ -110,8 +122,11 @@ class LLMEngine:
         # Seconds spent in each startup phase, for `pjllm bench startup` and logs.
         self.startup_timings: dict[str, float] = {}
         start = time.perf_counter()
-        graphdef, state = build_model(self.model_config, self.dtype, load_format, config.model,
-                                      config.seed, mesh=self.mesh, kv_head_replicas=kv_replicas)
+        # What the loader makes on JAX's default device (the constructor's buffers) lands on this
+        # replica's first device, not on device 0, which belongs to another replica.
+        with jax.default_device(self.mesh.devices.flat[0]):
+            graphdef, state = build_model(self.model_config, self.dtype, load_format, config.model,
+                                          config.seed, mesh=self.mesh, kv_head_replicas=kv_replicas)
         self.startup_timings["load_weights_s"] = time.perf_counter() - start
         # What one device holds: its shard of each split parameter, and the replicated ones whole.
         weights_bytes = sum(leaf.addressable_shards[0].data.nbytes
@@ -142,7 +157,7 @@ class LLMEngine:
                                    self.max_num_batched_tokens, config.scheduling_policy,
                                    self._num_swap_pages())
         self.requests: dict[str, Request] = {}
-        self._seed_rng = np.random.default_rng(config.seed)
+        self._seed_rng = seed_rng if seed_rng is not None else np.random.default_rng(config.seed)
         self._next_seq_id = 0
         self._in_flight: _InFlightStep | None = None
         self.step_timings = StepTimings()
@@ -186,7 +201,7 @@ class LLMEngine:
         activations = (self.max_num_batched_tokens * cfg.intermediate_size * itemsize * 4
                        + self.config.max_num_seqs * cfg.vocab_size * 4 * 4 + (512 << 20))
         wanted = self.config.max_num_seqs * pages_needed(self.max_model_len, self.config.page_size)
-        budget = kv_cache_bytes(jax.devices()[0], utilization=self.config.gpu_memory_utilization,
+        budget = kv_cache_bytes(self.mesh.devices.flat[0], utilization=self.config.gpu_memory_utilization,
                                 weights_bytes=weights_bytes, activation_bytes=activations,
                                 host_bytes_wanted=wanted * page_bytes)
         num_pages = budget // page_bytes
@@ -221,7 +236,7 @@ class LLMEngine:
                           cache_salt=cache_salt, priority=priority)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(token_ids)
-        base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
+        base_seed = params.seed if params.seed is not None else draw_seed(self._seed_rng)
         max_num_tokens = min(len(token_ids) + (params.max_tokens or self.max_model_len),
                              self.max_model_len)
         for index in range(params.n):

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from pjllm.beam_search import (BeamSearchOutput, BeamSearchParams, BeamSearchSequence, best_beams,
                                extend_beams)
 from pjllm.config import EngineConfig
+from pjllm.engine.data_parallel import DataParallelEngine
 from pjllm.engine.engine import LLMEngine, PromptType
 from pjllm.engine.input_processor import render_chat
 from pjllm.outputs import RequestOutput
@@ -32,12 +33,18 @@ class LLM:
     Keyword arguments are the fields of `EngineConfig` (dtype, max_model_len, page_size,
     gpu_memory_utilization, num_pages, max_num_seqs, max_num_batched_tokens, seed,
     attention_backend, load_format, compilation_cache_dir, warmup, max_logprobs, tokenizer,
-    enable_prefix_caching). A prompt dict may carry a "cache_salt": requests share cached prompt
-    pages only with requests of the same salt.
+    enable_prefix_caching, tensor_parallel_size, data_parallel_size). A prompt dict may carry a
+    "cache_salt": requests share cached prompt pages only with requests of the same salt.
+
+    With `data_parallel_size` > 1, `engine` is a `DataParallelEngine`: that many replicas, each
+    on its own `tensor_parallel_size` devices, requests spread over them; outputs come back in
+    input order as with one.
     """
 
     def __init__(self, model: str, **engine_kwargs: Any):
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_kwargs))
+        config = EngineConfig.from_kwargs(model, **engine_kwargs)
+        self.engine = (LLMEngine(config) if config.data_parallel_size == 1
+                       else DataParallelEngine(config))
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):

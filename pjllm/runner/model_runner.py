@@ -504,7 +504,10 @@ class ModelRunner:
         sampler = self.programs.get(("sampler", seqs, variant.sampler))
         prompt_program = (self.programs.get(("prompt_logprobs", tokens))
                           if variant.prompt_logprobs else None)
-        batch = jax.device_put(batch)  # once, though three programs read it
+        # Once, though three programs read it; straight onto the mesh's devices (another data-
+        # parallel replica's mesh may hold the default device).
+        mesh = self.attention.mesh
+        batch = jax.device_put(batch, replicated(mesh) if mesh is not None else None)
         logits, hidden, self.kv_caches, self.page_tokens = forward(
             self.weights, self.kv_caches, self.page_tokens, self.last_tokens, batch)
         sampled, self.last_tokens = sampler(logits, self.last_tokens, self.page_tokens,

@@ -1,9 +1,9 @@
 """Parallelism on a jax.sharding mesh: the mesh, and how model axes map onto it."""
 
 from pjllm.sharding.mesh import (DATA_AXIS, MODEL_AXIS, kv_cache_sharding, kv_head_replicas,
-                                 make_mesh, param_sharding, place_host_array,
+                                 make_mesh, param_sharding, place_host_array, replica_devices,
                                  replicate_kv_heads, replicated, vocab_sharded)
 
 __all__ = ["DATA_AXIS", "MODEL_AXIS", "kv_cache_sharding", "kv_head_replicas", "make_mesh",
-           "param_sharding", "place_host_array", "replicate_kv_heads", "replicated",
-           "vocab_sharded"]
+           "param_sharding", "place_host_array", "replica_devices", "replicate_kv_heads",
+           "replicated", "vocab_sharded"]

@@ -1,12 +1,14 @@
 """The device mesh and the rules that place a model's arrays on it.
 
 A mesh has two axes: `data` (independent engine replicas) and `model` (tensor parallelism inside
-one replica). Model parameters name logical axes (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`,
-...; see `models/layers`); LOGICAL_AXIS_RULES maps them onto the `model` axis Megatron-style:
-fused Q/K/V and gate/up split by output heads / features (column parallel), o_proj and
-down_proj by their input (row parallel, XLA adds the all-reduce), embeddings and the output layer
-by vocabulary. Models never name mesh axes; only this module and the attention entry in
-`kernels/ops.py` (which runs the kernels on each device's heads under `shard_map`) do.
+one replica). Each data-parallel replica is an engine of its own, on a mesh of its own devices
+(`replica_devices`), so an engine's mesh has a data axis of 1. Model parameters name logical
+axes (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, ...; see `models/layers`);
+LOGICAL_AXIS_RULES maps them onto the `model` axis Megatron-style: fused Q/K/V and gate/up split
+by output heads / features (column parallel), o_proj and down_proj by their input (row
+parallel, XLA adds the all-reduce), embeddings and the output layer by vocabulary. Models never
+name mesh axes; only this module and the attention entry in `kernels/ops.py` (which runs the
+kernels on each device's heads under `shard_map`) do.
 """
 
 from __future__ import annotations
@@ -33,16 +35,36 @@ LOGICAL_AXIS_RULES: dict[str, str] = {
 }
 
 
-def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, model) mesh over the first data x tensor parallel devices (`devices`, default
-    all of this process's backend's). Raises ValueError when there are too few."""
-    devices = list(jax.devices() if devices is None else devices)
+def _check_device_count(tensor_parallel_size: int, data_parallel_size: int,
+                        devices: Sequence[jax.Device]) -> None:
     wanted = tensor_parallel_size * data_parallel_size
     if wanted > len(devices):
         raise ValueError(f"tensor_parallel_size ({tensor_parallel_size}) x data_parallel_size "
                          f"({data_parallel_size}) = {wanted} devices, but only {len(devices)} "
                          f"are available")
+
+
+def replica_devices(tensor_parallel_size: int, data_parallel_size: int, replica: int,
+                    devices: Sequence[jax.Device] | None = None) -> list[jax.Device]:
+    """The devices data-parallel replica `replica` owns: [replica x TP, (replica + 1) x TP) of
+    `devices` (default: all of this process's backend's), so the replicas' sub-meshes are
+    disjoint. Raises ValueError naming both sizes when TP x DP exceeds the devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    _check_device_count(tensor_parallel_size, data_parallel_size, devices)
+    if not 0 <= replica < data_parallel_size:
+        raise ValueError(f"replica must be in [0, data_parallel_size ({data_parallel_size})); "
+                         f"got {replica}")
+    return devices[replica * tensor_parallel_size:(replica + 1) * tensor_parallel_size]
+
+
+def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, model) mesh over the first data x tensor parallel devices (`devices`, default
+    all of this process's backend's). Raises ValueError when there are too few. An engine
+    replica's mesh has a data axis of 1 over its own devices (`replica_devices`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    _check_device_count(tensor_parallel_size, data_parallel_size, devices)
+    wanted = tensor_parallel_size * data_parallel_size
     # Auto axes: XLA propagates the parameters' shardings through the step (GSPMD) and adds
     # the collectives; only attention is split by hand (kernels/ops.py).
     return jax.make_mesh((data_parallel_size, tensor_parallel_size), (DATA_AXIS, MODEL_AXIS),

@@ -99,14 +99,14 @@ def test_a_cancelled_caller_aborts_its_request_and_frees_its_pages(engine):
 def test_overload_is_refused_with_its_own_error(tiny_model_path_module):
     small = AsyncLLM(tiny_model_path_module, max_waiting_requests=1, **OPTIONS)
     try:
-        small._num_unseen_adds += 1  # one request sent, not yet reported by the core
+        small._cores[0].num_unseen_adds += 1  # one request sent, not yet reported by the core
 
         async def run():
             with pytest.raises(EngineOverloadedError, match="max_waiting_requests 1"):
                 await _final(small, _prompts(1)[0], GREEDY, "over")
 
         asyncio.run(run())
-        small._num_unseen_adds -= 1
+        small._cores[0].num_unseen_adds -= 1
     finally:
         small.shutdown()
 
@@ -118,7 +118,7 @@ def test_a_dead_core_fails_its_callers_and_says_so(tiny_model_path_module):
         async def run():
             stream = fragile.generate(_prompts(1)[0], long, "doomed")
             await anext(stream)
-            fragile._process.kill()  # the core process dies mid-request
+            fragile._cores[0].process.kill()  # the core process dies mid-request
             with pytest.raises(EngineDeadError, match="engine core stopped"):
                 async for _ in stream:
                     pass
@@ -145,3 +145,43 @@ def test_shutdown_ends_running_requests_with_abort(tiny_model_path_module):
     last = asyncio.run(run())
     assert last.finished and last.outputs[0].finish_reason == "abort"
     assert not doomed.is_running
+
+
+def test_two_replicas_serve_what_one_engine_gives_and_aborts_reach_their_replica(
+        tiny_model_path_module):
+    """data_parallel_size=2: two core processes; greedy, seeded and unseeded requests give one
+    engine's tokens (the front end draws unseeded requests' seeds in arrival order, as one
+    engine does), both replicas get work, and an abort stops the request on its own replica."""
+    import pjllm
+
+    prompts = _prompts(6, seed=7)
+    choices = [GREEDY, SamplingParams(temperature=1.0, max_tokens=8, seed=5, ignore_eos=True),
+               SamplingParams(temperature=0.9, max_tokens=6, ignore_eos=True)]
+    params = [choices[i % 3] for i in range(len(prompts))]
+    with pjllm.LLM(tiny_model_path_module, **OPTIONS) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    engine = AsyncLLM(tiny_model_path_module, data_parallel_size=2, **OPTIONS)
+    long = SamplingParams(temperature=0.0, max_tokens=100, seed=0, ignore_eos=True)
+    try:
+        async def run():
+            finals = await asyncio.gather(*[_final(engine, p, s, f"r{i}")
+                                            for i, (p, s) in enumerate(zip(prompts, params))])
+            streams = [engine.generate(prompts[i], long, f"long{i}") for i in range(2)]
+            for stream in streams:
+                await anext(stream)
+            assert {engine._streams[f"long{i}"].core.replica for i in range(2)} == {0, 1}
+            ends = []
+            for i, stream in enumerate(streams):
+                engine.abort(f"long{i}")
+                ends.append([output async for output in stream][-1])
+            return finals, ends
+
+        finals, ends = asyncio.run(run())
+        assert [outputs[-1].outputs[0].token_ids for outputs in finals] == expected
+        assert all(end.finished and end.outputs[0].finish_reason == "abort" for end in ends)
+        assert all(len(end.outputs[0].token_ids) < 100 for end in ends)
+        # Both replicas looked prompts up in their prefix caches, i.e. both got requests.
+        assert all(core.stats.prefix_cache_queries > 0 for core in engine._cores)
+        _assert_idle(engine)  # the replicas' combined stats
+    finally:
+        engine.shutdown()
