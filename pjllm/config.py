@@ -256,6 +256,13 @@ class EngineConfig:
     # [i x tensor_parallel_size, (i + 1) x tensor_parallel_size), each request routed to the
     # replica with the fewest outstanding requests (pjllm/engine/router.py).
     data_parallel_size: int = 1
+    # Several hosts (JAX's distributed runtime, `jax.distributed.initialize`): every process
+    # starts the same command with the coordinator's HOST:PORT, the number of processes and its
+    # own id; the mesh spans all their devices. Process 0 schedules and (serving) answers HTTP;
+    # the others follow its steps (pjllm/sharding/distributed.py).
+    coordinator_address: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "pjllm", "xla"))
     # Compiling the step program of every token bucket ahead of use: "background" (the engine
@@ -301,7 +308,7 @@ class EngineConfig:
         _check_choice("page_size", self.page_size, PAGE_SIZES)
         for name, minimum in (("max_num_seqs", 1), ("seed", None), ("max_logprobs", 0),
                               ("tensor_parallel_size", 1), ("pipeline_parallel_size", 1),
-                              ("data_parallel_size", 1)):
+                              ("data_parallel_size", 1), ("num_processes", 1), ("process_id", 0)):
             _check_int(name, getattr(self, name), minimum)
         for name in ("max_model_len", "num_pages", "max_num_batched_tokens"):
             if getattr(self, name) is not None:
@@ -317,6 +324,29 @@ class EngineConfig:
                      "disable_cascade_attn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        self._check_processes()
         if self.compilation_cache_dir is not None and not isinstance(self.compilation_cache_dir, str):
             raise ValueError("compilation_cache_dir must be a path or None; "
                              f"got {self.compilation_cache_dir!r}")
+
+    def _check_processes(self) -> None:
+        """The multi-host fields: a process id below num_processes, a coordinator HOST:PORT
+        with several processes, and what does not span processes yet refused by name."""
+        if self.process_id >= self.num_processes:
+            raise ValueError(f"process_id must be in [0, num_processes ({self.num_processes})); "
+                             f"got {self.process_id}")
+        address = self.coordinator_address
+        if address is not None and (not isinstance(address, str) or address.rpartition(":")[0] == ""
+                                    or not address.rpartition(":")[2].isdigit()):
+            raise ValueError(f"coordinator_address must be HOST:PORT or None; got {address!r}")
+        if self.num_processes == 1:
+            return
+        if address is None:
+            raise ValueError(f"num_processes ({self.num_processes}) > 1 needs coordinator_address "
+                             f"(HOST:PORT of process 0)")
+        if self.data_parallel_size != 1:
+            raise ValueError(f"data_parallel_size must be 1 with num_processes > 1 (one replica "
+                             f"spans the processes); got {self.data_parallel_size}")
+        if self.preemption_mode == "swap":
+            raise ValueError("preemption_mode 'swap' is not supported with num_processes > 1; "
+                             "use 'recompute'")

@@ -292,10 +292,13 @@ def run_engine_core(config: EngineConfig, replica: int,
     steps until told to stop or its parent goes away. An error building the engine (too few
     devices for tensor x data parallel sizes, too) is sent as ("failed", message)."""
     from pjllm.engine.engine import LLMEngine
-    from pjllm.sharding import replica_devices
+    from pjllm.sharding import distributed, replica_devices
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        # Several hosts: this process is process 0 of JAX's distributed runtime (the front end
+        # that started it never touches a device).
+        distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
         devices = replica_devices(config.tensor_parallel_size, config.data_parallel_size, replica)
         engine = LLMEngine(config, detokenize=False, devices=devices)
     except Exception as error:  # noqa: BLE001 - the parent reports it

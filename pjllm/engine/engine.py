@@ -29,7 +29,7 @@ from pjllm.runner.memory import kv_cache_bytes
 from pjllm.runner.model_runner import ModelRunner, StepHandle, StepResult
 from pjllm.runner.sampler import SamplerOutput, TokenLogprobs
 from pjllm.sampling_params import SamplingParams
-from pjllm.sharding import kv_head_replicas, make_mesh, replica_devices
+from pjllm.sharding import distributed, kv_head_replicas, make_mesh, replica_devices
 
 logger = logging.getLogger("pjllm")
 
@@ -90,12 +90,18 @@ class LLMEngine:
     `engine/async_engine.py`); `seed_rng` is then the generator all of them draw unseeded
     requests' seeds from (`engine/router.py`), else the engine has its own, seeded with
     `config.seed`.
+
+    With several processes (`config.num_processes`), every process builds the engine, whose
+    mesh spans all their devices; process 0 schedules and sends each step to the others, which
+    call `follow` (`sharding/distributed.py`).
     """
 
     def __init__(self, config: EngineConfig, detokenize: bool = True,
                  devices: list[jax.Device] | None = None,
                  seed_rng: np.random.Generator | None = None):
         self.config = config
+        # Several processes: join JAX's distributed runtime before anything touches a device.
+        distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
         if devices is None:
             devices = replica_devices(config.tensor_parallel_size, config.data_parallel_size, 0)
         self.inputs = InputProcessor(config, load_tokenizer=detokenize)
@@ -123,8 +129,10 @@ class LLMEngine:
         self.startup_timings: dict[str, float] = {}
         start = time.perf_counter()
         # What the loader makes on JAX's default device (the constructor's buffers) lands on this
-        # replica's first device, not on device 0, which belongs to another replica.
-        with jax.default_device(self.mesh.devices.flat[0]):
+        # replica's first device, not on device 0, which belongs to another replica (of this
+        # process's devices: with several processes the first may be another's).
+        self.device = distributed.local_device(self.mesh.devices)
+        with jax.default_device(self.device):
             graphdef, state = build_model(self.model_config, self.dtype, load_format, config.model,
                                           config.seed, mesh=self.mesh, kv_head_replicas=kv_replicas)
         self.startup_timings["load_weights_s"] = time.perf_counter() - start
@@ -132,6 +140,10 @@ class LLMEngine:
         weights_bytes = sum(leaf.addressable_shards[0].data.nbytes
                             for leaf in jax.tree.leaves(state))
         num_pages = config.num_pages or self._num_pages_from_memory(weights_bytes)
+        if config.num_processes > 1 and not config.num_pages:
+            # One cache spans the processes: each takes the smallest any of them can hold.
+            from jax.experimental.multihost_utils import process_allgather
+            num_pages = int(np.min(process_allgather(np.array(num_pages, np.int32))))
         if num_pages * config.page_size < self.max_model_len:
             raise ValueError(
                 f"num_pages ({num_pages}) x page_size ({config.page_size}) holds fewer tokens than "
@@ -150,6 +162,11 @@ class LLMEngine:
             # for cascade programs.)
             cascade_attention=(config.enable_prefix_caching and not config.disable_cascade_attn
                                and self.model_config.has_full_causal_layers))
+        # Several processes: the coordinator schedules and sends each step's runner calls to the
+        # others (`distributed.LeaderRunner`); the others only run them (`follow`).
+        self.is_follower = config.num_processes > 1 and not distributed.is_coordinator()
+        if config.num_processes > 1 and not self.is_follower:
+            self.model_runner = distributed.LeaderRunner(self.model_runner)
         self.kv_cache_manager = KVCacheManager(
             num_pages, config.page_size, config.enable_prefix_caching,
             sliding_window=self.model_config.uniform_sliding_window)
@@ -201,7 +218,7 @@ class LLMEngine:
         activations = (self.max_num_batched_tokens * cfg.intermediate_size * itemsize * 4
                        + self.config.max_num_seqs * cfg.vocab_size * 4 * 4 + (512 << 20))
         wanted = self.config.max_num_seqs * pages_needed(self.max_model_len, self.config.page_size)
-        budget = kv_cache_bytes(self.mesh.devices.flat[0], utilization=self.config.gpu_memory_utilization,
+        budget = kv_cache_bytes(self.device, utilization=self.config.gpu_memory_utilization,
                                 weights_bytes=weights_bytes, activation_bytes=activations,
                                 host_bytes_wanted=wanted * page_bytes)
         num_pages = budget // page_bytes
@@ -281,6 +298,16 @@ class LLMEngine:
         self._check_open()
         self.kv_cache_manager.reset_prefix_cache()
         return True
+
+    def follow(self) -> None:
+        """On a process other than the coordinator: runs the coordinator's steps on this
+        process's devices until it stops, then shuts this engine down."""
+        if not self.is_follower:
+            raise RuntimeError("follow() is for processes other than the coordinator (process 0)")
+        try:
+            distributed.follow(self.model_runner)
+        finally:
+            self.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -39,6 +39,12 @@ class LLM:
     With `data_parallel_size` > 1, `engine` is a `DataParallelEngine`: that many replicas, each
     on its own `tensor_parallel_size` devices, requests spread over them; outputs come back in
     input order as with one.
+
+    Several hosts (`num_processes` > 1, `coordinator_address`, `process_id`): every process
+    runs the same script. On process 0 the LLM works as with one; on every other process the
+    constructor loads that process's shards of the model, then runs the steps process 0 sends
+    until process 0 shuts its LLM down (or exits), and `generate`, `chat` and `beam_search`
+    return empty lists there: only process 0 gets outputs.
     """
 
     def __init__(self, model: str, **engine_kwargs: Any):
@@ -46,9 +52,15 @@ class LLM:
         self.engine = (LLMEngine(config) if config.data_parallel_size == 1
                        else DataParallelEngine(config))
         self._request_counter = itertools.count()
+        if config.num_processes > 1 and self.engine.is_follower:
+            self.engine.follow()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def _is_follower(self) -> bool:
+        """Whether this process follows another's steps (several hosts, not process 0)."""
+        return getattr(self.engine, "is_follower", False)
 
     def shutdown(self) -> None:
         """Frees this LLM's device memory (weights, KV cache, compiled programs) at once and
@@ -79,7 +91,7 @@ class LLM:
         is interrupted, this call's requests are aborted, so the engine is ready for the next call.
         """
         prompts = _prompt_list(prompts)
-        if not prompts:
+        if not prompts or self._is_follower():
             return []
         if sampling_params is None:
             sampling_params = self.engine.default_sampling_params()
@@ -120,6 +132,8 @@ class LLM:
         pages through the prefix cache."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams; got {type(params).__name__}")
+        if self._is_follower():
+            return []
         max_logprobs = self.engine.config.max_logprobs
         if 2 * params.beam_width > max_logprobs:
             raise ValueError(f"BeamSearchParams.beam_width must be <= max_logprobs / 2 "

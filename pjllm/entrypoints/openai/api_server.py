@@ -200,10 +200,25 @@ async def _log_stats(metrics: ServerMetrics, interval: float) -> None:
             logger.info("%s", line)
 
 
+def _follow(model: str, engine_kwargs: dict[str, Any]) -> int:
+    """`pjllm serve` on a process other than the coordinator (several hosts): no HTTP; it
+    loads its shards of the model and runs the steps the coordinator sends until it stops."""
+    from pjllm.config import EngineConfig
+    from pjllm.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_kwargs), detokenize=False)
+    logger.info("process %d follows the coordinator at %s", engine.config.process_id,
+                engine.config.coordinator_address)
+    engine.follow()
+    return 0
+
+
 def serve(model: str, config: ServerConfig, engine_kwargs: dict[str, Any]) -> int:
     """Loads the model and serves it until SIGTERM or Ctrl-C; returns the exit code."""
     import uvicorn
 
+    if engine_kwargs.get("num_processes", 1) > 1 and engine_kwargs.get("process_id", 0) != 0:
+        return _follow(model, engine_kwargs)
     engine = AsyncLLM(model, max_waiting_requests=config.max_waiting_requests, **engine_kwargs)
     try:
         app = build_app(engine, config, model)
