@@ -65,9 +65,9 @@ _PERMUTED_QK_ARCHITECTURES = ("llama",)
 # multiplies by 1 + weight; transformers keeps the weight).
 _UNIT_OFFSET_NORM_ARCHITECTURES = ("gemma3",)
 # Gemma 3: every sixth layer is global, the rest local (transformers' sliding_window_pattern;
-# llama.cpp hardcodes it too, with the local layers' rotary base).
+# llama.cpp hardcodes it too, as it does the local layers' rotary base, which the family's
+# config defaults supply here).
 _GEMMA3_GLOBAL_EVERY = 6
-_GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 # gguf-py dequantizes an array 16 rows per step, and rows of a few hundred values (SmolLM2's 576,
 # Gemma 3 270M's 640) make its per-step overhead most of the cost. Block formats ignore rows, so
 # we pass it flat runs of this many values instead (1 MiB of float32, so its temporaries stay in
@@ -314,9 +314,8 @@ def gguf_to_hf_config(gguf: GGUFFile) -> dict[str, Any]:
         config["mlp_bias"] = "blk.0.ffn_up.bias" in gguf.tensors
     if arch == "gemma3":  # (the family turns the pattern into layer_types)
         config.update(
-            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=int(head_dim),
+            query_pre_attn_scalar=int(head_dim),
             sliding_window=int(key("attention.sliding_window")),
-            rope_local_base_freq=_GEMMA3_LOCAL_ROPE_THETA,
             sliding_window_pattern=_GEMMA3_GLOBAL_EVERY)
         del config["hidden_act"]
     scaling_type = key("rope.scaling.type")
