@@ -1,7 +1,9 @@
-"""Tensor parallelism on eight CPU devices: the tiny HF goldens split across 2 and 4 devices
-give transformers' prompt logprobs (within 1e-4) and greedy tokens, as one device does, with
-every split parameter and the KV cache spread over the mesh."""
+"""Tensor parallelism on eight CPU devices: the tiny HF goldens split across 2 and 4 devices,
+and a random-weight model across 8, give what one device gives (transformers' prompt logprobs
+within 1e-4 and greedy tokens), with every split parameter and the KV cache spread over the
+mesh."""
 
+import json
 import re
 
 import jax
@@ -83,3 +85,32 @@ def test_a_step_moves_no_parameters_between_devices():
             reduces = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-reduce\(", text)
             assert set(gathers) <= {f"{n},{vocab}" for n in range(1, rows + 1)}, (key, gathers)
             assert reduces and set(reduces) == {f"{tokens},{hidden}"}, (key, reduces)
+
+
+def test_eight_devices_give_what_one_gives(tmp_path):
+    """TP 8, which no golden's heads allow (they have 4 or 6): a random-weight Llama of 8 heads
+    and 2 KV heads (each copied to 4 devices) gives one device's greedy tokens and prompt
+    logprobs (dummy weights are drawn the same on any mesh)."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
+              "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 128,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "eos_token_id": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    prompts = [[5, 17, 3, 99, 42, 7], [7, 7, 8]]
+    params = pjllm.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                  prompt_logprobs=1)
+    tokens, logprobs = [], []
+    for tp in (1, 8):
+        with pjllm.LLM(str(tmp_path), load_format="dummy", tensor_parallel_size=tp, seed=3,
+                       attention_backend="reference", **OPTIONS) as llm:
+            outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                   use_tqdm=False)
+            kv = llm.engine.model_runner.kv_caches[0]
+            assert len(kv.sharding.device_set) == tp
+        tokens.append([o.outputs[0].token_ids for o in outputs])
+        logprobs.append(np.concatenate([[o.prompt_logprobs[i][p[i]].logprob
+                                         for i in range(1, len(p))]
+                                        for o, p in zip(outputs, prompts)]))
+    assert tokens[0] == tokens[1]
+    np.testing.assert_allclose(logprobs[1], logprobs[0], atol=1e-4, rtol=0)
+    assert np.ptp(logprobs[0]) > 0.1  # a model, not a constant
