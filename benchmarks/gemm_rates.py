@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.device_profile import device_times
-from pjllm.runner.model_runner import STEP_COMPILER_OPTIONS
+from pjllm.runner.step import STEP_COMPILER_OPTIONS
 
 
 def projection_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:

@@ -8,7 +8,8 @@ come back to the host. Shapes are fixed per bucket; real counts and per-request 
 data, and the few sampler variants are a fixed set, so every program can be built at startup and
 no request's settings compile anything at serving time. The KV pages are donated: the cache is
 updated in place. `dispatch` returns before the device finishes, and a step may read the previous
-step's sampled tokens on device, so the host can prepare step N+1 while step N runs.
+step's sampled tokens on device, so the host can prepare step N+1 while step N runs. The
+programs' functions and the step's inputs are in `runner/step.py`.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from pjllm.config import ModelConfig
 from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.kernels.ops import AttentionBackend
-from pjllm.models.interface import CausalLM
 from pjllm.runner.swap import SwappedPages, pad_pages, read_swapped, write_swapped
-from pjllm.runner.input_batch import MAX_BANNED_TOKENS, InputBatch, SampledRows
+from pjllm.runner.input_batch import InputBatch, SampledRows
 from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, SORT_FREE_TOP_K,
                                   SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
-                                  compute_logprobs, few_searched_rows, sample)
+                                  few_searched_rows)
+from pjllm.runner.step import (STEP_COMPILER_OPTIONS, StepInput, StepVariant, dummy_batch,
+                               matmul_precision, run_forward, run_prompt_logprobs, run_sampler)
 from pjllm.scheduler_output import SchedulerOutput
-from pjllm.sharding import kv_cache_sharding, replicated, vocab_sharded
+from pjllm.sharding import kv_cache_sharding, replicated
 
 
 # The smallest token bucket, by JAX platform. On a GPU a step of up to 256 tokens is bound by
@@ -81,45 +83,6 @@ def _bucket(value: int, buckets: list[int]) -> int:
     raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class StepInput:
-    """One step's device inputs (T = token bucket, N = sequence bucket).
-
-    token_ids, positions:   i32[T]
-    last_token_rows:        i32[T] row of the previous step's sampled tokens that replaces the
-                            token id (its value was not on the host yet); -1: use token_ids
-    attention:              the ragged batch layout (AttentionMetadata)
-    logits_indices:         i32[N] index into T of each sequence's last query token
-    sampling:               SamplingMetadata, per sequence (read by the sampler program)
-    prompt_logprob_targets: i32[T] next prompt token of each token (read by the prompt
-                            logprobs program; -1 where there is none)
-    """
-
-    token_ids: jax.Array
-    last_token_rows: jax.Array
-    positions: jax.Array
-    attention: AttentionMetadata
-    logits_indices: jax.Array
-    sampling: SamplingMetadata
-    prompt_logprob_targets: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class StepVariant:
-    """What the host chose for a step beyond its buckets: the sampler program, and whether the
-    prompt logprobs program runs. Both come from a fixed set that the warmup builds."""
-
-    sampler: SamplerFlags
-    prompt_logprobs: bool
-
-
-# cuBLAS, not Triton, for the step's GEMMs: on the H100 cuBLAS won anyway (chat throughput
-# +2% without Triton GEMMs) and leaving Triton's candidates out of autotuning cuts the compile
-# of the 8B step programs by 40% (docs/perf.md).
-STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-
-
 @dataclasses.dataclass
 class StepHandle:
     """Device outputs of a dispatched step, not yet waited for, and the batch rows whose
@@ -136,93 +99,6 @@ class StepResult:
 
     sampled: SamplerOutput
     prompt_logprobs: TokenLogprobs | None
-
-
-def matmul_precision(dtype: Any) -> str:
-    """The matmul precision of a model in `dtype`: float32 means float32 in every dot (XLA would
-    use TF32 on NVIDIA GPUs by default); bf16 and fp16 keep the backend's default."""
-    return "highest" if jnp.dtype(dtype) == jnp.float32 else "default"
-
-
-def run_forward(weights: list[jax.Array], kv_caches: list[jax.Array], page_tokens: jax.Array,
-                last_tokens: jax.Array, batch: StepInput, *, graphdef: nnx.GraphDef,
-                state_treedef: Any, attention: AttentionBackend, precision: str):
-    """The forward over the ragged batch, as a pure function.
-
-    `weights` is the model state's arrays as a flat list (`jax.tree.flatten(state)`, whose
-    treedef is `state_treedef`): passing the nnx.State itself calls back into Python for each of
-    its variables on every dispatch (1.6 -> 1.0 ms a step on CPU for the default model).
-    `page_tokens` i32[num_pages * page_size] holds the token id of every KV slot; each token is
-    written beside its KV, so the sampler finds a sequence's history through its block table.
-    Returns (logits f32[N, V] of each sequence's last query token, hidden [T, D], updated
-    kv_caches, updated page_tokens).
-    """
-    with jax.default_matmul_precision(precision):
-        model: CausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
-        token_ids = jnp.where(batch.last_token_rows >= 0,
-                              last_tokens[jnp.maximum(batch.last_token_rows, 0)], batch.token_ids)
-        hidden, kv_caches = model(token_ids, batch.positions, kv_caches, batch.attention, attention)
-        logits = model.compute_logits(hidden[batch.logits_indices])
-        if attention.mesh is not None:
-            # Whole on every device: sampling reads whole rows (gathered from the vocabulary
-            # shards), and the prompt logprobs program takes the hidden states as they are.
-            whole = replicated(attention.mesh)
-            # Each device computes its vocabulary shard's logits, then they are gathered (rather
-            # than the output layer's weights, a far larger gather).
-            logits = jax.lax.with_sharding_constraint(logits, vocab_sharded(attention.mesh))
-            logits = jax.lax.with_sharding_constraint(logits, whole)
-            hidden = jax.lax.with_sharding_constraint(hidden, whole)
-    slots = batch.attention.slot_mapping
-    page_tokens = page_tokens.at[jnp.where(slots >= 0, slots, page_tokens.shape[0])].set(
-        token_ids, mode="drop")
-    return logits, hidden, kv_caches, page_tokens
-
-
-def token_history(page_tokens: jax.Array, block_tables: jax.Array, seq_lens: jax.Array,
-                  page_size: int) -> jax.Array:
-    """i32[N, W * page_size]: each sequence's token ids by position, -1 from its length on.
-
-    Gathered on device from the tokens the forward wrote beside their KV, so penalties need no
-    host-side token lists (and no input whose width grows with the sequences)."""
-    width = block_tables.shape[1] * page_size
-    position = jnp.arange(width, dtype=jnp.int32)
-    slots = block_tables[:, position // page_size] * page_size + position % page_size
-    return jnp.where(position[None, :] < seq_lens[:, None], page_tokens[slots], -1)
-
-
-def run_sampler(logits: jax.Array, last_tokens: jax.Array, page_tokens: jax.Array,
-                sampling: SamplingMetadata, block_tables: jax.Array, seq_lens: jax.Array, *,
-                page_size: int, flags: SamplerFlags):
-    """Samples each row's next token; returns (SamplerOutput, last_tokens i32[S] with the new
-    tokens in the first N rows, for the next step to read on device)."""
-    history = (token_history(page_tokens, block_tables, seq_lens, page_size)
-               if flags.use_penalties else None)
-    sampled = sample(logits, sampling, flags, history)
-    last_tokens = jnp.zeros_like(last_tokens).at[:sampled.token_ids.shape[0]].set(sampled.token_ids)
-    return sampled, last_tokens
-
-
-# Prompt logprobs are computed this many tokens at a time: the float32 logits of a whole
-# 8192-token bucket are 4 GiB for a 128k vocabulary (and XLA's autotuner wants as much again),
-# those of 64 tokens 32 MiB.
-PROMPT_LOGPROBS_CHUNK = 64
-
-
-def run_prompt_logprobs(weights: list[jax.Array], hidden: jax.Array, targets: jax.Array, *,
-                        graphdef: nnx.GraphDef, state_treedef: Any, precision: str,
-                        num_logprobs: int) -> TokenLogprobs:
-    """Logprobs of every token's next prompt token (`targets` i32[T]) and its top num_logprobs,
-    from the forward's hidden states [T, D], PROMPT_LOGPROBS_CHUNK tokens at a time."""
-    tokens = hidden.shape[0]
-    chunk = min(tokens, PROMPT_LOGPROBS_CHUNK)
-    padded = -(-tokens // chunk) * chunk
-    hidden = jnp.pad(hidden, ((0, padded - tokens), (0, 0))).reshape(padded // chunk, chunk, -1)
-    targets = jnp.pad(targets, (0, padded - tokens)).reshape(padded // chunk, chunk)
-    with jax.default_matmul_precision(precision):
-        model: CausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
-        chunks = jax.lax.map(lambda args: compute_logprobs(model.compute_logits(args[0]), args[1],
-                                                           num_logprobs), (hidden, targets))
-    return jax.tree.map(lambda a: a.reshape(padded, *a.shape[2:])[:tokens], chunks)
 
 
 def _abstract(tree: Any) -> Any:
@@ -594,29 +470,6 @@ def _cascade_pays(num_seqs: int, prefix_len: int) -> bool:
 def seq_bucket(padded_tokens: int, max_num_seqs: int) -> int:
     """The sequence bucket N of token bucket T: at most one sequence per token."""
     return min(padded_tokens, max_num_seqs)
-
-
-def dummy_batch(tokens: int, seqs: int, max_pages_per_seq: int, cascade: bool = False) -> StepInput:
-    """An all-padding batch of the given bucket: writes no KV, samples nothing real (`cascade`:
-    with an empty common prefix, the cascade attention program's inputs)."""
-    zeros_t = np.zeros(tokens, np.int32)
-    rows = np.zeros(seqs, np.float32)
-    sampling = SamplingMetadata(
-        temperature=rows, top_k=rows.astype(np.int32), top_p=rows + 1, min_p=rows,
-        presence_penalty=rows, frequency_penalty=rows, repetition_penalty=rows + 1,
-        seeds=rows.astype(np.uint32), sample_index=rows.astype(np.int32), step=rows.astype(np.int32),
-        prompt_lens=rows.astype(np.int32),
-        banned_token_ids=np.full((seqs, MAX_BANNED_TOKENS), -1, np.int32),
-        search_rows=np.full(few_searched_rows(seqs), seqs, np.int32))
-    return StepInput(
-        token_ids=zeros_t, last_token_rows=zeros_t - 1, positions=zeros_t,
-        attention=AttentionMetadata(slot_mapping=zeros_t - 1,
-                                    query_start_loc=np.zeros(seqs + 1, np.int32),
-                                    seq_lens=np.zeros(seqs, np.int32),
-                                    block_tables=np.zeros((seqs, max_pages_per_seq), np.int32),
-                                    common_prefix_len=np.int32(0) if cascade else None),
-        logits_indices=np.zeros(seqs, np.int32), sampling=sampling,
-        prompt_logprob_targets=zeros_t - 1)
 
 
 def _describe_program(key: tuple) -> str:
