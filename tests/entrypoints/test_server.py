@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,17 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import pjllm
 from pjllm.models.default_model import download_default_model
+from tests.server_process import free_port, wait_until_healthy
 
 KEY = "test-key"
 ENGINE_OPTIONS = {"max_model_len": 512, "max_num_seqs": 16, "max_num_batched_tokens": 64}
 PROMPT = "The capital of France is"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def model_path():
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     """The server process; its URL is `server.url`. Stopped at the end (if a test has not)."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     options = [f"--{name.replace('_', '-')}={value}" for name, value in ENGINE_OPTIONS.items()]
     command = [sys.executable, "-m", "pjllm.entrypoints.cli", "serve", model_path, "--port", str(port),
@@ -50,19 +44,11 @@ def server(model_path, tmp_path_factory):
                                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
     process.url = f"http://127.0.0.1:{port}"
     process.log_path = log_path
-    deadline = time.monotonic() + 180
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(process.url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
+    try:
+        wait_until_healthy(process.url, [process], [log_path], timeout_s=180)
+    except AssertionError as error:
+        process.kill()
+        pytest.fail(f"the server did not start: {error}")
     yield process
     if process.poll() is None:
         process.kill()

@@ -6,10 +6,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -17,15 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import pjllm
 from tests.engine.conftest import TINY_CONFIG
+from tests.server_process import free_port, wait_until_healthy
 
 OPTIONS = {"load_format": "dummy", "dtype": "float32", "max_model_len": 128, "page_size": 8,
            "max_num_seqs": 8, "max_num_batched_tokens": 64, "seed": 0}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _metric(text: str, name: str, **labels) -> float:
@@ -39,7 +32,7 @@ def test_two_replicas_answer_as_one_engine_and_both_step(tmp_path):
     model.write_text(json.dumps(TINY_CONFIG))
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 250, rng.integers(4, 16)).tolist() for _ in range(5)]
-    port, log_path = _free_port(), tmp_path / "server.log"
+    port, log_path = free_port(), tmp_path / "server.log"
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in OPTIONS.items()]
     command = [sys.executable, "-m", "pjllm.entrypoints.cli", "serve", str(model), "--port",
                str(port), "--data-parallel-size", "2",
@@ -49,16 +42,7 @@ def test_two_replicas_answer_as_one_engine_and_both_step(tmp_path):
                                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until_healthy(url, [server], [log_path], timeout_s=180)
         body = {"model": str(model), "prompt": prompts, "max_tokens": 6, "temperature": 1.0,
                 "seed": 9, "ignore_eos": True, "return_token_ids": True}
         response = httpx.post(url + "/v1/completions", json=body, timeout=120)

@@ -8,25 +8,18 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 import pjllm
 from tests.golden_outputs import GOLDEN
+from tests.server_process import free_port, wait_until_healthy
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT_S = 150
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -35,7 +28,7 @@ def _env() -> dict[str, str]:
 
 
 def _run_processes(name: str, num_processes: int, tmp_path: pathlib.Path) -> list[dict]:
-    port, env = _free_port(), _env()
+    port, env = free_port(), _env()
     procs, logs = [], []
     try:
         for process_id in range(num_processes):
@@ -80,7 +73,7 @@ def test_two_processes_run_one_model_as_one_process(tmp_path):
 def test_only_the_coordinator_serves_and_the_other_follows_until_it_stops(tmp_path):
     """`pjllm serve` on two processes, both given the same HTTP port: process 0 answers (the
     other never binds it), and both exit cleanly when process 0 gets SIGTERM."""
-    port, http_port = _free_port(), _free_port()
+    port, http_port = free_port(), free_port()
     model = str(GOLDEN / "llama2" / "config.json")
     flags = ["--load-format", "dummy", "--dtype", "float32", "--max-model-len", "128",
              "--page-size", "8", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
@@ -94,17 +87,8 @@ def test_only_the_coordinator_serves_and_the_other_follows_until_it_stops(tmp_pa
                     [sys.executable, "-m", "pjllm.entrypoints.cli", "serve", model, "--port",
                      str(http_port), *flags, "--process-id", str(process_id)],
                     cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT))
-        url, deadline = f"http://127.0.0.1:{http_port}", time.monotonic() + TIMEOUT_S
-        while True:
-            for proc, log in zip(procs, logs):
-                assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, logs[0].read_text()[-3000:]
-            time.sleep(0.5)
+        url = f"http://127.0.0.1:{http_port}"
+        wait_until_healthy(url, procs, logs, timeout_s=TIMEOUT_S)
         response = httpx.post(url + "/v1/completions", timeout=60, json={
             "model": model, "prompt": [1, 2, 3, 4, 5], "max_tokens": 8, "temperature": 0})
         assert response.status_code == 200, response.text
