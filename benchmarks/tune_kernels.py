@@ -109,7 +109,7 @@ def write_tuning_table(path: str, entries: dict[str, dict], env: dict[str, Any])
     except FileNotFoundError:
         table = {}
     table.setdefault("about", "Pallas paged attention tiles by shape, written by "
-                              "benchmarks/tune_kernels.py; see pjllm/kernels/paged_attention.py:select_config")
+                              "benchmarks/tune_kernels.py; see pjllm/kernels/tile_configs.py:select_config")
     configs = table.setdefault("configs", {})
     for key, cfg in entries.items():
         configs[key] = dict(cfg, device=env.get("device"), date=env.get("date"))

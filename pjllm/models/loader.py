@@ -49,9 +49,9 @@ def build_model(model_config: ModelConfig, dtype: jnp.dtype, load_format: str, m
     `load_format="dummy"` draws random weights on the devices from `seed`, no checkpoint needed:
     each random parameter from the model's own initial distribution (N(0, std^2), e.g. std =
     1 / sqrt(fan-in) for a linear kernel) keyed by its path, the same values on any mesh; norm
-    weights, biases and buffers as the constructor sets them (`_dummy_state`). "orbax" restores a `pjllm convert` checkpoint, each device
-    reading its own slices; otherwise weights come from `model_path` (HF directory or GGUF file)
-    cast to `dtype`, one parameter at a time. With `kv_head_replicas` > 1, `model_config` has
+    weights, biases and buffers as the constructor sets them (`_dummy_state`). "orbax" restores
+    a `pjllm convert` checkpoint, each device reading its own slices; otherwise weights come
+    from `model_path` (HF directory or GGUF file) cast to `dtype`, one parameter at a time. With `kv_head_replicas` > 1, `model_config` has
     that many copies of each of the checkpoint's KV heads (tensor parallelism over more devices
     than KV heads) and the fused Q/K/V weights are split to match (`sharding.replicate_kv_heads`).
     """

@@ -337,6 +337,7 @@ class ModelRunner:
         penalties = bool(batch.uses_penalties[rows].any())
         top_k = batch.top_k[rows][filtered]
         beyond = (top_k <= 0) | (top_k > SORT_FREE_TOP_K)  # rows the largest logits cannot serve
+        few = few_searched_rows(len(padded_rows))
         if not filtered.any():
             method = "sort"  # unused: the filter is off
         elif not beyond.any():
@@ -345,13 +346,13 @@ class ModelRunner:
             method = "sort"
         elif (top_k[beyond] > 0).any():
             method = "bisect"
-        elif beyond.sum() <= few_searched_rows(len(padded_rows)) and not penalties:
+        elif beyond.sum() <= few and not penalties:
             method = "nucleus_few"  # top_p alone (a top_k of the vocabulary is 0 here)
         else:
             method = "nucleus"
         flags = SamplerFlags(use_top_k_top_p=bool(filtered.any()), threshold_method=method,
                              use_penalties=penalties, num_logprobs=self.num_logprobs)
-        search_rows = np.full(few_searched_rows(len(padded_rows)), len(padded_rows), np.int32)
+        search_rows = np.full(few, len(padded_rows), np.int32)
         if method == "nucleus_few":
             found = np.flatnonzero(filtered)[beyond]  # positions among `rows`, as in padded_rows
             search_rows[:len(found)] = found

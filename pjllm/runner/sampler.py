@@ -203,8 +203,8 @@ def largest_values(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """`lax.top_k(x, k)` of f32[M, V] without sorting the rows: (values f32[M, k], ids i32[M, k]),
     descending, ties in index order.
 
-    Every one of a row's k largest values lies in the k blocks (of CANDIDATE_BLOCK positions) with the
-    largest maxima: a block left out has k blocks whose maxima are at least its own, so k
+    Every one of a row's k largest values lies in the k blocks (of CANDIDATE_BLOCK positions)
+    with the largest maxima: a block left out has k blocks whose maxima are at least its own, so k
     values at least as large. The top k is taken from those k x block candidates, gathered in
     vocabulary order so ties resolve as lax.top_k's do (a tie at the cut that leaves a block
     out means k blocks tie at their maxima, and the lower-indexed ones are kept). Rows too short
@@ -363,19 +363,14 @@ def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
     return jnp.where(logits >= threshold[:, None], logits, _NEG_INF)
 
 
-def _ordered_keys(x: jax.Array) -> jax.Array:
-    """u32 keys in the order of the f32 values: negative floats' bits reversed, positive ones
-    above them."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
-
-
-_NEG_INF_KEY = 0x007FFFFF  # _ordered_keys(-inf); keys below it are negative NaNs
-_POS_INF_KEY = 0xFF800000  # _ordered_keys(+inf); keys above it are positive NaNs
+# A float's u32 search key sorts as the float does: a negative float's bits reversed, a
+# positive one's with the top bit set (above every negative one).
+_NEG_INF_KEY = 0x007FFFFF  # the key of -inf; keys below it are negative NaNs
+_POS_INF_KEY = 0xFF800000  # the key of +inf; keys above it are positive NaNs
 
 
 def _key_values(keys: jax.Array) -> jax.Array:
-    """f32 values of u32 keys (the inverse of `_ordered_keys`), NaN keys as the infinity at
+    """f32 values of u32 search keys (above), NaN keys as the infinity at
     their end, so a predicate that compares logits with these values is monotone in the key."""
     bits = jnp.where((keys >> 31) == 1, keys & jnp.uint32(0x7FFFFFFF), ~keys)
     values = jax.lax.bitcast_convert_type(bits, jnp.float32)
