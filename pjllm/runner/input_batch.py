@@ -3,6 +3,10 @@
 The scheduler's messages (pjllm/scheduler_output.py) add, extend and remove sequences; what the
 runner needs of them lives in per-row numpy arrays, so a step is built by gathering the rows it
 runs, whatever the batch size, rather than by walking sequence objects.
+
+The block tables also live on the device, where a step reads its rows: the batch records each
+entry it changes (`take_table_writes`), so a step sends those few entries rather than its rows'
+whole tables, whose width grows with max_model_len.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ class InputBatch:
       num_tokens               i32[R+1] tokens including ones sampled but not yet fetched
       num_prompt_tokens        i32[R+1]
       num_computed_tokens      i32[R+1] tokens whose KV the prepared steps write
-      num_pages, block_tables  i32[R+1], i32[R+1, W] its pages, in order, 0 beyond
+      num_pages, block_tables  i32[R+1], i32[R+1, W] its pages, in order, 0 beyond (the
+                               device's copy matches once the pending writes are applied)
       temperature, top_k (>= vocab resolved to 0), top_p, min_p, presence_penalty,
       frequency_penalty, repetition_penalty, seeds (u32), sample_index, min_tokens: [R+1]
       banned_while_short       i32[R+1, Kb] -1 padded
@@ -92,6 +97,9 @@ class InputBatch:
         self.sampled_in_step = column(np.int64, -1)
         self.sampled_at_row = column(np.int32)
         self._num_adds = 0
+        # Block table entries changed since the last `take_table_writes`: (flat index, page id)
+        # arrays, in the order they were made.
+        self._table_writes: list[tuple[np.ndarray, np.ndarray]] = []
         # The id of the step prepared last, 0 before the first.
         self.last_step = 0
 
@@ -128,8 +136,8 @@ class InputBatch:
         self.num_tokens[row] = len(new.token_ids)
         self.num_prompt_tokens[row] = new.num_prompt_tokens
         self.num_computed_tokens[row] = new.num_computed_tokens
-        self.num_pages[row] = 0
-        self.block_tables[row] = 0  # its pages come with the message's other new pages
+        # The row's table is all zeros (`remove` cleared it); its pages come with the message's
+        # other new pages.
         # top_k at or above the vocabulary keeps every token: off, as vLLM treats it.
         top_k = params.top_k if params.top_k < self.vocab_size else 0
         self.temperature[row] = params.temperature
@@ -154,6 +162,9 @@ class InputBatch:
     def remove(self, seq_id: int) -> None:
         row = self.row_of.pop(seq_id)
         self.token_ids[row] = []
+        held = int(self.num_pages[row])
+        self._write_table(np.full(held, row), np.arange(held), np.zeros(held, np.int32))
+        self.num_pages[row] = 0
         self.add_id[row] = -1  # a step still in flight records nothing here
         self._free_rows.append(row)
 
@@ -166,8 +177,27 @@ class InputBatch:
         flat = np.fromiter(itertools.chain.from_iterable(pages for _, pages in page_ids), np.int32,
                            int(counts.sum()))
         within = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
-        self.block_tables[np.repeat(rows, counts), np.repeat(self.num_pages[rows], counts) + within] = flat
+        self._write_table(np.repeat(rows, counts), np.repeat(self.num_pages[rows], counts) + within,
+                          flat)
         self.num_pages[rows] += counts
+
+    def _write_table(self, rows: np.ndarray, columns: np.ndarray, page_ids: np.ndarray) -> None:
+        self.block_tables[rows, columns] = page_ids
+        if len(page_ids):
+            width = self.block_tables.shape[1]
+            self._table_writes.append(((rows * width + columns).astype(np.int32),
+                                       page_ids.astype(np.int32)))
+
+    def take_table_writes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The block table entries changed since the last call, for the device's copy: (flat
+        indices into block_tables, i32[U]; their page ids, i32[U]), each index once, with the
+        value it holds now (a row cleared and reused in one message is written once)."""
+        if not self._table_writes:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        indices, page_ids = (np.concatenate(parts) for parts in zip(*self._table_writes))
+        self._table_writes = []
+        indices, last = np.unique(indices[::-1], return_index=True)  # the latest write wins
+        return indices, page_ids[::-1][last]
 
     def advance(self, rows: np.ndarray, num_new_tokens: np.ndarray) -> SampledRows:
         """Moves the rows of the step just prepared past their chunks. A chunk that reaches its

@@ -35,7 +35,8 @@ from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, 
                                   SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
                                   few_searched_rows)
 from pjllm.runner.step import (STEP_COMPILER_OPTIONS, StepInput, StepVariant, dummy_batch,
-                               matmul_precision, run_forward, run_prompt_logprobs, run_sampler)
+                               matmul_precision, run_forward, run_prompt_logprobs, run_sampler,
+                               write_block_table)
 from pjllm.scheduler_output import SchedulerOutput
 from pjllm.sharding import kv_cache_sharding, replicated
 
@@ -54,6 +55,11 @@ DEFAULT_SMALLEST_TOKEN_BUCKET = 16
 # sequences sharing 256 tokens ran 8% faster, 96 sharing 1,024 46% faster.
 MIN_CASCADE_PREFIX_TOKENS = 256
 MIN_CASCADE_SHARED_TOKENS = 65536
+
+# Block table entries written on device per call of the table program (one program, called
+# as often as a step's changes need: a decode step of 1,024 sequences changes about 64 entries;
+# a prompt that finds 128k tokens cached, 8,192).
+TABLE_WRITES_PER_CALL = 1024
 
 
 def token_bucket_sizes(max_tokens: int, smallest: int = DEFAULT_SMALLEST_TOKEN_BUCKET) -> list[int]:
@@ -142,6 +148,8 @@ class ModelRunner:
         self.input_batch = InputBatch(max_num_seqs, self.max_pages_per_seq, model_config.vocab_size)
         # The rows that sample in the step prepared last: its handle records their tokens.
         self._sampled_rows: SampledRows | None = None
+        # The block table entries that step changed, written on device before it runs.
+        self._table_writes = np.zeros(0, np.int32), np.zeros(0, np.int32)
         self.reset_device_state()
         precision = matmul_precision(dtype)
         model_statics = dict(graphdef=graphdef, state_treedef=state_treedef, precision=precision)
@@ -150,6 +158,7 @@ class ModelRunner:
             donate_argnames=("kv_caches", "page_tokens"), compiler_options=STEP_COMPILER_OPTIONS)
         sampler = jax.jit(functools.partial(run_sampler, page_size=page_size),
                           static_argnames=("flags",))
+        table_writes = jax.jit(write_block_table, donate_argnames=("block_table",))
         prompt_logprobs = jax.jit(
             functools.partial(run_prompt_logprobs, num_logprobs=self.num_logprobs, **model_statics),
             compiler_options=STEP_COMPILER_OPTIONS)
@@ -158,28 +167,30 @@ class ModelRunner:
                           donate_argnames=("kv_caches", "page_tokens"))
         # Abstract shapes only: the lowering closure (which the warmup thread holds) must keep
         # no device array, and no reference to the runner, alive.
-        weights, kv_caches, page_tokens, last_tokens = _abstract(
-            (self.weights, self.kv_caches, self.page_tokens, self.last_tokens))
+        weights, kv_caches, page_tokens, last_tokens, block_table = _abstract(
+            (self.weights, self.kv_caches, self.page_tokens, self.last_tokens, self.block_table))
         vocab, hidden_size = model_config.vocab_size, model_config.hidden_size
-        max_pages = self.max_pages_per_seq
         # The forward's logits and hidden states, whole on every device of the mesh.
         whole = replicated(attention.mesh) if attention.mesh is not None else None
 
         def lower(key: tuple) -> jax.stages.Lowered:
-            """Keys: ("forward", T), ("forward", T, "cascade"), ("sampler", N, flags),
-            ("prompt_logprobs", T), ("swap_out", B) and ("swap_in", B) (B pages, a power of
-            two)."""
+            """Keys: ("table_writes", U), ("forward", T), ("forward", T, "cascade"),
+            ("sampler", N, flags), ("prompt_logprobs", T), ("swap_out", B) and ("swap_in", B)
+            (B pages, a power of two)."""
             kind, size = key[0], key[1]
+            if kind == "table_writes":
+                writes = jax.ShapeDtypeStruct((size,), jnp.int32)
+                return table_writes.lower(block_table, writes, writes)
             if kind == "forward":
-                batch = _abstract(dummy_batch(size, seq_bucket(size, max_num_seqs), max_pages,
+                batch = _abstract(dummy_batch(size, seq_bucket(size, max_num_seqs),
                                               cascade="cascade" in key))
-                return forward.lower(weights, kv_caches, page_tokens, last_tokens, batch)
+                return forward.lower(weights, kv_caches, page_tokens, last_tokens, block_table,
+                                     batch)
             if kind == "sampler":
-                batch = _abstract(dummy_batch(size, size, max_pages))
+                batch = _abstract(dummy_batch(size, size))
                 logits = jax.ShapeDtypeStruct((size, vocab), jnp.float32, sharding=whole)
-                return sampler.lower(logits, last_tokens, page_tokens, batch.sampling,
-                                     batch.attention.block_tables, batch.attention.seq_lens,
-                                     flags=key[2])
+                return sampler.lower(logits, last_tokens, page_tokens, block_table, batch.sampling,
+                                     batch.seq_rows, batch.attention.seq_lens, flags=key[2])
             if kind == "prompt_logprobs":
                 hidden = jax.ShapeDtypeStruct((size, hidden_size), dtype, sharding=whole)
                 return prompt_logprobs.lower(weights, hidden, jax.ShapeDtypeStruct((size,), jnp.int32))
@@ -210,20 +221,27 @@ class ModelRunner:
         self.last_tokens = jnp.zeros(self.max_num_seqs, jnp.int32, device=whole)
         # The token id of every KV slot (4 bytes beside each token's KV): the penalties' history.
         self.page_tokens = jnp.zeros(self.num_pages * self.page_size, jnp.int32, device=whole)
+        # Every row's pages (the persistent batch's block_tables, row R the padding row's
+        # zeros), kept here so a step sends only the entries that changed: its width,
+        # max_model_len / page_size, would otherwise cost host time and transfer every step.
+        self.block_table = jnp.zeros((self.max_num_seqs + 1, self.max_pages_per_seq), jnp.int32,
+                                     device=whole)
         # Swapped-out pages still on the device, moved to the host at the next fetch.
         self._swaps_on_device: list[SwappedPages] = []
 
     def device_state_lost(self) -> bool:
         """Whether the KV cache is gone: donated to a step launch that then failed."""
-        return any(pages.is_deleted() for pages in self.kv_caches) or self.page_tokens.is_deleted()
+        return (any(pages.is_deleted() for pages in self.kv_caches)
+                or self.page_tokens.is_deleted() or self.block_table.is_deleted())
 
     def shutdown(self) -> None:
         """Stops the warmup, drops the compiled programs and frees the weights and KV cache."""
         self.programs.close()
         for array in jax.tree.leaves((self.weights, self.kv_caches, self.last_tokens,
-                                      self.page_tokens)):
+                                      self.page_tokens, self.block_table)):
             array.delete()
         self.weights = self.kv_caches = self.last_tokens = self.page_tokens = None
+        self.block_table = None
 
     # ---------------------------------------------------------------- host side
     def buckets(self) -> list[tuple[int, int]]:
@@ -299,13 +317,14 @@ class ModelRunner:
         sampling, sampler_flags = self._sampling_metadata(rows, padded_rows)
         step_input = StepInput(
             token_ids=token_ids, last_token_rows=last_token_rows, positions=positions,
+            seq_rows=padded_rows.astype(np.int32),
             attention=AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=query_start_loc,
-                                        seq_lens=seq_lens,
-                                        block_tables=input_batch.block_tables[padded_rows],
+                                        seq_lens=seq_lens, block_tables=None,
                                         common_prefix_len=self._common_prefix_len(
                                             rows, start, padded_tokens)),
             logits_indices=logits_indices, sampling=sampling, prompt_logprob_targets=prompt_targets)
         self._sampled_rows = input_batch.advance(rows, counts)
+        self._table_writes = input_batch.take_table_writes()
         return step_input, StepVariant(sampler_flags, bool(wants_prompt.any()))
 
     def _common_prefix_len(self, rows: np.ndarray, start: np.ndarray,
@@ -385,15 +404,33 @@ class ModelRunner:
         # parallel replica's mesh may hold the default device).
         mesh = self.attention.mesh
         batch = jax.device_put(batch, replicated(mesh) if mesh is not None else None)
+        self._write_block_table()
         logits, hidden, self.kv_caches, self.page_tokens = forward(
-            self.weights, self.kv_caches, self.page_tokens, self.last_tokens, batch)
+            self.weights, self.kv_caches, self.page_tokens, self.last_tokens, self.block_table,
+            batch)
         sampled, self.last_tokens = sampler(logits, self.last_tokens, self.page_tokens,
-                                            batch.sampling, batch.attention.block_tables,
+                                            self.block_table, batch.sampling, batch.seq_rows,
                                             batch.attention.seq_lens)
         prompt = None
         if prompt_program is not None:
             prompt = prompt_program(self.weights, hidden, batch.prompt_logprob_targets)
         return StepHandle(sampled, prompt, self._sampled_rows)
+
+    def _write_block_table(self) -> None:
+        """Applies the block table entries the step prepared last changed to the device's
+        copy, TABLE_WRITES_PER_CALL at a time (padding indices lie past the table: dropped)."""
+        indices, page_ids = self._table_writes
+        self._table_writes = np.zeros(0, np.int32), np.zeros(0, np.int32)
+        if not len(indices):
+            return
+        program = self.programs.get(("table_writes", TABLE_WRITES_PER_CALL))
+        calls = -(-len(indices) // TABLE_WRITES_PER_CALL)
+        padded = calls * TABLE_WRITES_PER_CALL
+        indices = np.pad(indices, (0, padded - len(indices)), constant_values=self.block_table.size)
+        page_ids = np.pad(page_ids, (0, padded - len(page_ids)))
+        for call in range(calls):
+            part = slice(call * TABLE_WRITES_PER_CALL, (call + 1) * TABLE_WRITES_PER_CALL)
+            self.block_table = program(self.block_table, indices[part], page_ids[part])
 
     def fetch(self, handle: "StepHandle") -> StepResult:
         """Waits for a dispatched step and copies its (small) outputs to the host, where the
@@ -426,15 +463,15 @@ class ModelRunner:
             self.kv_caches, self.page_tokens, padded, swapped.kv, swapped.page_tokens)
 
     def program_keys(self) -> list[tuple]:
-        """Every program a step can need, in the order the warmup builds them: the forward and
-        the plain sampler of each bucket, smallest first (enough to serve), then the other
+        """Every program a step can need, in the order the warmup builds them: the block table
+        writes, the forward and the plain sampler of each bucket, smallest first (enough to serve), then the other
         sampler variants, then the prompt logprobs programs, then the cascade attention forwards
         (used once built), then (swap preemption on) the swap programs of every padded page
         count a sequence can hold."""
         seq_buckets = sorted({seqs for _, seqs in self.buckets()})
         variants = SamplerFlags.all_variants(self.num_logprobs, self.bisect_thresholds)
         default = variants[0]  # plain sampling, which also serves greedy rows
-        keys = []
+        keys = [("table_writes", TABLE_WRITES_PER_CALL)]
         for tokens, seqs in self.buckets():
             keys += [("forward", tokens), ("sampler", seqs, default)]
         keys += [("sampler", seqs, flags) for seqs in seq_buckets for flags in variants
@@ -457,10 +494,6 @@ class ModelRunner:
         """Blocks until the warmup's programs are compiled; returns its {"lower_s", "compile_s"}."""
         return self.programs.wait_for_warmup()
 
-    def dummy_batch(self, tokens: int, seqs: int) -> StepInput:
-        """An all-padding batch of the given bucket: writes no KV, samples nothing real."""
-        return dummy_batch(tokens, seqs, self.max_pages_per_seq)
-
 
 def _cascade_pays(num_seqs: int, prefix_len: int) -> bool:
     """Whether num_seqs sequences sharing prefix_len tokens are worth cascade attention."""
@@ -475,5 +508,5 @@ def seq_bucket(padded_tokens: int, max_num_seqs: int) -> int:
 
 def _describe_program(key: tuple) -> str:
     kind, size, *flags = key
-    unit = {"sampler": "N", "swap_out": "B", "swap_in": "B"}.get(kind, "T")
+    unit = {"sampler": "N", "swap_out": "B", "swap_in": "B", "table_writes": "U"}.get(kind, "T")
     return f"{kind} {unit}={size}{''.join(f' {f}' for f in flags)}"

@@ -33,7 +33,10 @@ class StepInput:
     token_ids, positions:   i32[T]
     last_token_rows:        i32[T] row of the previous step's sampled tokens that replaces the
                             token id (its value was not on the host yet); -1: use token_ids
-    attention:              the ragged batch layout (AttentionMetadata)
+    seq_rows:               i32[N] each sequence's row of the block table kept on device (R+1
+                            rows of W pages, `with_block_tables`; padding sequences: row R)
+    attention:              the ragged batch layout (AttentionMetadata), without block tables
+                            (None): the programs read them from the device's table
     logits_indices:         i32[N] index into T of each sequence's last query token
     sampling:               SamplingMetadata, per sequence (read by the sampler program)
     prompt_logprob_targets: i32[T] next prompt token of each token (read by the prompt
@@ -43,6 +46,7 @@ class StepInput:
     token_ids: jax.Array
     last_token_rows: jax.Array
     positions: jax.Array
+    seq_rows: jax.Array
     attention: AttentionMetadata
     logits_indices: jax.Array
     sampling: SamplingMetadata
@@ -70,9 +74,22 @@ def matmul_precision(dtype: Any) -> str:
     return "highest" if jnp.dtype(dtype) == jnp.float32 else "default"
 
 
+def write_block_table(block_table: jax.Array, indices: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """The device's block table (i32[R+1, W]) with entries `indices` (flat, i32[U]; past the end:
+    padding, dropped) set to `page_ids` (i32[U])."""
+    flat = block_table.reshape(-1).at[indices].set(page_ids, mode="drop")
+    return flat.reshape(block_table.shape)
+
+
+def with_block_tables(batch: StepInput, block_table: jax.Array) -> AttentionMetadata:
+    """The step's attention metadata with its sequences' rows of the device's block table."""
+    return dataclasses.replace(batch.attention, block_tables=block_table[batch.seq_rows])
+
+
 def run_forward(weights: list[jax.Array], kv_caches: list[jax.Array], page_tokens: jax.Array,
-                last_tokens: jax.Array, batch: StepInput, *, graphdef: nnx.GraphDef,
-                state_treedef: Any, attention: AttentionBackend, precision: str):
+                last_tokens: jax.Array, block_table: jax.Array, batch: StepInput, *,
+                graphdef: nnx.GraphDef, state_treedef: Any, attention: AttentionBackend,
+                precision: str):
     """The forward over the ragged batch, as a pure function.
 
     `weights` is the model state's arrays as a flat list (`jax.tree.flatten(state)`, whose
@@ -80,6 +97,7 @@ def run_forward(weights: list[jax.Array], kv_caches: list[jax.Array], page_token
     its variables on every dispatch (1.6 -> 1.0 ms a step on CPU for the default model).
     `page_tokens` i32[num_pages * page_size] holds the token id of every KV slot; each token is
     written beside its KV, so the sampler finds a sequence's history through its block table.
+    `block_table` i32[R+1, W] is every row's pages (`batch.seq_rows` picks the step's).
     Returns (logits f32[N, V] of each sequence's last query token, hidden [T, D], updated
     kv_caches, updated page_tokens).
     """
@@ -87,7 +105,8 @@ def run_forward(weights: list[jax.Array], kv_caches: list[jax.Array], page_token
         model: CausalLM = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
         token_ids = jnp.where(batch.last_token_rows >= 0,
                               last_tokens[jnp.maximum(batch.last_token_rows, 0)], batch.token_ids)
-        hidden, kv_caches = model(token_ids, batch.positions, kv_caches, batch.attention, attention)
+        hidden, kv_caches = model(token_ids, batch.positions, kv_caches,
+                                  with_block_tables(batch, block_table), attention)
         logits = model.compute_logits(hidden[batch.logits_indices])
         if attention.mesh is not None:
             # Whole on every device: sampling reads whole rows (gathered from the vocabulary
@@ -117,11 +136,12 @@ def token_history(page_tokens: jax.Array, block_tables: jax.Array, seq_lens: jax
 
 
 def run_sampler(logits: jax.Array, last_tokens: jax.Array, page_tokens: jax.Array,
-                sampling: SamplingMetadata, block_tables: jax.Array, seq_lens: jax.Array, *,
-                page_size: int, flags: SamplerFlags):
+                block_table: jax.Array, sampling: SamplingMetadata, seq_rows: jax.Array,
+                seq_lens: jax.Array, *, page_size: int, flags: SamplerFlags):
     """Samples each row's next token; returns (SamplerOutput, last_tokens i32[S] with the new
-    tokens in the first N rows, for the next step to read on device)."""
-    history = (token_history(page_tokens, block_tables, seq_lens, page_size)
+    tokens in the first N rows, for the next step to read on device). Its inputs are the
+    step's per-sequence ones only (N rows), so a sampler program serves every token bucket."""
+    history = (token_history(page_tokens, block_table[seq_rows], seq_lens, page_size)
                if flags.use_penalties else None)
     sampled = sample(logits, sampling, flags, history)
     last_tokens = jnp.zeros_like(last_tokens).at[:sampled.token_ids.shape[0]].set(sampled.token_ids)
@@ -151,7 +171,7 @@ def run_prompt_logprobs(weights: list[jax.Array], hidden: jax.Array, targets: ja
     return jax.tree.map(lambda a: a.reshape(padded, *a.shape[2:])[:tokens], chunks)
 
 
-def dummy_batch(tokens: int, seqs: int, max_pages_per_seq: int, cascade: bool = False) -> StepInput:
+def dummy_batch(tokens: int, seqs: int, cascade: bool = False) -> StepInput:
     """An all-padding batch of the given bucket: writes no KV, samples nothing real (`cascade`:
     with an empty common prefix, the cascade attention program's inputs)."""
     zeros_t = np.zeros(tokens, np.int32)
@@ -165,10 +185,10 @@ def dummy_batch(tokens: int, seqs: int, max_pages_per_seq: int, cascade: bool = 
         search_rows=np.full(few_searched_rows(seqs), seqs, np.int32))
     return StepInput(
         token_ids=zeros_t, last_token_rows=zeros_t - 1, positions=zeros_t,
+        seq_rows=np.zeros(seqs, np.int32),
         attention=AttentionMetadata(slot_mapping=zeros_t - 1,
                                     query_start_loc=np.zeros(seqs + 1, np.int32),
-                                    seq_lens=np.zeros(seqs, np.int32),
-                                    block_tables=np.zeros((seqs, max_pages_per_seq), np.int32),
+                                    seq_lens=np.zeros(seqs, np.int32), block_tables=None,
                                     common_prefix_len=np.int32(0) if cascade else None),
         logits_indices=np.zeros(seqs, np.int32), sampling=sampling,
         prompt_logprob_targets=zeros_t - 1)

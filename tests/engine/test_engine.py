@@ -57,6 +57,22 @@ def test_preemption_under_tiny_page_budget_loses_nothing(make_llm):
     assert all(o.outputs[0].finish_reason == "length" for o in outputs)
 
 
+def test_block_table_writes_split_over_calls_lose_nothing(make_llm, monkeypatch):
+    """The device's block table gets each step's changed entries a few at a time: rows freed
+    and reused under preemption still read exactly their own pages."""
+    from pjllm.runner import model_runner
+
+    prompts = _prompts(6, seed=1, low=20, high=40)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    expected = _solo(make_llm(), prompts, params)
+    monkeypatch.setattr(model_runner, "TABLE_WRITES_PER_CALL", 3)
+    tight = make_llm(num_pages=16)
+    outputs = tight.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.model_runner.programs.is_ready(("table_writes", 3))
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(make_llm):
     llm = make_llm()
     prompts = _prompts(5, seed=2)

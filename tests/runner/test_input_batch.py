@@ -139,9 +139,12 @@ def reference_step(runner: ModelRunner, seqs: list[Seq], counts: list[int], step
     return arrays, flags, wants_prompt
 
 
-def _leaves(batch) -> dict[str, np.ndarray]:
+def _leaves(batch, device_table: np.ndarray) -> dict[str, np.ndarray]:
+    """The step's arrays, with the block tables its programs read from the device's table."""
     fields = {**vars(batch), **vars(batch.attention), **vars(batch.sampling)}
-    return {name: value for name, value in fields.items() if isinstance(value, np.ndarray)}
+    leaves = {name: value for name, value in fields.items() if isinstance(value, np.ndarray)}
+    leaves["block_tables"] = device_table[leaves.pop("seq_rows")]
+    return leaves
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -158,6 +161,8 @@ def test_prepare_matches_a_direct_construction(model, seed):
     removed: list[int] = []
     in_flight: list[tuple[StepHandle, list[tuple[Seq, int, int]]]] = []
     reset, next_id, step_id = False, 0, 0
+    # The device's block table, kept as the runner's writes say.
+    device_table = np.zeros((MAX_SEQS + 1, runner.max_pages_per_seq), np.int32)
 
     def fetch():
         handle, sampled = in_flight.pop(0)
@@ -226,7 +231,11 @@ def test_prepare_matches_a_direct_construction(model, seed):
 
         expected, flags, wants_prompt = reference_step(runner, scheduled, counts, step_id)
         batch, variant = runner.prepare(message)
-        got = _leaves(batch)
+        indices, page_ids = runner._table_writes
+        assert len(np.unique(indices)) == len(indices)  # one scatter: no index twice
+        device_table.reshape(-1)[indices] = page_ids
+        np.testing.assert_array_equal(device_table, runner.input_batch.block_tables)
+        got = _leaves(batch, device_table)
         assert got.keys() == expected.keys()
         for name, want in expected.items():
             assert got[name].dtype == want.dtype, name
