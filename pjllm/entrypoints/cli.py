@@ -83,7 +83,7 @@ def dataclass_kwargs(args: argparse.Namespace, cls: type, skip: tuple[str, ...] 
 
 
 def _add_serve_parser(subparsers) -> None:
-    from pjllm.entrypoints.openai.api_server import ServerConfig
+    from pjllm.entrypoints.openai.server_config import ServerConfig
 
     parser = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
@@ -99,7 +99,8 @@ def _add_serve_parser(subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pjllm.entrypoints.openai.api_server import ServerConfig, serve
+    from pjllm.entrypoints.openai.api_server import serve
+    from pjllm.entrypoints.openai.server_config import ServerConfig
     from pjllm.models.default_model import resolve_default_model
 
     logging.getLogger("pjllm").setLevel(logging.INFO)
