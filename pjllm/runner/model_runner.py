@@ -34,9 +34,10 @@ from pjllm.runner.programs import ProgramCache
 from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, SORT_FREE_TOP_K,
                                   SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
                                   few_searched_rows)
+from pjllm.runner.packing import abstract_buffers, layout_of, pack
 from pjllm.runner.step import (STEP_COMPILER_OPTIONS, StepInput, StepVariant, dummy_batch,
-                               matmul_precision, run_forward, run_prompt_logprobs, run_sampler,
-                               write_block_table)
+                               forward_from_buffers, matmul_precision, run_prompt_logprobs,
+                               sampler_from_buffer, write_block_table)
 from pjllm.scheduler_output import SchedulerOutput
 from pjllm.sharding import kv_cache_sharding, replicated
 
@@ -154,10 +155,11 @@ class ModelRunner:
         precision = matmul_precision(dtype)
         model_statics = dict(graphdef=graphdef, state_treedef=state_treedef, precision=precision)
         forward = jax.jit(
-            functools.partial(run_forward, attention=attention, **model_statics),
-            donate_argnames=("kv_caches", "page_tokens"), compiler_options=STEP_COMPILER_OPTIONS)
-        sampler = jax.jit(functools.partial(run_sampler, page_size=page_size),
-                          static_argnames=("flags",))
+            functools.partial(forward_from_buffers, attention=attention, **model_statics),
+            static_argnames=("layout",), donate_argnames=("kv_caches", "page_tokens"),
+            compiler_options=STEP_COMPILER_OPTIONS)
+        sampler = jax.jit(functools.partial(sampler_from_buffer, page_size=page_size),
+                          static_argnames=("layout", "flags"))
         table_writes = jax.jit(write_block_table, donate_argnames=("block_table",))
         prompt_logprobs = jax.jit(
             functools.partial(run_prompt_logprobs, num_logprobs=self.num_logprobs, **model_statics),
@@ -182,15 +184,15 @@ class ModelRunner:
                 writes = jax.ShapeDtypeStruct((size,), jnp.int32)
                 return table_writes.lower(block_table, writes, writes)
             if kind == "forward":
-                batch = _abstract(dummy_batch(size, seq_bucket(size, max_num_seqs),
-                                              cascade="cascade" in key))
+                layout = layout_of(dummy_batch(size, seq_bucket(size, max_num_seqs),
+                                               cascade="cascade" in key))
                 return forward.lower(weights, kv_caches, page_tokens, last_tokens, block_table,
-                                     batch)
+                                     *abstract_buffers(layout), layout=layout)
             if kind == "sampler":
-                batch = _abstract(dummy_batch(size, size))
+                layout = layout_of(dummy_batch(size, size))
                 logits = jax.ShapeDtypeStruct((size, vocab), jnp.float32, sharding=whole)
-                return sampler.lower(logits, last_tokens, page_tokens, block_table, batch.sampling,
-                                     batch.seq_rows, batch.attention.seq_lens, flags=key[2])
+                return sampler.lower(logits, last_tokens, page_tokens, block_table,
+                                     abstract_buffers(layout)[1], layout=layout, flags=key[2])
             if kind == "prompt_logprobs":
                 hidden = jax.ShapeDtypeStruct((size, hidden_size), dtype, sharding=whole)
                 return prompt_logprobs.lower(weights, hidden, jax.ShapeDtypeStruct((size,), jnp.int32))
@@ -400,20 +402,21 @@ class ModelRunner:
         sampler = self.programs.get(("sampler", seqs, variant.sampler))
         prompt_program = (self.programs.get(("prompt_logprobs", tokens))
                           if variant.prompt_logprobs else None)
-        # Once, though three programs read it; straight onto the mesh's devices (another data-
-        # parallel replica's mesh may hold the default device).
+        # One copy, though several programs read it; straight onto the mesh's devices (another
+        # data-parallel replica's mesh may hold the default device).
         mesh = self.attention.mesh
-        batch = jax.device_put(batch, replicated(mesh) if mesh is not None else None)
+        where = replicated(mesh) if mesh is not None else None
+        token_buffer, sequence_buffer = jax.device_put(pack(batch), where)
         self._write_block_table()
         logits, hidden, self.kv_caches, self.page_tokens = forward(
             self.weights, self.kv_caches, self.page_tokens, self.last_tokens, self.block_table,
-            batch)
+            token_buffer, sequence_buffer)
         sampled, self.last_tokens = sampler(logits, self.last_tokens, self.page_tokens,
-                                            self.block_table, batch.sampling, batch.seq_rows,
-                                            batch.attention.seq_lens)
+                                            self.block_table, sequence_buffer)
         prompt = None
         if prompt_program is not None:
-            prompt = prompt_program(self.weights, hidden, batch.prompt_logprob_targets)
+            prompt = prompt_program(self.weights, hidden,
+                                    jax.device_put(batch.prompt_logprob_targets, where))
         return StepHandle(sampled, prompt, self._sampled_rows)
 
     def _write_block_table(self) -> None:

@@ -20,6 +20,7 @@ from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.kernels.ops import AttentionBackend
 from pjllm.models.interface import CausalLM
 from pjllm.runner.input_batch import MAX_BANNED_TOKENS
+from pjllm.runner.packing import PackedLayout, unpack
 from pjllm.runner.sampler import (SamplerFlags, SamplingMetadata, TokenLogprobs, compute_logprobs,
                                   few_searched_rows, sample)
 from pjllm.sharding import replicated, vocab_sharded
@@ -146,6 +147,24 @@ def run_sampler(logits: jax.Array, last_tokens: jax.Array, page_tokens: jax.Arra
     sampled = sample(logits, sampling, flags, history)
     last_tokens = jnp.zeros_like(last_tokens).at[:sampled.token_ids.shape[0]].set(sampled.token_ids)
     return sampled, last_tokens
+
+
+def forward_from_buffers(weights: list[jax.Array], kv_caches: list[jax.Array],
+                         page_tokens: jax.Array, last_tokens: jax.Array, block_table: jax.Array,
+                         token_buffer: jax.Array, sequence_buffer: jax.Array, *,
+                         layout: PackedLayout, **statics):
+    """`run_forward` of the StepInput packed into the two buffers (`runner/packing.py`)."""
+    return run_forward(weights, kv_caches, page_tokens, last_tokens, block_table,
+                       unpack(layout, token_buffer, sequence_buffer), **statics)
+
+
+def sampler_from_buffer(logits: jax.Array, last_tokens: jax.Array, page_tokens: jax.Array,
+                        block_table: jax.Array, sequence_buffer: jax.Array, *,
+                        layout: PackedLayout, page_size: int, flags: SamplerFlags):
+    """`run_sampler` of the per-sequence inputs packed into `sequence_buffer`."""
+    batch = unpack(layout, None, sequence_buffer)
+    return run_sampler(logits, last_tokens, page_tokens, block_table, batch.sampling,
+                       batch.seq_rows, batch.attention.seq_lens, page_size=page_size, flags=flags)
 
 
 # Prompt logprobs are computed this many tokens at a time: the float32 logits of a whole
