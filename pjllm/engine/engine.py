@@ -429,6 +429,9 @@ class LLMEngine:
         outputs = []
         touched: dict[Request, None] = {}  # by identity: an id may be reused once finished
         cursor = 0
+        # Python values once per step: indexing numpy arrays row by row costs more than this.
+        tokens = result.sampled.token_ids.tolist()
+        token_logprobs = result.sampled.logprobs.logprobs.tolist()
         for row, (item, chunk_start, samples) in enumerate(zip(step.scheduled, step.chunk_starts,
                                                                step.samples)):
             seq = item.seq
@@ -441,7 +444,7 @@ class LLMEngine:
                     self._record_prompt_logprobs(seq, chunk_start, item.num_new_tokens,
                                                  cursor - item.num_new_tokens, result.prompt_logprobs)
                 if samples:
-                    self._append_token(seq, row, result.sampled)
+                    self._append_token(seq, row, tokens[row], token_logprobs[row], result.sampled)
             except Exception as error:  # noqa: BLE001 - e.g. detokenizing; its request gets it
                 del touched[seq.request]
                 outputs += self._fail([seq], error)
@@ -518,19 +521,22 @@ class LLMEngine:
                           logprobs.top_ids[row, :num].tolist(),
                           logprobs.top_logprobs[row, :num].tolist(), self._token_texts)
 
-    def _append_token(self, seq: Sequence, row: int, sampled: SamplerOutput) -> None:
-        token = int(sampled.token_ids[row])
+    def _append_token(self, seq: Sequence, row: int, token: int, logprob: float,
+                      sampled: SamplerOutput) -> None:
+        """Records the token `seq` sampled in row `row` of a step (with its logprob; `sampled`
+        holds the row's top logprobs)."""
         seq.resolve_pending_token(token)
-        if seq.request.first_token_time is None:
-            seq.request.first_token_time = time.monotonic()
-        seq.cumulative_logprob += float(sampled.logprobs.logprobs[row])
-        params = seq.params
+        request = seq.request
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        seq.cumulative_logprob += logprob
+        params = request.params
         if seq.logprobs is not None:
             self._append_logprobs(seq.logprobs, token, sampled.logprobs, row, params.logprobs)
         new_text_len = len(decode_new_text(self.tokenizer, seq)) if self.tokenizer is not None else 0
 
         past_min = seq.num_resolved_tokens - seq.num_prompt_tokens >= params.min_tokens
-        if past_min and token in seq.request.eos_token_ids:
+        if past_min and token in request.eos_token_ids:
             self.scheduler.finish(seq, "stop")
         elif past_min and token in params.stop_token_ids:
             self.scheduler.finish(seq, "stop", token)
