@@ -68,6 +68,9 @@ class ProgramCache:
         self._store_writes: list[concurrent.futures.Future] = []
         self._warmup_thread: threading.Thread | None = None
         self._warmup_futures: list[concurrent.futures.Future] = []
+        # Builds queued on the pool and not started yet: (pool job, lowered program or None).
+        self._queued: dict[Hashable, tuple[concurrent.futures.Future,
+                                           jax.stages.Lowered | None]] = {}
         self._closed = threading.Event()
         self.warmup_timings: dict[str, float] = {}
 
@@ -88,7 +91,15 @@ class ProgramCache:
         if future.done() and not owner:
             return self._result(key, future)
         start = time.perf_counter()
-        how = self._build(key, future) if owner else "the warmup built it"
+        if owner:
+            how = self._build(key, future)
+        else:
+            # A program the warmup queued but has not started (a load from the store, above all,
+            # which the warmup queues all at once) is built here, rather than after those
+            # ahead of it.
+            taken, lowered = self._take_back(key)
+            how = (self._build(key, future, lowered) + " ahead of the warmup" if taken
+                   else "the warmup built it")
         result = self._result(key, future)
         logger.info("waited %.1f s for the step program %s (%s)", time.perf_counter() - start,
                     self._describe(key), how)
@@ -115,12 +126,12 @@ class ProgramCache:
             _resolve(future, error=error)
             return "failed"
         self._count("compiled")
-        _resolve(future, result=compiled)
-        if storable and self._store_pool is not None:
+        if storable and self._store_pool is not None:  # queued first: see wait_for_store_writes
             try:
                 self._store_writes.append(self._store_pool.submit(self.store.save, key, compiled))
             except RuntimeError:  # closed, or the interpreter is exiting: not stored
                 pass
+        _resolve(future, result=compiled)
         return "compiled it"
 
     def _count(self, how: str) -> None:
@@ -178,7 +189,7 @@ class ProgramCache:
             if self._is_stored(key):
                 # Loaded (or, if its file turns out unusable, built) on the pool: this thread
                 # goes on to the next program at once.
-                self._submit(future, self._build, key, future)
+                self._queue(key, future)
                 continue
             lower_start = time.perf_counter()
             try:
@@ -187,7 +198,7 @@ class ProgramCache:
                 _resolve(future, error=error)
                 continue
             lower_s += time.perf_counter() - lower_start
-            self._submit(future, self._build, key, future, lowered)
+            self._queue(key, future, lowered)
         concurrent.futures.wait(self._warmup_futures)
         self.warmup_timings = {"lower_s": lower_s, "compile_s": time.perf_counter() - start}
         logger.info("built %d step programs in %.1f s (%.1f s tracing and lowering; %d loaded "
@@ -202,13 +213,33 @@ class ProgramCache:
         except Exception:
             return False
 
-    def _submit(self, future: concurrent.futures.Future, build: Callable[..., object],
-                *args: object) -> None:
-        """Runs `build(*args)` (which settles `future`) on the compile pool."""
+    def _queue(self, key: Hashable, future: concurrent.futures.Future,
+               lowered: jax.stages.Lowered | None = None) -> None:
+        """Queues the build of `key` (`_build`, which settles `future`) on the compile pool,
+        where a `get` that needs it before its turn may take it back."""
         try:
-            self._compile_pool.submit(build, *args)
+            job = self._compile_pool.submit(self._build_queued, key, future, lowered)
         except RuntimeError as error:  # closed, or the interpreter is exiting
             _resolve(future, error=error)
+            return
+        with self._lock:
+            if not job.done():
+                self._queued[key] = (job, lowered)
+
+    def _build_queued(self, key: Hashable, future: concurrent.futures.Future,
+                      lowered: jax.stages.Lowered | None) -> None:
+        with self._lock:
+            self._queued.pop(key, None)
+        self._build(key, future, lowered)
+
+    def _take_back(self, key: Hashable) -> tuple[bool, jax.stages.Lowered | None]:
+        """Whether `key`'s queued build was taken off the pool before it started (the caller
+        must then build it), and what it was to build from."""
+        with self._lock:
+            queued = self._queued.pop(key, None)
+        if queued is None or not queued[0].cancel():
+            return False, None
+        return True, queued[1]
 
     def close(self, wait: bool = True) -> None:
         """Stops the warmup after the program it is lowering (waiting for that when `wait`),
@@ -222,12 +253,14 @@ class ProgramCache:
             for future in self._futures.values():
                 _resolve(future, error=RuntimeError("the program cache was closed"))
             self._futures.clear()
+            self._queued.clear()
         if wait and self._warmup_thread is not None:
             self._warmup_thread.join()
         self._warmup_futures = []
 
     def wait_for_store_writes(self) -> None:
-        """Blocks until every program built so far is written to the store."""
+        """Blocks until every program built so far (every settled `get` or warmup) is written
+        to the store."""
         concurrent.futures.wait(list(self._store_writes))
 
     def wait_for_warmup(self) -> dict[str, float]:

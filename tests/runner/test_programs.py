@@ -165,3 +165,19 @@ def test_a_program_the_store_cannot_keep_is_not_stored():
     assert cache.get(16) == "program 16" and cache.get(32) == "program 32"
     cache.wait_for_store_writes()
     assert list(store.stored) == [32]
+
+
+def test_get_builds_a_program_the_warmup_queued_but_did_not_start():
+    """A step waiting for one program does not wait for the warmup's queue ahead of it."""
+    gate, compiles = threading.Event(), []
+
+    def lower(key):
+        return _Lowered(key, gate if key == 16 else None, compiles)
+
+    cache = ProgramCache(lower, max_compile_threads=1)
+    cache.warm([16, 32, 64])  # 16 holds the only compile thread until the gate opens
+    assert cache.get(64) == "program 64"
+    assert not cache.is_ready(16)
+    gate.set()
+    cache.wait_for_warmup()
+    assert sorted(compiles) == [16, 32, 64]  # 64 once, in this thread
