@@ -15,6 +15,10 @@ a blocking warmup of every step program), all in one new compilation cache folde
    and RESERIALIZES_CACHED_PROGRAMS (runner/executable_store.py) may say True for it; a failure
    (a load error, an error at the first step, other tokens): leave it False.
 
+On an H200 (jax 0.11.2, Pallas attention, a 2-layer random Llama, 13 programs) every step
+passed: cold 9.5 s of warmup (6.3 s lowering), warm 0.7 s; CUDA is listed True. On CPU step 4
+gives other tokens (the copies lack their compiled functions): CPU stays False.
+
 Prints one line per step and the verdict last.
 """
 
@@ -35,12 +39,10 @@ PROMPTS = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 40, 17)]
 def child(config: str, folder: str, label: str, max_num_batched_tokens: int) -> None:
     """One engine start; prints its build counts, timings and tokens as one JSON line."""
     sys.path.insert(0, REPO)
-    import jax
-
     import pjllm
     from pjllm.runner import executable_store
 
-    platform = jax.devices()[0].platform
+    platform = executable_store.platform_name()
     if label == "from-xla-cache":  # what this script checks
         executable_store.RESERIALIZES_CACHED_PROGRAMS[platform] = True
     llm = pjllm.LLM(config, load_format="dummy", dtype="bfloat16", max_model_len=256,

@@ -13,11 +13,12 @@ host CPU on CPU, JAX's configuration and the XLA / JAX environment variables. A 
 them misses, and the program is lowered and compiled as if there were no store.
 
 A program that JAX read from its own persistent cache instead of compiling it is stored only on
-platforms where such an executable serializes whole (`RESERIALIZES_CACHED_PROGRAMS`). On CPU
-(jaxlib 0.11.2) it does not: it serializes without its compiled functions, and the copy loaded
-from it fails at its first run ("Function ... not found"). So on CPU a program that XLA's cache
-already held (from an earlier pjllm version, say) is not stored, and each start traces it and
-reads it from XLA's cache as before; clearing the compilation cache folder lets the store fill.
+platforms where such an executable serializes whole (`RESERIALIZES_CACHED_PROGRAMS`: CUDA GPUs).
+On CPU (jaxlib 0.11.2) it does not: it serializes without its compiled functions, and the copy
+loaded from it fails at its first run ("Function ... not found"). So on CPU a program that XLA's
+cache already held (from an earlier pjllm version, say) is not stored, and each start traces it
+and reads it from XLA's cache as before; clearing the compilation cache folder lets the store
+fill.
 
 A file that cannot be read, fails its checksum or cannot be loaded is logged, deleted and built
 again; nothing here raises into the step. Files are written to a temporary name and renamed, so a
@@ -50,9 +51,10 @@ from jax.experimental import serialize_executable
 logger = logging.getLogger(__name__)
 
 # Whether an executable that JAX read from its persistent compilation cache serializes whole
-# (and so may be stored), by platform. CPU: no (jaxlib 0.11.2 leaves out its object code);
-# platforms not listed: not known, so not stored.
-RESERIALIZES_CACHED_PROGRAMS = {"cpu": False}
+# (and so may be stored), by platform (`platform_name`), as scripts/gpu_executable_store_check.py
+# found with jax 0.11.2. CPU: no, its object code is left out. CUDA: yes (an H200, Pallas
+# attention). Platforms not listed are not known, so such programs are not stored there.
+RESERIALIZES_CACHED_PROGRAMS = {"cpu": False, "cuda": True}
 
 # The first bytes of every file, then the SHA-256 of the rest. A new layout takes a new magic.
 _MAGIC = b"pjllm-executable-1\n"
@@ -161,6 +163,16 @@ def describe_abstract(tree: Any) -> str:
     return "\n".join(parts)
 
 
+def platform_name() -> str:
+    """The default backend's platform, GPUs by their runtime ("cuda", "rocm"; JAX calls both
+    "gpu" and tells them apart by the platform version, as here)."""
+    device = jax.devices()[0]
+    if device.platform in ("gpu", "cuda", "rocm"):
+        version = device.client.platform_version.lower()
+        return "cuda" if "cuda" in version else "rocm" if "rocm" in version else device.platform
+    return device.platform
+
+
 _compile_thread = threading.local()  # .read_from_xla_cache: the last compile of this thread's
 
 
@@ -201,7 +213,7 @@ class ExecutableStore:
         self._describe = describe
         self._identity = _stable_repr((sorted(environment().items()), sorted(
             (name, _stable_repr(value)) for name, value in context.items())))
-        self._platform = jax.devices()[0].platform
+        self._platform = platform_name()
         self._fingerprints: dict[Hashable, str] = {}
         self._lock = threading.Lock()
         self._warned_unserializable = False
