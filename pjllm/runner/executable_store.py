@@ -24,6 +24,9 @@ A file that cannot be read, fails its checksum or cannot be loaded is logged, de
 again; nothing here raises into the step. Files are written to a temporary name and renamed, so a
 reader never sees half a file, and processes sharing the folder at most build a program twice.
 
+Nothing is evicted: the files of an older pjllm, configuration or jax stay until the folder is
+cleared (each source change writes a new set, a few hundred KB a program for a small model).
+
 Loading a file runs what it holds (a pickle, and XLA executables), exactly as JAX's own cache
 does: the folder must be writable only by those whose programs you would run.
 
