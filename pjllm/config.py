@@ -263,6 +263,9 @@ class EngineConfig:
     coordinator_address: str | None = None
     num_processes: int = 1
     process_id: int = 0
+    # JAX's persistent compilation cache (a restart skips XLA's compiles), and in its
+    # `pjllm-programs` subfolder the compiled step programs (a restart skips tracing and
+    # lowering them too: runner/executable_store.py). None: neither.
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "pjllm", "xla"))
     # Compiling the step program of every token bucket ahead of use: "background" (the engine

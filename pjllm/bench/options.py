@@ -41,8 +41,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--compilation-cache-dir", default=None,
-                        help="JAX persistent compilation cache (default: the engine's, "
-                             "~/.cache/pjllm/xla; 'none' turns it off)")
+                        help="JAX persistent compilation cache and pjllm's compiled step "
+                             "programs (default: the engine's, ~/.cache/pjllm/xla; 'none' turns "
+                             "both off)")
     parser.add_argument("--warmup", default="blocking",
                         choices=WARMUP_MODES,
                         help="the engine's compile-every-bucket warmup at startup (default "

@@ -10,6 +10,9 @@ child reports, from its launch (wall clock, measured by the parent):
     total        launch to first token
     all programs launch until the warmup has compiled every step program; `compile s` is the
                  warmup's own wall time, `lowering s` its tracing and lowering part
+    programs     step programs built by then (token buckets: `buckets`); `from store` of them
+                 loaded from the compiled program store (`<compilation cache>/pjllm-programs`,
+                 which the cold run fills), neither traced nor lowered nor compiled
 
 With the engine's default warmup (`auto`: in the background on GPU) the first token waits only
 for the one program its step needs. The split is the engine's own `startup_timings`.
@@ -38,7 +41,8 @@ COLUMNS = [("backend", "backend", ""), ("cache", "compilation cache", ""),
            ("weights_s", "weights s", ".2f"), ("rest_s", "rest s", ".2f"),
            ("first_token_s", "first token s", ".3f"),
            ("total_s", "total s", ".2f"), ("all_programs_s", "all programs s", ".2f"),
-           ("num_buckets", "programs", "d"), ("compile_s", "compile s", ".2f"),
+           ("num_buckets", "buckets", "d"), ("num_programs", "programs", "d"),
+           ("programs_loaded", "from store", "d"), ("compile_s", "compile s", ".2f"),
            ("lower_s", "lowering s", ".2f")]
 # Run with `python -c`: notes when the interpreter is up, before anything of pjllm is imported.
 _CHILD_BOOTSTRAP = ("import time; up = time.time(); import sys; "
@@ -76,10 +80,12 @@ def child_main(up: float, spec_path: str, result_path: str) -> None:
     llm.engine.wait_for_warmup()
     warmed = time.time()
     warmup = llm.engine.startup_timings
+    programs = llm.engine.model_runner.programs
     result = {"up": up, "imported": imported, "done": done, "warmed": warmed,
               "construct_s": timings.total_s, "weights_s": timings.weights_s, "rest_s": timings.rest_s,
               "first_token_s": first_token_s, "compile_s": warmup.get("compile_s"),
               "lower_s": warmup.get("lower_s"), "num_buckets": len(llm.engine.model_runner.buckets()),
+              "num_programs": len(programs), "programs_loaded": programs.build_counts["loaded"],
               "device_info": jax_device_info()}
     with open(result_path, "w") as f:
         json.dump(result, f)
@@ -108,7 +114,8 @@ def table_row(backend: str, cache: str, launched: float, child: dict[str, Any]) 
             "first_token_s": child["first_token_s"], "total_s": child["done"] - launched,
             "all_programs_s": child["warmed"] - launched if "warmed" in child else None,
             "compile_s": child.get("compile_s"), "lower_s": child.get("lower_s"),
-            "num_buckets": child.get("num_buckets")}
+            "num_buckets": child.get("num_buckets"), "num_programs": child.get("num_programs"),
+            "programs_loaded": child.get("programs_loaded")}
 
 
 def one_prompt(hf_config: dict[str, Any], input_len: int) -> list[int]:

@@ -75,6 +75,21 @@ def enable_compilation_cache(directory: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def executable_store_dir(config: EngineConfig) -> str | None:
+    """The folder of the compiled step programs kept for the next process
+    (runner/executable_store.py): a subfolder of the compilation cache, and like it off
+    without one. Off with several processes too: whether a program serialized by each process
+    of a multi-host mesh loads and runs in step with the others after a restart is untested, so
+    there every start traces and lowers its programs (XLA's cache still spares the compile)."""
+    if config.compilation_cache_dir is None:
+        return None
+    if config.num_processes > 1:
+        logger.info("the compiled program store is off with several processes "
+                    "(num_processes=%d); only XLA's compilation cache is used", config.num_processes)
+        return None
+    return os.path.join(config.compilation_cache_dir, "pjllm-programs")
+
+
 class LLMEngine:
     """Owns the model runner, the scheduler and every request's state.
 
@@ -161,7 +176,11 @@ class LLMEngine:
             # (Windowed and ALiBi layers attend without it: a model of only those has no use
             # for cascade programs.)
             cascade_attention=(config.enable_prefix_caching and not config.disable_cascade_attn
-                               and self.model_config.has_full_causal_layers))
+                               and self.model_config.has_full_causal_layers),
+            executable_store_dir=executable_store_dir(config),
+            # How and where programs are built does not change them; every other option may.
+            store_context={"engine_config": dataclasses.replace(config, warmup="auto",
+                                                                compilation_cache_dir=None)})
         # Several processes: the coordinator schedules and sends each step's runner calls to the
         # others (`distributed.LeaderRunner`); the others only run them (`follow`).
         self.is_follower = config.num_processes > 1 and not distributed.is_coordinator()

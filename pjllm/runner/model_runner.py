@@ -28,6 +28,7 @@ from pjllm.config import ModelConfig
 from pjllm.kernels import ops
 from pjllm.kernels.attention_metadata import AttentionMetadata
 from pjllm.kernels.ops import AttentionBackend
+from pjllm.runner.executable_store import ExecutableStore
 from pjllm.runner.swap import SwappedPages, pad_pages, read_swapped, write_swapped
 from pjllm.runner.input_batch import InputBatch, SampledRows
 from pjllm.runner.programs import ProgramCache
@@ -126,7 +127,13 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State,
                  num_pages: int, page_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, dtype: Any, attention: AttentionBackend,
-                 max_logprobs: int, swap_enabled: bool = False, cascade_attention: bool = False):
+                 max_logprobs: int, swap_enabled: bool = False, cascade_attention: bool = False,
+                 executable_store_dir: str | None = None,
+                 store_context: dict[str, Any] | None = None):
+        """`executable_store_dir`: the folder where compiled programs are kept for the next
+        process (runner/executable_store.py; None: none kept); `store_context`: what else the
+        programs may depend on that the runner is not given (the engine's configuration),
+        part of every stored program's key."""
         self.model_config = model_config
         self.attention = attention  # its mesh holds the weights, the KV cache and every step
         self.swap_enabled = swap_enabled  # whether the warmup builds the swap programs
@@ -175,36 +182,61 @@ class ModelRunner:
         # The forward's logits and hidden states, whole on every device of the mesh.
         whole = replicated(attention.mesh) if attention.mesh is not None else None
 
-        def lower(key: tuple) -> jax.stages.Lowered:
-            """Keys: ("table_writes", U), ("forward", T), ("forward", T, "cascade"),
-            ("sampler", N, flags), ("prompt_logprobs", T), ("swap_out", B) and ("swap_in", B)
-            (B pages, a power of two)."""
+        def program_inputs(key: tuple) -> tuple[Any, tuple, dict[str, Any]]:
+            """The jitted function of `key`'s program and the abstract arguments and static
+            keyword arguments it is lowered with. Keys: ("table_writes", U), ("forward", T),
+            ("forward", T, "cascade"), ("sampler", N, flags), ("prompt_logprobs", T),
+            ("swap_out", B) and ("swap_in", B) (B pages, a power of two)."""
             kind, size = key[0], key[1]
             if kind == "table_writes":
                 writes = jax.ShapeDtypeStruct((size,), jnp.int32)
-                return table_writes.lower(block_table, writes, writes)
+                return table_writes, (block_table, writes, writes), {}
             if kind == "forward":
                 layout = layout_of(dummy_batch(size, seq_bucket(size, max_num_seqs),
                                                cascade="cascade" in key))
-                return forward.lower(weights, kv_caches, page_tokens, last_tokens, block_table,
-                                     *abstract_buffers(layout), layout=layout)
+                return forward, (weights, kv_caches, page_tokens, last_tokens, block_table,
+                                 *abstract_buffers(layout)), {"layout": layout}
             if kind == "sampler":
                 layout = layout_of(dummy_batch(size, size))
                 logits = jax.ShapeDtypeStruct((size, vocab), jnp.float32, sharding=whole)
-                return sampler.lower(logits, last_tokens, page_tokens, block_table,
-                                     abstract_buffers(layout)[1], layout=layout, flags=key[2])
+                return sampler, (logits, last_tokens, page_tokens, block_table,
+                                 abstract_buffers(layout)[1]), {"layout": layout, "flags": key[2]}
             if kind == "prompt_logprobs":
                 hidden = jax.ShapeDtypeStruct((size, hidden_size), dtype, sharding=whole)
-                return prompt_logprobs.lower(weights, hidden, jax.ShapeDtypeStruct((size,), jnp.int32))
+                return prompt_logprobs, (weights, hidden,
+                                         jax.ShapeDtypeStruct((size,), jnp.int32)), {}
             pages = jax.ShapeDtypeStruct((size,), jnp.int32)
             if kind == "swap_out":
-                return swap_out.lower(kv_caches, page_tokens, pages)
+                return swap_out, (kv_caches, page_tokens, pages), {}
             if kind == "swap_in":
                 kv, tokens = jax.eval_shape(swap_out, kv_caches, page_tokens, pages)
-                return swap_in.lower(kv_caches, page_tokens, pages, kv, tokens)
+                return swap_in, (kv_caches, page_tokens, pages, kv, tokens), {}
             raise ValueError(f"unknown step program {key!r}")
 
-        self.programs = ProgramCache(lower, describe=_describe_program)
+        def lower(key: tuple) -> jax.stages.Lowered:
+            program, args, kwargs = program_inputs(key)
+            return program.lower(*args, **kwargs)
+
+        def signature(key: tuple) -> tuple:
+            _, args, kwargs = program_inputs(key)
+            return args, kwargs
+
+        store = None
+        if executable_store_dir is not None:
+            # Everything the programs' functions captured, beside their inputs (`signature`).
+            captured = dict(
+                model_config=model_config, graphdef=graphdef, dtype=jnp.dtype(dtype).name,
+                precision=precision, page_size=page_size, num_pages=num_pages,
+                max_pages_per_seq=self.max_pages_per_seq, max_num_seqs=max_num_seqs,
+                num_logprobs=self.num_logprobs, token_buckets=self.token_buckets,
+                bisect_thresholds=self.bisect_thresholds, attention_kernels=attention.kernels,
+                mesh=(attention.mesh, None if attention.mesh is None
+                      else [d.id for d in attention.mesh.devices.flat]),
+                compiler_options=STEP_COMPILER_OPTIONS)
+            store = ExecutableStore(executable_store_dir,
+                                    {**(store_context or {}), "runner": captured},
+                                    signature=signature, describe=_describe_program)
+        self.programs = ProgramCache(lower, describe=_describe_program, store=store)
         # Dropped without shutdown (its last reference gone), the runner stops its warmup too.
         weakref.finalize(self, self.programs.close, wait=False)
 

@@ -61,4 +61,8 @@ def test_startup_end_to_end(tmp_path):
         assert run["total_s"] >= run["first_token_s"]
         # CPU token buckets for a 16-token budget: 1, 2, 4, 8, 16.
         assert run["all_programs_s"] >= run["compile_s"] > 0 and run["num_buckets"] == 5
+    # The warm start loads every program the cold one built from the compiled program store.
+    cold, warm = record["runs"]
+    assert cold["programs_loaded"] == 0 and warm["programs_loaded"] == warm["num_programs"] > 5
+    assert warm["lower_s"] == 0.0
     assert ENV_KEYS <= set(record["env"])
