@@ -2,7 +2,7 @@
 # The speed issue's measurements on one GPU, Llama-3-8B config with dummy weights, bf16; and the
 # model families' (parity on the Pallas path, chat throughput, the sliding-window decode kernel).
 # Usage (repository root): bash benchmarks/run_gpu_suite.sh [engine|compare|profile-hf|gemm|kernels|
-#                          parity|families|window] ...
+#                          parity|families|window|scaling] ...
 # Results (JSON + logs) land in $OUT when set (the device tool), else benchmarks/results/.
 set -u
 results=${OUT:-benchmarks/results}
@@ -52,6 +52,24 @@ for group in "$@"; do
     window)  # a decode with a 1,024-token window at context 4,096, beside unwindowed 1,024 and 4,096
       step window 200 python -m benchmarks.profile_kernels --cases "B64 ctx4096,B64 ctx1024" \
         --impls pallas --output-json "$results/kernels-window.json" ;;
+    scaling)  # the multi-GPU issue's runs (a host with 4 GPUs): TP 1, 2, 4 on the 8B config,
+              # 70B at TP 4, data parallel 2 x TP 1 against TP 2; NVLink multicast stays off
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      for tp in 1 2 4; do
+        step "chat-tp$tp" 400 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
+          --max-model-len 8192 --tensor-parallel-size $tp --output-json "$results/throughput-chat-tp$tp.json"
+        step "latency-tp$tp" 300 "${bench[@]}" latency --model $model --load-format dummy --batch-sizes 1,8 \
+          --input-len 128 --output-len 64 --num-iters 3 --max-model-len 8192 --tensor-parallel-size $tp \
+          --output-json "$results/latency-tp$tp.json"
+      done
+      step chat-dp2 400 "${bench[@]}" throughput --model $model --load-format dummy --dataset chat \
+        --max-model-len 8192 --data-parallel-size 2 --output-json "$results/throughput-chat-dp2.json"
+      step chat-70b-tp4 560 "${bench[@]}" throughput --model benchmarks/configs/llama-3-70b.json \
+        --load-format dummy --dataset chat --max-model-len 8192 --tensor-parallel-size 4 \
+        --output-json "$results/throughput-chat-70b-tp4.json"
+      step latency-70b-tp4 400 "${bench[@]}" latency --model benchmarks/configs/llama-3-70b.json \
+        --load-format dummy --batch-sizes 1 --input-len 128 --output-len 64 --num-iters 3 \
+        --max-model-len 8192 --tensor-parallel-size 4 --output-json "$results/latency-70b-tp4.json" ;;
     gemm)  # matmul rates at the step's shapes, and whole prefill steps of the engine
       step gemm 120 python -m benchmarks.gemm_rates --config $model --output-json "$results/gemm-rates.json"
       step prefill-profile 200 python -m benchmarks.profile_steps --config $model --prefill --num-seqs 256 \

@@ -37,6 +37,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="devices one model is split across")
+    parser.add_argument("--data-parallel-size", type=int, default=1,
+                        help="engine replicas, each on its own tensor-parallel-size devices")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=None)
@@ -96,7 +98,8 @@ def engine_kwargs(args: argparse.Namespace, model: str, max_model_len: int) -> d
         max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization, page_size=args.page_size,
         num_pages=args.num_pages, warmup=args.warmup,
-        tensor_parallel_size=args.tensor_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=getattr(args, "data_parallel_size", 1))
     if args.compilation_cache_dir is not None:
         cache = args.compilation_cache_dir
         kwargs["compilation_cache_dir"] = None if cache.lower() == "none" else cache
@@ -123,8 +126,8 @@ def construct_llm(kwargs: dict[str, Any]):
 
 
 def engine_settings(llm) -> dict[str, Any]:
-    """The resolved engine settings a result should record."""
-    engine = llm.engine
+    """The resolved engine settings a result should record (of one replica, as they all are)."""
+    engine = replicas(llm)[0]
     return {
         "dtype": np.dtype(engine.dtype).name,
         "attention_backend": engine.attention_backend,
@@ -133,4 +136,11 @@ def engine_settings(llm) -> dict[str, Any]:
         "max_model_len": engine.max_model_len,
         "page_size": engine.config.page_size,
         "num_pages": engine.kv_cache_manager.num_pages,
+        "tensor_parallel_size": engine.config.tensor_parallel_size,
+        "data_parallel_size": engine.config.data_parallel_size,
     }
+
+
+def replicas(llm) -> list:
+    """The LLMEngines behind `llm`: its data-parallel replicas, or its one engine."""
+    return list(getattr(llm.engine, "replicas", [llm.engine]))

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from pjllm.bench.backends import WorkloadSize
 from pjllm.bench.datasets import BenchRequest
-from pjllm.bench.options import build_llm, engine_settings
+from pjllm.bench.options import build_llm, engine_settings, replicas
 from pjllm.bench.report import jax_device_info
 from pjllm.bench.timings import split_startup
 
@@ -24,7 +24,9 @@ class PjllmBackend:
 
     def __init__(self, args: argparse.Namespace, model: str, max_model_len: int, temperature: float = 1.0):
         self.llm, construct_s = build_llm(args, model, max_model_len)
-        self.timings = split_startup(self.llm.engine, construct_s)
+        self.engines = replicas(self.llm)
+        # Replicas are built one after another; the first one's split stands for each.
+        self.timings = split_startup(self.engines[0], construct_s)
         # Without the engine's split, everything counts as loading.
         self.load_s = construct_s - (self.timings.compile_s or 0.0)
         self.warmup_s = self.timings.compile_s
@@ -45,10 +47,15 @@ class PjllmBackend:
         return [len(output.outputs[0].token_ids) for output in outputs]
 
     def step_timings(self) -> dict[str, float]:
-        return dataclasses.asdict(self.llm.engine.step_timings)
+        """The step loops' counts and seconds, summed over replicas (which step concurrently)."""
+        totals: dict[str, float] = {}
+        for engine in self.engines:
+            for name, value in dataclasses.asdict(engine.step_timings).items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
 
-    def preemptions(self) -> int | None:
-        return getattr(self.llm.engine.scheduler, "num_preemptions", None)
+    def preemptions(self) -> int:
+        return sum(engine.scheduler.num_preemptions for engine in self.engines)
 
     def settings_record(self) -> dict[str, Any]:
         return {**engine_settings(self.llm), "temperature": self.temperature}

@@ -30,6 +30,17 @@ def test_throughput_end_to_end(tmp_path, capsys):
     assert "requests/s" in capsys.readouterr().out
 
 
+def test_throughput_over_data_parallel_replicas(tmp_path):
+    payload = _run(["bench", "throughput", *MODEL, *SMALL_ENGINE, "--data-parallel-size", "2",
+                    "--dataset", "random", "--num-prompts", "6", "--input-len", "12",
+                    "--output-len", "5", "--num-warmup-prompts", "0"], tmp_path / "t.json")
+    (record,) = payload["results"]
+    assert record["total_output_tokens"] == 6 * 5
+    assert record["settings"]["data_parallel_size"] == 2
+    assert record["step_timings"]["steps"] >= 5  # summed over the replicas
+    assert record["preemptions"] == 0
+
+
 def test_latency_end_to_end(tmp_path):
     payload = _run(["bench", "latency", *MODEL, *SMALL_ENGINE, "--batch-sizes", "1,2", "--input-len", "8",
                     "--output-len", "4", "--num-iters", "2", "--num-iters-warmup", "1"], tmp_path / "l.json")
