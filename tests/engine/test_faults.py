@@ -161,10 +161,10 @@ def test_a_failure_while_reading_a_steps_tokens_stays_with_its_request(make_llm)
     expected = llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY, use_tqdm=False)[0]
     append = engine._append_token
 
-    def failing_append(seq, row, sampled):
+    def failing_append(seq, *args):
         if seq.token_ids[0] == POISON:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-        append(seq, row, sampled)
+        append(seq, *args)
 
     engine._append_token = failing_append
     bad, good = llm.generate([{"prompt_token_ids": [POISON, 6, 7]}, {"prompt_token_ids": [5, 6, 7]}],
