@@ -158,6 +158,9 @@ class ModelRunner:
         self._sampled_rows: SampledRows | None = None
         # The block table entries that step changed, written on device before it runs.
         self._table_writes = np.zeros(0, np.int32), np.zeros(0, np.int32)
+        # Whole on every device of the mesh: the step's inputs and small state, the forward's
+        # logits and hidden states (built once: dispatch uses it every step).
+        self._replicated = replicated(attention.mesh) if attention.mesh is not None else None
         self.reset_device_state()
         precision = matmul_precision(dtype)
         model_statics = dict(graphdef=graphdef, state_treedef=state_treedef, precision=precision)
@@ -179,8 +182,7 @@ class ModelRunner:
         weights, kv_caches, page_tokens, last_tokens, block_table = _abstract(
             (self.weights, self.kv_caches, self.page_tokens, self.last_tokens, self.block_table))
         vocab, hidden_size = model_config.vocab_size, model_config.hidden_size
-        # The forward's logits and hidden states, whole on every device of the mesh.
-        whole = replicated(attention.mesh) if attention.mesh is not None else None
+        whole = self._replicated
 
         def program_inputs(key: tuple) -> tuple[Any, tuple, dict[str, Any]]:
             """The jitted function of `key`'s program and the abstract arguments and static
@@ -246,7 +248,7 @@ class ModelRunner:
         (its next message has `reset_batch`): its sequences' KV must be recomputed."""
         cfg, mesh = self.model_config, self.attention.mesh
         kv_sharding = kv_cache_sharding(mesh) if mesh is not None else None
-        whole = replicated(mesh) if mesh is not None else None
+        whole = self._replicated
         self.kv_caches = [ops.allocate_kv_pages(self.num_pages, self.page_size, cfg.num_kv_heads,
                                                 cfg.head_dim, self.dtype, kv_sharding)
                           for _ in range(cfg.num_layers)]
@@ -436,9 +438,7 @@ class ModelRunner:
                           if variant.prompt_logprobs else None)
         # One copy, though several programs read it; straight onto the mesh's devices (another
         # data-parallel replica's mesh may hold the default device).
-        mesh = self.attention.mesh
-        where = replicated(mesh) if mesh is not None else None
-        token_buffer, sequence_buffer = jax.device_put(pack(batch), where)
+        token_buffer, sequence_buffer = jax.device_put(pack(batch), self._replicated)
         self._write_block_table()
         logits, hidden, self.kv_caches, self.page_tokens = forward(
             self.weights, self.kv_caches, self.page_tokens, self.last_tokens, self.block_table,
@@ -448,7 +448,7 @@ class ModelRunner:
         prompt = None
         if prompt_program is not None:
             prompt = prompt_program(self.weights, hidden,
-                                    jax.device_put(batch.prompt_logprob_targets, where))
+                                    jax.device_put(batch.prompt_logprob_targets, self._replicated))
         return StepHandle(sampled, prompt, self._sampled_rows)
 
     def _write_block_table(self) -> None:
