@@ -64,8 +64,10 @@ def kv_cache_bytes(device: jax.Device, *, utilization: float, weights_bytes: int
         return int(min(host_bytes_wanted, HOST_KV_CACHE_BYTES * utilization))
     # Where the driver cannot say (accelerators other than CUDA), the allocator's limit stands in.
     total = device_total_memory(device) or stats["bytes_limit"]
+    # The cudaMallocAsync pool (pjllm/__init__.py) reports no limit (0): the device's is the cap.
+    pool_limit = stats["bytes_limit"] or total
     budget = kv_cache_budget(utilization=utilization, total_bytes=total,
-                             pool_limit_bytes=stats["bytes_limit"],
+                             pool_limit_bytes=pool_limit,
                              pool_in_use_bytes=stats.get("bytes_in_use", 0),
                              weights_bytes=weights_bytes, activation_bytes=activation_bytes)
     logger.info("device memory %.1f GiB; this engine's share %.1f GiB: weights %.1f GiB, "

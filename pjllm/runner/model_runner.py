@@ -36,9 +36,10 @@ from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, 
                                   SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
                                   few_searched_rows)
 from pjllm.runner.packing import abstract_buffers, layout_of, pack
-from pjllm.runner.step import (STEP_COMPILER_OPTIONS, StepInput, StepVariant, dummy_batch,
-                               forward_from_buffers, matmul_precision, run_prompt_logprobs,
-                               sampler_from_buffer, write_block_table)
+from pjllm.runner.step import (STEP_COMPILER_OPTIONS, TRITON_GEMM_MAX_TOKENS, StepInput, StepVariant,
+                               dummy_batch, forward_compiler_options, forward_from_buffers,
+                               matmul_precision, run_prompt_logprobs, sampler_from_buffer,
+                               write_block_table)
 from pjllm.scheduler_output import SchedulerOutput
 from pjllm.sharding import kv_cache_sharding, replicated
 
@@ -164,10 +165,19 @@ class ModelRunner:
         self.reset_device_state()
         precision = matmul_precision(dtype)
         model_statics = dict(graphdef=graphdef, state_treedef=state_treedef, precision=precision)
-        forward = jax.jit(
-            functools.partial(forward_from_buffers, attention=attention, **model_statics),
-            static_argnames=("layout",), donate_argnames=("kv_caches", "page_tokens"),
-            compiler_options=STEP_COMPILER_OPTIONS)
+        forward_fn = functools.partial(forward_from_buffers, attention=attention, **model_statics)
+        # The forward of each token bucket: one jit per set of XLA options, which differ by
+        # bucket size (forward_compiler_options).
+        jits: dict[tuple, Any] = {}
+        forwards = {}
+        for size in self.token_buckets:
+            options = forward_compiler_options(size)
+            key = tuple(sorted(options.items()))
+            if key not in jits:
+                jits[key] = jax.jit(forward_fn, static_argnames=("layout",),
+                                    donate_argnames=("kv_caches", "page_tokens"),
+                                    compiler_options=options)
+            forwards[size] = jits[key]
         sampler = jax.jit(functools.partial(sampler_from_buffer, page_size=page_size),
                           static_argnames=("layout", "flags"))
         table_writes = jax.jit(write_block_table, donate_argnames=("block_table",))
@@ -196,7 +206,7 @@ class ModelRunner:
             if kind == "forward":
                 layout = layout_of(dummy_batch(size, seq_bucket(size, max_num_seqs),
                                                cascade="cascade" in key))
-                return forward, (weights, kv_caches, page_tokens, last_tokens, block_table,
+                return forwards[size], (weights, kv_caches, page_tokens, last_tokens, block_table,
                                  *abstract_buffers(layout)), {"layout": layout}
             if kind == "sampler":
                 layout = layout_of(dummy_batch(size, size))
@@ -234,7 +244,7 @@ class ModelRunner:
                 bisect_thresholds=self.bisect_thresholds, attention_kernels=attention.kernels,
                 mesh=(attention.mesh, None if attention.mesh is None
                       else [d.id for d in attention.mesh.devices.flat]),
-                compiler_options=STEP_COMPILER_OPTIONS)
+                compiler_options=STEP_COMPILER_OPTIONS, triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS)
             store = ExecutableStore(executable_store_dir,
                                     {**(store_context or {}), "runner": captured},
                                     signature=signature, describe=_describe_program)

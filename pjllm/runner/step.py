@@ -67,6 +67,15 @@ class StepVariant:
 # +2% without Triton GEMMs) and leaving Triton's candidates out of autotuning cuts the compile
 # of the 8B step programs by 40% (docs/perf.md).
 STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+# Except in the forwards of at most this many tokens (GEMV-like, bound by reading the weights),
+# where XLA's Triton GEMMs read them faster: H200 batch-1 TPOT 4.63 -> 4.39 ms (docs/perf.md).
+# Few programs are that small, so the compile time hardly grows.
+TRITON_GEMM_MAX_TOKENS = 16
+
+
+def forward_compiler_options(num_tokens: int) -> dict[str, bool]:
+    """XLA options of the forward program of a `num_tokens` bucket."""
+    return {**STEP_COMPILER_OPTIONS, "xla_gpu_enable_triton_gemm": num_tokens <= TRITON_GEMM_MAX_TOKENS}
 
 
 def matmul_precision(dtype: Any) -> str:

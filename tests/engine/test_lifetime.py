@@ -8,6 +8,7 @@ import jax
 import pytest
 
 import pjllm
+from pjllm.runner import memory
 from pjllm.runner.memory import kv_cache_budget
 
 GREEDY = pjllm.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -61,6 +62,21 @@ def test_kv_budget_is_the_engines_share_of_the_device():
     assert kv_cache_budget(pool_in_use_bytes=50 * gib, **share) == 28 * gib
     # Capped by what this process's allocator has left.
     assert kv_cache_budget(pool_in_use_bytes=80 * gib, **share) == 13 * gib
+
+
+def test_kv_budget_under_an_allocator_that_reports_no_limit(monkeypatch):
+    # The cudaMallocAsync pool reports bytes_limit 0: the device's total is the cap instead.
+    gib = 2**30
+
+    class PoolDevice:
+        platform = "gpu"
+
+        def memory_stats(self):
+            return {"bytes_limit": 0, "bytes_in_use": 0}
+
+    monkeypatch.setattr(memory, "device_total_memory", lambda device: 100 * gib)
+    assert memory.kv_cache_bytes(PoolDevice(), utilization=0.9, weights_bytes=15 * gib,
+                                 activation_bytes=2 * gib, host_bytes_wanted=gib) == 73 * gib
 
 
 @pytest.mark.parametrize("dtype,precision", [("float32", "HIGHEST"), ("bfloat16", "DEFAULT")])

@@ -5,6 +5,7 @@ import re
 import numpy as np
 
 from pjllm import SamplingParams
+from pjllm.runner.step import TRITON_GEMM_MAX_TOKENS, forward_compiler_options
 
 
 def _kv_sized_results(hlo: str, num_elements: int) -> list[str]:
@@ -37,3 +38,10 @@ def test_decode_steps_use_small_buckets_and_update_the_kv_cache_in_place(make_ll
         # a reshaped view of a dynamic-update-slice's result) costs more than a decode step.
         writes = _kv_sized_results(program.as_text(), kv_elements)
         assert len(writes) == num_layers, (tokens, writes)
+
+
+def test_only_the_forwards_of_the_smallest_buckets_use_triton_gemms():
+    # Triton GEMMs read the weights faster at a handful of tokens; cuBLAS wins above (docs/perf.md).
+    assert forward_compiler_options(TRITON_GEMM_MAX_TOKENS)["xla_gpu_enable_triton_gemm"]
+    assert not forward_compiler_options(TRITON_GEMM_MAX_TOKENS + 1)["xla_gpu_enable_triton_gemm"]
+    assert not forward_compiler_options(8192)["xla_gpu_enable_triton_gemm"]
