@@ -2,7 +2,7 @@
 # The speed issue's measurements on one GPU, Llama-3-8B config with dummy weights, bf16; and the
 # model families' (parity on the Pallas path, chat throughput, the sliding-window decode kernel).
 # Usage (repository root): bash benchmarks/run_gpu_suite.sh [engine|compare|profile-hf|gemm|kernels|
-#                          parity|families|window|scaling] ...
+#                          parity|families|window|scaling|steps] ...
 # Results (JSON + logs) land in $OUT when set (the device tool), else benchmarks/results/.
 set -u
 results=${OUT:-benchmarks/results}
@@ -70,6 +70,11 @@ for group in "$@"; do
       step latency-70b-tp4 400 "${bench[@]}" latency --model benchmarks/configs/llama-3-70b.json \
         --load-format dummy --batch-sizes 1 --input-len 128 --output-len 64 --num-iters 3 \
         --max-model-len 8192 --tensor-parallel-size 4 --output-json "$results/latency-70b-tp4.json" ;;
+    steps)  # chat x1000 step by step against the schedule model at the H200's measured rates,
+            # with steps 500-539 (the decode tail) traced
+      step step-times 300 python -m benchmarks.step_times --model $model --load-format dummy --dataset chat \
+        --max-model-len 8192 --matmul-tflops 706 --weight-tbps 2.6 --attention-tbps 4.0 --step-overhead-ms 1.1 \
+        --trace-steps 500:540 --trace-dir /tmp/pjllm-step-trace --output-json "$results/step-times-chat.json" ;;
     gemm)  # matmul rates at the step's shapes, and whole prefill steps of the engine
       step gemm 120 python -m benchmarks.gemm_rates --config $model --output-json "$results/gemm-rates.json"
       step prefill-profile 200 python -m benchmarks.profile_steps --config $model --prefill --num-seqs 256 \

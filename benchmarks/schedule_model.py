@@ -27,6 +27,38 @@ FLOP_PER_TOKEN = 2 * 7.5e9     # matmul parameters, lm_head included
 KV_BYTES_PER_TOKEN = 131072    # 32 layers x K,V x 8 heads x 128 x 2 bytes
 
 
+def step_shape(step) -> tuple[int, int, int]:
+    """(scheduled tokens, sequences, KV tokens read by decodes) of one `Scheduler.schedule()`
+    result, before the step runs."""
+    decode_context = sum(item.seq.num_computed_tokens + 1 for item in step.scheduled
+                         if item.num_new_tokens == 1)
+    return step.num_tokens, len(step.scheduled), decode_context
+
+
+def step_costs(steps: np.ndarray, max_num_batched_tokens: int, matmul_tflops: float,
+               weight_tbps: float, attention_tbps: float, step_overhead_ms: float) -> dict[str, np.ndarray]:
+    """The cost model's seconds per step, by part, for `steps` [S, 3] of `step_shape`s:
+    matmul, attention, overhead, total; and compute_bound (whether FLOPs, not the weights'
+    bytes, bound the matmuls)."""
+    buckets = np.array(token_bucket_sizes(max_num_batched_tokens))
+    padded = buckets[np.searchsorted(buckets, steps[:, 0])]
+    weight_bound = WEIGHT_BYTES / (weight_tbps * 1e12)
+    compute = padded * FLOP_PER_TOKEN / (matmul_tflops * 1e12)
+    matmul = np.maximum(weight_bound, compute)
+    attention = steps[:, 2] * KV_BYTES_PER_TOKEN / (attention_tbps * 1e12)
+    overhead = np.full(len(steps), step_overhead_ms / 1e3)
+    return {"matmul": matmul, "attention": attention, "overhead": overhead,
+            "total": matmul + attention + overhead, "compute_bound": compute > weight_bound}
+
+
+def add_cost_args(parser: argparse.ArgumentParser) -> None:
+    """The cost model's rates (defaults: Llama-3-8B on an H100, as measured)."""
+    parser.add_argument("--matmul-tflops", type=float, default=650.0)
+    parser.add_argument("--weight-tbps", type=float, default=3.0)
+    parser.add_argument("--attention-tbps", type=float, default=2.7)
+    parser.add_argument("--step-overhead-ms", type=float, default=1.1)
+
+
 def replay(prompt_lens, output_lens, max_num_seqs: int, budget: int, num_pages: int,
            page_size: int) -> np.ndarray:
     """Runs pjllm's own Scheduler (and page allocator) over the workload as the engine loop
@@ -42,9 +74,7 @@ def replay(prompt_lens, output_lens, max_num_seqs: int, budget: int, num_pages: 
     steps = []
     while scheduler.has_unfinished():
         out = scheduler.schedule()
-        decode_context = sum(item.seq.num_computed_tokens + 1 for item in out.scheduled
-                             if item.num_new_tokens == 1)
-        steps.append((out.num_tokens, len(out.scheduled), decode_context))
+        steps.append(step_shape(out))
         for item in out.scheduled:
             samples = item.samples
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -65,10 +95,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--num-pages", type=int, default=25297, help="KV cache pages (H100 default)")
     parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--matmul-tflops", type=float, default=650.0)
-    parser.add_argument("--weight-tbps", type=float, default=3.0)
-    parser.add_argument("--attention-tbps", type=float, default=2.7)
-    parser.add_argument("--step-overhead-ms", type=float, default=1.1)
+    add_cost_args(parser)
     parser.add_argument("--ideal", action="store_true",
                         help="800 TFLOP/s, 3.0 TB/s for weights and KV alike, no step overhead")
     args = parser.parse_args()
@@ -80,18 +107,14 @@ def main() -> None:
     outputs = [r.output_len for r in workload.requests]
     steps = replay(prompts, outputs, args.max_num_seqs, args.max_num_batched_tokens, args.num_pages,
                    args.page_size)
-    buckets = np.array(token_bucket_sizes(args.max_num_batched_tokens))
-    padded = buckets[np.searchsorted(buckets, steps[:, 0])]
-    weight_bound = WEIGHT_BYTES / (args.weight_tbps * 1e12)
-    compute = padded * FLOP_PER_TOKEN / (args.matmul_tflops * 1e12)
-    matmul = np.maximum(weight_bound, compute)
-    attention = steps[:, 2] * KV_BYTES_PER_TOKEN / (args.attention_tbps * 1e12)
-    overhead = np.full(len(steps), args.step_overhead_ms / 1e3)
-    total = matmul + attention + overhead
+    costs = step_costs(steps, args.max_num_batched_tokens, args.matmul_tflops, args.weight_tbps,
+                       args.attention_tbps, args.step_overhead_ms)
+    matmul, attention, overhead, total = (costs[k] for k in ("matmul", "attention", "overhead", "total"))
+    compute_bound = costs["compute_bound"]
     tail = steps[:, 1] < args.max_num_seqs / 2
     print(f"{args.dataset}: {sum(prompts)} prompt + {sum(outputs)} output tokens, {len(steps)} steps")
-    print(f"  matmuls   {matmul.sum():6.1f} s  ({(compute > weight_bound).sum()} compute-bound steps "
-          f"{matmul[compute > weight_bound].sum():.1f} s, the rest bound by reading the weights)")
+    print(f"  matmuls   {matmul.sum():6.1f} s  ({compute_bound.sum()} compute-bound steps "
+          f"{matmul[compute_bound].sum():.1f} s, the rest bound by reading the weights)")
     print(f"  attention {attention.sum():6.1f} s  ({steps[:, 2].sum() * KV_BYTES_PER_TOKEN / 1e12:.1f} TB of KV)")
     print(f"  overhead  {overhead.sum():6.1f} s")
     print(f"  total     {total.sum():6.1f} s = {sum(outputs) / total.sum():,.0f} output tok/s; "
