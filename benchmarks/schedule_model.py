@@ -35,13 +35,18 @@ def step_shape(step) -> tuple[int, int, int]:
     return step.num_tokens, len(step.scheduled), decode_context
 
 
+def padded_tokens(steps: np.ndarray, max_num_batched_tokens: int) -> np.ndarray:
+    """The token bucket each of `steps` [S, 3] (`step_shape`s) is padded to."""
+    buckets = np.array(token_bucket_sizes(max_num_batched_tokens))
+    return buckets[np.searchsorted(buckets, steps[:, 0])]
+
+
 def step_costs(steps: np.ndarray, max_num_batched_tokens: int, matmul_tflops: float,
                weight_tbps: float, attention_tbps: float, step_overhead_ms: float) -> dict[str, np.ndarray]:
     """The cost model's seconds per step, by part, for `steps` [S, 3] of `step_shape`s:
     matmul, attention, overhead, total; and compute_bound (whether FLOPs, not the weights'
     bytes, bound the matmuls)."""
-    buckets = np.array(token_bucket_sizes(max_num_batched_tokens))
-    padded = buckets[np.searchsorted(buckets, steps[:, 0])]
+    padded = padded_tokens(steps, max_num_batched_tokens)
     weight_bound = WEIGHT_BYTES / (weight_tbps * 1e12)
     compute = padded * FLOP_PER_TOKEN / (matmul_tflops * 1e12)
     matmul = np.maximum(weight_bound, compute)

@@ -31,11 +31,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from benchmarks import device_profile
-from benchmarks.schedule_model import add_cost_args, step_costs, step_shape
+from benchmarks.schedule_model import add_cost_args, padded_tokens, step_costs, step_shape
 from pjllm.bench import throughput
 from pjllm.engine.engine import LLMEngine
 from pjllm.engine.scheduler import Scheduler
-from pjllm.runner.model_runner import ModelRunner, token_bucket_sizes
+from pjllm.runner.model_runner import ModelRunner
 
 HOST_PACED_WAIT_S = 2e-4
 
@@ -53,32 +53,33 @@ class StepRecorder:
         self._calls = 0
         self._trace_steps, self._trace_dir = trace_steps, trace_dir
         self._trace = contextlib.ExitStack()
-        self._patch(Scheduler, "schedule", self._after_schedule)
-        self._patch(ModelRunner, "fetch", None, timed=True)
-        self._patch(LLMEngine, "step_requests", None, around_step=True)
+        self._wrap(Scheduler, "schedule", after=self._after_schedule)
+        self._wrap(ModelRunner, "fetch", after=self._after_fetch)
+        self._wrap(LLMEngine, "step_requests", before=self._before_step)
 
-    def _patch(self, owner, name, after, timed: bool = False, around_step: bool = False) -> None:
+    def _wrap(self, owner, name, before=None, after=None) -> None:
+        """Replaces owner.name with a call that, while recording, runs `before()` first and
+        `after(result, start)` afterwards (start: perf_counter before the call)."""
         method = getattr(owner, name)
-        recorder = self
 
         @functools.wraps(method)
-        def patched(*args, **kwargs):
-            if around_step and recorder._on:
-                recorder._before_step()
+        def wrapped(*args, **kwargs):
+            if self._on and before is not None:
+                before()
             start = time.perf_counter()
             result = method(*args, **kwargs)
-            if recorder._on:
-                if timed:
-                    recorder.done.append(time.perf_counter())
-                    recorder.waits.append(recorder.done[-1] - start)
-                if after is not None:
-                    after(result)
+            if self._on and after is not None:
+                after(result, start)
             return result
-        setattr(owner, name, patched)
+        setattr(owner, name, wrapped)
 
-    def _after_schedule(self, step) -> None:
+    def _after_schedule(self, step, start: float) -> None:
         if step.scheduled:  # only a step with work is launched (and fetched)
             self.shapes.append(step_shape(step))
+
+    def _after_fetch(self, result, start: float) -> None:
+        self.done.append(time.perf_counter())
+        self.waits.append(self.done[-1] - start)
 
     def _before_step(self) -> None:
         if self._trace_steps is None:
@@ -107,8 +108,7 @@ def bucket_table(shapes: np.ndarray, done: np.ndarray, waits: np.ndarray, start:
     the model's seconds. `shapes` [S, 3] (step_shape), `done` [S] outputs-on-host times from
     perf_counter, `waits` [S], `start` the run's start, `modelled` [S] model seconds."""
     periods = np.diff(np.concatenate([[start], done]))
-    buckets = np.array(token_bucket_sizes(max_num_batched_tokens))
-    padded = buckets[np.searchsorted(buckets, shapes[:, 0])]
+    padded = padded_tokens(shapes, max_num_batched_tokens)
     rows = []
     for size in np.unique(padded):
         mask = padded == size
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     record = throughput.measure(args, timed_run=recorder.recording)
     throughput.print_results([record])
     shapes = np.array(recorder.shapes, np.float64).reshape(-1, 3)[:len(recorder.done)]
-    budget = record["settings"].get("max_num_batched_tokens") or args.max_num_batched_tokens
+    budget = record["settings"]["max_num_batched_tokens"]
     costs = step_costs(shapes, budget, args.matmul_tflops, args.weight_tbps, args.attention_tbps,
                        args.step_overhead_ms)
     rows = bucket_table(shapes, np.array(recorder.done), np.array(recorder.waits), recorder.start,

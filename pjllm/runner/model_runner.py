@@ -36,10 +36,9 @@ from pjllm.runner.sampler import (BISECT_THRESHOLDS, DEFAULT_BISECT_THRESHOLDS, 
                                   SamplerFlags, SamplerOutput, SamplingMetadata, TokenLogprobs,
                                   few_searched_rows)
 from pjllm.runner.packing import abstract_buffers, layout_of, pack
-from pjllm.runner.step import (STEP_COMPILER_OPTIONS, TRITON_GEMM_MAX_TOKENS, StepInput, StepVariant,
-                               dummy_batch, forward_compiler_options, forward_from_buffers,
-                               matmul_precision, run_prompt_logprobs, sampler_from_buffer,
-                               write_block_table)
+from pjllm.runner.step import (STEP_COMPILER_OPTIONS, StepInput, StepVariant, dummy_batch,
+                               forward_compiler_options, forward_from_buffers, matmul_precision,
+                               run_prompt_logprobs, sampler_from_buffer, write_block_table)
 from pjllm.scheduler_output import SchedulerOutput
 from pjllm.sharding import kv_cache_sharding, replicated
 
@@ -244,7 +243,9 @@ class ModelRunner:
                 bisect_thresholds=self.bisect_thresholds, attention_kernels=attention.kernels,
                 mesh=(attention.mesh, None if attention.mesh is None
                       else [d.id for d in attention.mesh.devices.flat]),
-                compiler_options=STEP_COMPILER_OPTIONS, triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS)
+                compiler_options=STEP_COMPILER_OPTIONS,
+                forward_compiler_options={size: forward_compiler_options(size)
+                                          for size in self.token_buckets})
             store = ExecutableStore(executable_store_dir,
                                     {**(store_context or {}), "runner": captured},
                                     signature=signature, describe=_describe_program)
