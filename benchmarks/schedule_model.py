@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from pjllm.bench.datasets import make_workload
+from pjllm.bench.datasets import BenchRequest, make_workload
 from pjllm.engine.kv_cache_manager import KVCacheManager
 from pjllm.engine.scheduler import Scheduler
 from pjllm.engine.sequence import Request, Sequence
@@ -64,14 +64,16 @@ def add_cost_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-overhead-ms", type=float, default=1.1)
 
 
-def replay(prompt_lens, output_lens, max_num_seqs: int, budget: int, num_pages: int,
+def replay(requests: list[BenchRequest], max_num_seqs: int, budget: int, num_pages: int,
            page_size: int) -> np.ndarray:
-    """Runs pjllm's own Scheduler (and page allocator) over the workload as the engine loop
-    would, without a model. Per step: (scheduled tokens, running sequences, KV tokens read by
-    decodes)."""
+    """Runs pjllm's own Scheduler (and page allocator, prefix cache included) over the workload
+    as the engine loop would, without a model. The prompts are the workload's own token ids, so
+    the prefix cache hits only where the engine's would. Per step: (scheduled tokens, running
+    sequences, KV tokens read by decodes)."""
     scheduler = Scheduler(KVCacheManager(num_pages, page_size), max_num_seqs, budget)
-    for seq_id, (prompt_len, output_len) in enumerate(zip(prompt_lens, output_lens)):
-        prompt = [0] * prompt_len
+    for seq_id, bench_request in enumerate(requests):
+        prompt, prompt_len = list(bench_request.prompt_token_ids), bench_request.prompt_len
+        output_len = bench_request.output_len
         request = Request(str(seq_id), None, prompt, SamplingParams(max_tokens=output_len), ())
         request.seqs.append(Sequence(seq_id, request, 0, 0, list(prompt), prompt_len,
                                      prompt_len + output_len))
@@ -110,7 +112,7 @@ def main() -> None:
     workload = make_workload(args.dataset, 128256, seed=args.seed)
     prompts = [r.prompt_len for r in workload.requests]
     outputs = [r.output_len for r in workload.requests]
-    steps = replay(prompts, outputs, args.max_num_seqs, args.max_num_batched_tokens, args.num_pages,
+    steps = replay(workload.requests, args.max_num_seqs, args.max_num_batched_tokens, args.num_pages,
                    args.page_size)
     costs = step_costs(steps, args.max_num_batched_tokens, args.matmul_tflops, args.weight_tbps,
                        args.attention_tbps, args.step_overhead_ms)

@@ -33,8 +33,10 @@ import numpy as np
 from benchmarks import device_profile
 from benchmarks.schedule_model import add_cost_args, padded_tokens, step_costs, step_shape
 from pjllm.bench import throughput
+from pjllm.bench.report import write_json
 from pjllm.engine.engine import LLMEngine
 from pjllm.engine.scheduler import Scheduler
+from pjllm.runner import step as runner_step
 from pjllm.runner.model_runner import ModelRunner
 
 HOST_PACED_WAIT_S = 2e-4
@@ -127,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     add_cost_args(options)
     options.add_argument("--trace-steps", default=None, help="A:B, steps of the timed run to trace")
     options.add_argument("--trace-dir", default="/tmp/pjllm-step-trace")
+    options.add_argument("--triton-gemm-max-tokens", type=int, default=None,
+                         help="A/B: Triton GEMMs in forwards of at most this many tokens "
+                              f"(the engine's: {runner_step.TRITON_GEMM_MAX_TOKENS})")
     args = parser.parse_args(["throughput", *(sys.argv[1:] if argv is None else argv)])
     window = tuple(int(x) for x in args.trace_steps.split(":")) if args.trace_steps else None
+    if args.triton_gemm_max_tokens is not None:
+        runner_step.TRITON_GEMM_MAX_TOKENS = args.triton_gemm_max_tokens
     recorder = StepRecorder(window, args.trace_dir)
     record = throughput.measure(args, timed_run=recorder.recording)
     throughput.print_results([record])
@@ -147,11 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'all':>7s} {len(shapes):6d} {sum(r['period_s'] for r in rows):9.2f} "
           f"{sum(r['wait_s'] for r in rows):9.2f} {sum(r['host_paced'] for r in rows):10d} "
           f"{sum(r['model_s'] for r in rows):8.2f}")
+    write_json(args.output_json, {
+        "benchmark": "step_times", "results": [record], "buckets": rows,
+        "steps": {"shapes": shapes.tolist(), "done": (np.array(recorder.done) - recorder.start).tolist(),
+                  "waits": recorder.waits, "model_s": costs["total"].tolist()}})
     if window is not None:
-        busy = device_profile.by_kind(device_profile.kernel_times(args.trace_dir))
+        times = device_profile.kernel_times(args.trace_dir)
+        busy = device_profile.by_kind(times)
         steps = window[1] - window[0]
         print(f"steps {window[0]}-{window[1] - 1}: GPU busy {busy['total'] * 1e3 / steps:.2f} ms per step: "
               + ", ".join(f"{kind} {busy[kind] * 1e3 / steps:.2f}" for kind in device_profile.KINDS))
+        print("\n".join(device_profile.top_kernels(times, 30, per=steps)))
     return 0
 
 

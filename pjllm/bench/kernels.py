@@ -14,6 +14,8 @@ Implementations on the same inputs:
   cudnn        jax.nn.dot_product_attention(implementation="cudnn") on the equivalent dense causal
                shapes (prefill only; at a cached offset the bottom-right causal mask is a bias);
                on CPU it runs implementation="xla" instead.
+  mosaic_dense jax's bundled Hopper flash attention in Mosaic GPU (attention_mgpu) on the same dense
+               shapes (prefill at offset 0, GPU only): what Mosaic GPU reaches before paging.
 
 Timing: one jitted executable runs a chain of calls (each output is the next call's q, so XLA can
 neither merge nor reorder them) in a fori_loop, rotating through enough copies of the KV pages that
@@ -52,7 +54,7 @@ from pjllm.bench.report import environment, format_table, jax_device_info, write
 if TYPE_CHECKING:
     from pjllm.kernels.paged_attention import BlockConfig
 
-IMPLS = ("pallas", "reference", "jax_bundled", "cudnn")
+IMPLS = ("pallas", "reference", "jax_bundled", "cudnn", "mosaic_dense")
 # (the timed executable, its arguments, calls per execution) -> extra record fields, such as the
 # device time per call that benchmarks/device_profile.py reads from a profiler trace.
 DeviceTimer = Callable[[Callable, tuple, int], dict[str, Any]]
@@ -296,6 +298,25 @@ def _bundled_fn(case: Case, inputs: Inputs, interpret: bool) -> tuple[Callable, 
     return fn, qs, kv_sets
 
 
+def _dense_inputs(case: Case, inputs: Inputs) -> tuple[list, list]:
+    """The one real sequence of a prefill case as dense arrays: q per call [1, T, Hq, D] and
+    (k, v) sets, each [1, S, Hkv, D] (S = the context, offset + T)."""
+    import jax
+    import jax.numpy as jnp
+
+    if case.kind != "prefill" or len(case.q_lens) != 1 or case.sliding_window:
+        raise NotImplementedError("prefill of one sequence without a sliding window only")
+    q_len, ctx = case.q_lens[0], case.ctx_lens[0]
+    pages = inputs.metadata.block_tables[0, : -(-ctx // case.page_size)]
+
+    def dense_kv(kv):                                         # [2, Hkv, P, ps, D] -> 2 x [1, S, Hkv, D]
+        ctx_kv = kv[:, :, pages].reshape(2, case.num_kv_heads, -1, case.head_dim)[:, :, :ctx]
+        ctx_kv = jnp.transpose(ctx_kv, (0, 2, 1, 3))[:, None]
+        return ctx_kv[0], ctx_kv[1]
+
+    return [q[None, :q_len] for q in inputs.qs], [jax.jit(dense_kv)(kv) for kv in inputs.kvs]
+
+
 def _cudnn_fn(case: Case, inputs: Inputs, on_gpu: bool) -> tuple[Callable, list, list, str]:
     """jax.nn.dot_product_attention on the dense [1, S, H, D] equivalent of the one real sequence.
 
@@ -303,19 +324,8 @@ def _cudnn_fn(case: Case, inputs: Inputs, on_gpu: bool) -> tuple[Callable, list,
     import jax
     import jax.numpy as jnp
 
-    if case.kind != "prefill" or len(case.q_lens) != 1 or case.sliding_window:
-        raise NotImplementedError("prefill of one sequence without a sliding window only")
-    md = inputs.metadata
+    qs, kv_sets = _dense_inputs(case, inputs)
     q_len, ctx = case.q_lens[0], case.ctx_lens[0]
-    pages = md.block_tables[0, : -(-ctx // case.page_size)]
-
-    def dense_kv(kv):                                         # [2, Hkv, P, ps, D] -> 2 x [1, S, Hkv, D]
-        ctx_kv = kv[:, :, pages].reshape(2, case.num_kv_heads, -1, case.head_dim)[:, :, :ctx]
-        ctx_kv = jnp.transpose(ctx_kv, (0, 2, 1, 3))[:, None]
-        return ctx_kv[0], ctx_kv[1]
-
-    kv_sets = [jax.jit(dense_kv)(kv) for kv in inputs.kvs]
-    qs = [q[None, :q_len] for q in inputs.qs]
     implementation = "cudnn" if on_gpu else "xla"
     offset = ctx - q_len
     scale = inputs.sm_scale
@@ -330,6 +340,36 @@ def _cudnn_fn(case: Case, inputs: Inputs, on_gpu: bool) -> tuple[Callable, list,
         return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
                                             is_causal=offset == 0, implementation=implementation)
     return fn, qs, kv_sets, implementation + (" (bias mask)" if bias is not None else "")
+
+
+def _mosaic_dense_fn(case: Case, inputs: Inputs, on_gpu: bool) -> tuple[Callable, list, list, str]:
+    """jax's bundled Hopper flash attention in Mosaic GPU (jax.experimental.pallas.ops.gpu.
+    attention_mgpu: wgmma, TMA, two compute warpgroups) on the dense causal equivalent: what a
+    Mosaic GPU kernel reaches on this GPU before paging. Prefill at offset 0 on a GPU only.
+
+    Returns (fn(q_dense, (k, v)), dense q per call (pre-scaled: the kernel does not scale), dense
+    (k, v) sets, implementation with its KV block)."""
+    if not on_gpu or case.ctx_lens[0] != case.q_lens[0]:
+        raise NotImplementedError("a GPU and a prefill at offset 0 only")
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    qs, kv_sets = _dense_inputs(case, inputs)
+    qs = [(q.astype(jnp.float32) * inputs.sm_scale).astype(q.dtype) for q in qs]
+    for block_kv in (256, 128, 64):  # the largest KV block that fits in shared memory
+        config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2,
+                                             causal=True)
+        try:
+            attention_mgpu.attention(qs[0], *kv_sets[0], config=config).block_until_ready()
+        except ValueError as exc:
+            if "shared memory" not in str(exc):
+                raise
+            continue
+
+        def fn(q, kv, config=config):
+            return attention_mgpu.attention(q, *kv, config=config)
+        return fn, qs, kv_sets, f"mosaic_gpu block_kv={block_kv}"
+    raise ValueError("no KV block fits in shared memory")
 
 
 # ----------------------------------------------------------------------------- timing
@@ -459,8 +499,9 @@ def measure_case(case: Case, impls: list[str], args: argparse.Namespace, *, on_g
                 fn = _reference_fn(case, inputs, interpret)
             elif impl == "jax_bundled":
                 fn, qs, kvs = _bundled_fn(case, inputs, interpret)
-            elif impl == "cudnn":
-                fn, qs, kvs, rec["implementation"] = _cudnn_fn(case, inputs, on_gpu)
+            elif impl in ("cudnn", "mosaic_dense"):
+                make = _cudnn_fn if impl == "cudnn" else _mosaic_dense_fn
+                fn, qs, kvs, rec["implementation"] = make(case, inputs, on_gpu)
                 yardstick = want[None, :real]
             else:
                 raise ValueError(f"unknown implementation {impl!r}")
@@ -468,7 +509,7 @@ def measure_case(case: Case, impls: list[str], args: argparse.Namespace, *, on_g
                                 seconds=args.time_per_measurement, **timing_options(args, on_gpu),
                                 device_timer=device_timer)
             out = timing.pop("first_out")
-            if impl != "cudnn":
+            if impl not in ("cudnn", "mosaic_dense"):
                 out = np.asarray(out.astype(jnp.float32))[:real]
                 yardstick = yardstick[:real]
             rec.update(output_errors(np.asarray(out, np.float32), yardstick))
