@@ -71,12 +71,11 @@ def replay(requests: list[BenchRequest], max_num_seqs: int, budget: int, num_pag
     the prefix cache hits only where the engine's would. Per step: (scheduled tokens, running
     sequences, KV tokens read by decodes)."""
     scheduler = Scheduler(KVCacheManager(num_pages, page_size), max_num_seqs, budget)
-    for seq_id, bench_request in enumerate(requests):
-        prompt, prompt_len = list(bench_request.prompt_token_ids), bench_request.prompt_len
-        output_len = bench_request.output_len
-        request = Request(str(seq_id), None, prompt, SamplingParams(max_tokens=output_len), ())
-        request.seqs.append(Sequence(seq_id, request, 0, 0, list(prompt), prompt_len,
-                                     prompt_len + output_len))
+    for seq_id, bench in enumerate(requests):
+        prompt = list(bench.prompt_token_ids)
+        request = Request(str(seq_id), None, prompt, SamplingParams(max_tokens=bench.output_len), ())
+        request.seqs.append(Sequence(seq_id, request, 0, 0, list(prompt), bench.prompt_len,
+                                     bench.prompt_len + bench.output_len))
         scheduler.add(request.seqs[0])
     steps = []
     while scheduler.has_unfinished():
