@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = record["settings"]["max_num_batched_tokens"]
     costs = step_costs(shapes, budget, args.matmul_tflops, args.weight_tbps, args.attention_tbps,
                        args.step_overhead_ms)
-    rows = bucket_table(shapes, np.array(recorder.done), np.array(recorder.waits), recorder.start,
-                        costs["total"], budget)
+    done = np.array(recorder.done)
+    rows = bucket_table(shapes, done, np.array(recorder.waits), recorder.start, costs["total"],
+                        budget)
     print(f"{'bucket':>7s} {'steps':>6s} {'period s':>9s} {'waited s':>9s} {'host-paced':>10s} "
           f"{'model s':>8s} {'ms/step':>8s} {'model ms':>9s}")
     for row in rows:
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(r['model_s'] for r in rows):8.2f}")
     write_json(args.output_json, {
         "benchmark": "step_times", "results": [record], "buckets": rows,
-        "steps": {"shapes": shapes.tolist(), "done": (np.array(recorder.done) - recorder.start).tolist(),
+        "steps": {"shapes": shapes.tolist(), "done": (done - recorder.start).tolist(),
                   "waits": recorder.waits, "model_s": costs["total"].tolist()}})
     if window is not None:
         times = device_profile.kernel_times(args.trace_dir)
