@@ -10,7 +10,11 @@ Hopper kernel (TMA, swizzled shared memory, wgmma) before a GPU is at hand.
 
 Found (2026-12-02): minimal passes exactly. fa3 fails with "Cannot lower jaxpr with effects:
 {IOEffect, _WGMMAPipelineEffect, MemoryEffect}", so a kernel built like it cannot be tested on CPU
-as it is; one built from the constructs of 1 can.
+as it is; one built from the constructs of 1 can (pjllm/kernels/hopper_prefill.py is). Also found
+building that kernel: the interpreter's wgmma takes its left operand from shared memory only (a
+register operand fails), and an accumulator initialised from a value (`ACC.init`) fails; the
+GPU lowering itself runs on CPU (`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`),
+which catches Mosaic GPU's layout-inference errors before a GPU is at hand.
 """
 
 from __future__ import annotations

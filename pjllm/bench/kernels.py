@@ -8,6 +8,8 @@ Cases (Llama-3-8B attention: Hq 32, Hkv 8, head_dim 128, page 16, bf16):
           seven padding sequences, as the engine pads).
 Implementations on the same inputs (all but pallas built in pjllm/bench/kernel_baselines.py):
   pallas       pjllm.kernels.paged_attention (tiles from its tuning table)
+  hopper       pjllm.kernels.hopper_prefill, the Mosaic GPU prefill kernel (the cases it supports:
+               prefill and mixed steps; interpret mode on CPU)
   reference    pjllm.kernels.reference.paged_attention_reference (pure XLA: page gathers in a loop)
   jax_bundled  jax.experimental.pallas.ops.gpu.paged_attention (decode only; its defaults, K and V
                pages as two arrays and block tables padded to a power of 2 of pages, as it needs)
@@ -55,7 +57,7 @@ from pjllm.bench.report import environment, format_table, jax_device_info, write
 if TYPE_CHECKING:
     from pjllm.kernels.paged_attention import BlockConfig
 
-IMPLS = ("pallas", "reference", "jax_bundled", "cudnn", "mosaic_dense")
+IMPLS = ("pallas", "hopper", "reference", "jax_bundled", "cudnn", "mosaic_dense")
 # (the timed executable, its arguments, calls per execution) -> extra record fields, such as the
 # device time per call that benchmarks/device_profile.py reads from a profiler trace.
 DeviceTimer = Callable[[Callable, tuple, int], dict[str, Any]]
@@ -264,6 +266,23 @@ def pallas_fn(case: Case, inputs: Inputs, interpret: bool, config: BlockConfig |
                                                           sliding_window=window)
 
 
+def hopper_fn(case: Case, inputs: Inputs, interpret: bool) -> Callable:
+    """The Mosaic GPU prefill kernel on the case's metadata, as fn(q, kv); NotImplementedError
+    for cases it does not run (decodes, which stay on the Triton decode kernel, and the shapes
+    `hopper_prefill.supports` rejects)."""
+    from pjllm.kernels import hopper_prefill
+
+    q, kv = inputs.qs[0], inputs.kvs[0]
+    if case.kind == "decode" or not hopper_prefill.supports(
+            q, kv, sliding_window=inputs.sliding_window, alibi=False):
+        raise NotImplementedError(case.name)
+    if not interpret and not hopper_prefill.on_hopper():
+        raise NotImplementedError("needs a Hopper GPU")
+    md, scale = inputs.metadata, inputs.sm_scale
+    return lambda q, kv: hopper_prefill.prefill_attention(q, kv, md, sm_scale=scale,
+                                                          interpret=interpret)
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -387,6 +406,8 @@ def measure_case(case: Case, impls: list[str], args: argparse.Namespace, *, on_g
                 fn = pallas_fn(case, inputs, interpret)
                 rec["config"] = dataclasses.asdict(launch_config(case))
                 rec["kernel"] = pallas_attention.kernel_mode(case.num_tokens, case.num_seqs)
+            elif impl == "hopper":
+                fn = hopper_fn(case, inputs, interpret)
             elif impl == "reference":
                 fn = baselines.reference_fn(case, inputs, interpret)
             elif impl == "jax_bundled":

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from pjllm.kernels import hopper_prefill as _hopper
 from pjllm.kernels import paged_attention as _pallas
 from pjllm.kernels import reference as _reference
 from pjllm.kernels.attention_metadata import AttentionMetadata
@@ -111,6 +112,17 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def _runs_on_hopper_kernel(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata,
+                           sliding_window: int | None, alibi_slopes: jax.Array | None) -> bool:
+    """Whether a batch goes to the Mosaic GPU prefill kernel (hopper_prefill.py): on a Hopper
+    GPU, for the batches the Triton kernels would give their ragged (prefill) kernel, when it
+    supports their shapes and features. Decode batches stay on the Triton decode kernel."""
+    num_seqs = metadata.block_tables.shape[0]
+    return (_hopper.on_hopper() and _pallas.kernel_mode(q.shape[0], num_seqs) == "prefill"
+            and _hopper.supports(q, kv_pages, sliding_window=sliding_window,
+                                 alibi=alibi_slopes is not None))
+
+
 def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
                     sm_scale: float, backend: str = "auto",
                     sliding_window: int | None = None,
@@ -120,6 +132,8 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     q: [T, Hq, D]; kv_pages: [2, Hkv, P, page_size, D] (this step's K/V already written);
     metadata: AttentionMetadata. Returns [T, Hq, D] in q.dtype; padding tokens give zeros.
     backend: "reference" (pure jnp), "pallas" (interpret mode automatically on CPU), or "auto".
+    "pallas" runs the Triton kernels, and on a Hopper GPU the Mosaic GPU prefill kernel for the
+    prefill batches it supports (16-bit, head_dim a multiple of 64, no window or ALiBi).
     sliding_window: each token attends to itself and the sliding_window - 1 keys before it (a
     layer's local attention); pages wholly before every token's window are not read.
     alibi_slopes: f32[Hq] (ALiBi): each score gets slope * (key position - query position).
@@ -139,6 +153,9 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
         options = dict(sm_scale=sm_scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes)
         if backend == "reference":
             return _reference.paged_attention_reference(q, kv_pages, metadata, **options)
+        if not interpret and _runs_on_hopper_kernel(q, kv_pages, metadata, sliding_window,
+                                                    alibi_slopes):
+            return _hopper.prefill_attention(q, kv_pages, metadata, sm_scale=sm_scale)
         return _pallas.paged_attention(q, kv_pages, metadata, interpret=interpret, **options)
     suffix = metadata.after_common_prefix(kv_pages.shape[3])
     prefix_args = (q, kv_pages, metadata.block_tables[0], metadata.common_prefix_len,
