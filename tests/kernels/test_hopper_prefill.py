@@ -67,6 +67,11 @@ def test_work_items_cover_each_token_once(data, num_tokens):
         first_pos = md.seq_lens[seq] - (qsl[seq + 1] - qsl[seq]) + tokens[0] - qsl[seq]
         assert pos == first_pos and keys == first_pos + len(tokens)
     np.testing.assert_array_equal(covered, 1)
+    # The items with rows first, latest tokens (most keys) first; the row-less ones last.
+    has_rows = items[3] > items[2]
+    assert has_rows.all() or not has_rows[np.argmin(has_rows):].any()
+    first_tokens = (items[1] * BLOCK_Q + items[2])[has_rows]
+    assert (np.diff(first_tokens) < 0).all()
 
 
 # (page_size, Hq, Hkv, head_dim, dtype, num_stages): groups of 4 and 8 (a decode's heads packed
