@@ -148,3 +148,27 @@ def test_supports():
     assert not hopper_prefill.supports(q(), kv(page_size=128), **plain)
     assert not hopper_prefill.supports(q(), kv(), sliding_window=64, alibi=False)
     assert not hopper_prefill.supports(q(), kv(), sliding_window=None, alibi=True)
+
+
+def test_ops_dispatch(monkeypatch):
+    """On a Hopper GPU, ops.paged_attention gives this kernel the prefill-mode batches it
+    supports, and leaves decode buckets, float32, windows and ALiBi to the Triton kernels."""
+    from pjllm.kernels import ops
+
+    monkeypatch.setattr(hopper_prefill, "on_hopper", lambda: True)
+
+    def runs(num_tokens=2048, num_seqs=256, dtype=jnp.bfloat16, window=None, alibi=None):
+        q = jax.ShapeDtypeStruct((num_tokens, 8, 128), dtype)
+        kv = jax.ShapeDtypeStruct((2, 2, 10, 16, 128), dtype)
+        md = jax.tree.map(jnp.asarray, _metadata([num_tokens], [num_tokens], page_size=16,
+                                                 num_tokens=num_tokens, num_seqs=num_seqs,
+                                                 width=num_tokens // 16))
+        return ops._runs_on_hopper_kernel(q, kv, md, window, alibi)
+
+    assert runs()
+    assert not runs(num_tokens=256, num_seqs=256)        # the decode kernel's bucket
+    assert not runs(dtype=jnp.float32)
+    assert not runs(window=128)
+    assert not runs(alibi=jnp.ones((8,), jnp.float32))
+    monkeypatch.setattr(hopper_prefill, "on_hopper", lambda: False)
+    assert not runs()
