@@ -46,7 +46,8 @@ NUM_STAGES = 2  # K/V blocks in flight
 def on_hopper() -> bool:
     """Whether the default device is a Hopper GPU (compute capability 9.x), where wgmma exists."""
     device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and capability.startswith("9")
 
 
 def supports(q: jax.Array, kv_pages: jax.Array, *, sliding_window: int | None,
@@ -107,7 +108,8 @@ def _packed_heads(num_q_heads: int, group: int) -> int:
     8-row shared-memory tiles holding whole groups, so its start is provably tile-aligned.
     0 where that cannot be (groups of 1, or sizes that straddle tiles): one head per program."""
     rows = max(8, group)
-    if group == 1 or rows % group or group % 8 and group > 8 or num_q_heads % rows or rows > BLOCK_Q:
+    whole_groups = rows % group == 0 and (group <= 8 or group % 8 == 0)
+    if group == 1 or not whole_groups or num_q_heads % rows or rows > BLOCK_Q:
         return 0
     return rows
 
