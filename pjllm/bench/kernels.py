@@ -5,11 +5,13 @@ Cases (Llama-3-8B attention: Hq 32, Hkv 8, head_dim 128, page 16, bf16):
           B64 at ctx4096 with a 1024-token sliding window, beside B64 at ctx1024 and ctx4096
           without one: a windowed decode that reads only its window takes ctx1024's time;
   prefill one chunk of 512 or 2048 tokens at offset 0 and at a cached offset (T = chunk, N = 8,
-          seven padding sequences, as the engine pads).
+          seven padding sequences); and "N..." cases: one prompt of 512, 1024 or 2048 tokens,
+          and a mixed step of 255 decodes and a 288-token chunk, as the engine pads them (N =
+          min(T, max_num_seqs = 1024): up to 1024 tokens the Triton kernels take decode tiles).
 Implementations on the same inputs (all but pallas built in pjllm/bench/kernel_baselines.py):
   pallas       pjllm.kernels.paged_attention (tiles from its tuning table)
   hopper       pjllm.kernels.hopper_prefill, the Mosaic GPU prefill kernel (the cases it supports:
-               prefill and mixed steps; interpret mode on CPU)
+               T whole 64-token tiles, decodes included for comparison; interpret mode on CPU)
   reference    pjllm.kernels.reference.paged_attention_reference (pure XLA: page gathers in a loop)
   jax_bundled  jax.experimental.pallas.ops.gpu.paged_attention (decode only; its defaults, K and V
                pages as two arrays and block tables padded to a power of 2 of pages, as it needs)
@@ -126,14 +128,15 @@ def _decode(b: int, ctx: int, **kw) -> Case:
     return Case(f"decode B{b} ctx{ctx}{window}", "decode", (1,) * b, (ctx,) * b, b, b, **kw)
 
 
-def _prefill(chunk: int, offset: int, num_seqs: int = 8, **kw) -> Case:
-    return Case(f"prefill {chunk} @{offset}", "prefill", (chunk,), (offset + chunk,), chunk,
+def _prefill(chunk: int, offset: int, num_seqs: int = 8, label: str = "", **kw) -> Case:
+    return Case(f"prefill {chunk} @{offset}{label}", "prefill", (chunk,), (offset + chunk,), chunk,
                 num_seqs, **kw)
 
 
-def _mixed(num_decodes: int, ctx: int, chunk: int, num_tokens: int, num_seqs: int) -> Case:
+def _mixed(num_decodes: int, ctx: int, chunk: int, num_tokens: int, num_seqs: int,
+           label: str = "") -> Case:
     """A chunked-prefill step: num_decodes decodes at context ctx, then one fresh prompt chunk."""
-    return Case(f"mixed {num_decodes}x1 ctx{ctx} + {chunk}", "mixed", (1,) * num_decodes + (chunk,),
+    return Case(f"mixed {num_decodes}x1 ctx{ctx} + {chunk}{label}", "mixed", (1,) * num_decodes + (chunk,),
                 (ctx,) * num_decodes + (chunk,), num_tokens, num_seqs)
 
 
@@ -142,6 +145,10 @@ FULL_CASES = [
     _prefill(512, 0), _prefill(512, 1536), _prefill(2048, 0), _prefill(2048, 2048),
     # The engine's steady chunked-prefill step at 256 sequences, and its two halves alone.
     _mixed(255, 512, 288, 640, 256), _decode(255, 512), _prefill(288, 0),
+    # As the engine pads them: N = T up to max_num_seqs (1,024 by default), so the Triton
+    # kernels take their decode tiles; past it, N = 1,024.
+    _prefill(512, 0, num_seqs=512, label=" N512"), _prefill(1024, 0, num_seqs=1024, label=" N1024"),
+    _prefill(2048, 0, num_seqs=1024, label=" N1024"), _mixed(255, 512, 288, 640, 640, " N640"),
     # A sliding-window decode at four times its window, and the unwindowed decodes of the window's
     # length and of the whole context.
     _decode(64, 4096, sliding_window=1024), _decode(64, 1024), _decode(64, 4096),
@@ -268,12 +275,12 @@ def pallas_fn(case: Case, inputs: Inputs, interpret: bool, config: BlockConfig |
 
 def hopper_fn(case: Case, inputs: Inputs, interpret: bool) -> Callable:
     """The Mosaic GPU prefill kernel on the case's metadata, as fn(q, kv); NotImplementedError
-    for cases it does not run (decodes, which stay on the Triton decode kernel, and the shapes
-    `hopper_prefill.supports` rejects)."""
+    for the shapes `hopper_prefill.supports` rejects. (It runs decode cases of whole 64-token
+    tiles too, for comparison; the engine sends decode buckets to the Triton decode kernel.)"""
     from pjllm.kernels import hopper_prefill
 
     q, kv = inputs.qs[0], inputs.kvs[0]
-    if case.kind == "decode" or not hopper_prefill.supports(
+    if not hopper_prefill.supports(
             q, kv, sliding_window=inputs.sliding_window, alibi=False):
         raise NotImplementedError(case.name)
     if not interpret and not hopper_prefill.on_hopper():

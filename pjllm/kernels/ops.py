@@ -116,7 +116,7 @@ def _runs_on_hopper_kernel(q: jax.Array, kv_pages: jax.Array, metadata: Attentio
                            sliding_window: int | None, alibi_slopes: jax.Array | None) -> bool:
     """Whether a batch goes to the Mosaic GPU prefill kernel (hopper_prefill.py): on a Hopper
     GPU, for the batches the Triton kernels would give their ragged (prefill) kernel, when it
-    supports their shapes and features. Decode batches stay on the Triton decode kernel."""
+    supports their shapes and features. Decode buckets stay on the Triton kernel."""
     num_seqs = metadata.block_tables.shape[0]
     return (_hopper.on_hopper() and _pallas.kernel_mode(q.shape[0], num_seqs) == "prefill"
             and _hopper.supports(q, kv_pages, sliding_window=sliding_window,

@@ -2,21 +2,23 @@
 
 One entry point, `paged_attention`, serves a flattened batch that mixes prefill chunks (many
 query tokens per sequence, possibly starting at a cached offset) and decodes (one query token per
-sequence). It picks one of two kernels by the shape of the batch:
+sequence). Its kernel runs one program per (work item, kv head, kv split), where a work
+item is a block of consecutive query tokens of one sequence (or of padding tokens); the work list
+is built in XLA from the metadata (a few tiny ops, shared by all layers of a step). The shape of
+the batch picks one of two modes (tiles and grid):
 
-- **decode kernel** (token bucket <= sequence bucket, or <= DECODE_MAX_TOKENS tokens): one program
-  per (sequence, kv head, kv split). It reads its sequence's query span straight from
-  `query_start_loc` / `seq_lens` (no work list is built in XLA) and walks the span in blocks of
-  `block_rows // G_pad` tokens, so a rare multi-token sequence in a decode bucket is still right.
-- **ragged kernel** (everything else): one program per (work item, kv head, kv split), where a
-  work item is a block of `block_q` consecutive query tokens of one sequence; the work list is
-  built in XLA from the metadata (a few tiny ops, shared by all layers of a step).
+- **decode** (token bucket <= sequence bucket, or <= DECODE_MAX_TOKENS tokens): small blocks
+  (`block_rows // G_pad` tokens: one decode each) and KV splits for long contexts, optionally a
+  persistent grid. Each item holds a token, so there are at most T items: one program per
+  decode, and a prefill chunk in a decode bucket spreads over as many programs as it has
+  blocks (a lone prompt padded to N = T runs on T / block_q programs per kv head, not one).
+- **ragged** (everything else): blocks of `block_q` tokens sized for prefill chunks.
 
-Both load the query rows of one kv head's GQA group -- rows are (token, head-in-group) pairs --
+Each program loads the query rows of one kv head's GQA group -- rows are (token, head-in-group) pairs --
 straight from q [T, Hq, D] (a row gather, no transposes in XLA), walk the sequence's keys
 `block_kv` at a time with an online softmax, so each K/V tile is loaded once for the whole GQA
-group, and scatter their rows straight into the [T, Hq, D] output. Query tokens past
-query_start_loc[N] (padding) are written as zeros by the kernels themselves, so no XLA op runs
+group, and scatters its rows straight into the [T, Hq, D] output. Query tokens past
+query_start_loc[N] (padding) are written as zeros by the kernel itself, so no XLA op runs
 before or after the pallas_call when kv_splits == 1. With kv_splits > 1 (flash-decoding) each
 split writes an unnormalised partial (acc, max, sum) and one small XLA fusion combines them.
 
@@ -66,31 +68,32 @@ def _next_pow2(x: int) -> int:
 
 
 def num_work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
-    """The ragged kernel's work items (its grid's first axis) for T tokens of N sequences cut into
-    blocks of block_q query tokens: floor((T + N * (block_q - 1)) / block_q) + 1.
+    """The work items (the kernel grid's first axis) for T tokens of N sequences cut into blocks
+    of block_q query tokens: min(floor((T + N * (block_q - 1)) / block_q) + 1, T).
 
     That leaves items for the padding tokens too: the real items number sum_i ceil(q_i / block_q)
     <= (Q + N * (block_q - 1)) / block_q for Q = query_start_loc[N], so the rest number more than
-    (T - Q) / block_q, hence at least ceil((T - Q) / block_q)."""
-    return (num_tokens + num_seqs * (block_q - 1)) // block_q + 1
+    (T - Q) / block_q, hence at least ceil((T - Q) / block_q). And each real item holds at least
+    one token, each padding item but the last block_q of them, so T items always suffice: the
+    tighter bound for small blocks in a bucket of many sequences (a decode bucket)."""
+    return min((num_tokens + num_seqs * (block_q - 1)) // block_q + 1, num_tokens)
 
 
-def _work_items(metadata: AttentionMetadata, num_tokens: int,
-                block_q: int) -> tuple[jax.Array, int]:
-    """Splits each sequence's query tokens into blocks of block_q tokens, for the ragged kernel.
+def _work_items(metadata: AttentionMetadata, num_tokens: int, block_q: int,
+                num_items: int) -> jax.Array:
+    """Splits each sequence's query tokens into blocks of block_q tokens, for the kernel.
 
-    Returns (items [5, I] int32, I) where the rows are: sequence id, first token, end token
-    (exclusive), absolute position of the first token, and the number of keys the block reads
-    (its last token's position + 1). Items past the real ones cover the padding tokens
+    Returns items [5, I] int32 (I = num_items) whose rows are: sequence id, first token, end
+    token (exclusive), absolute position of the first token, and the number of keys the block
+    reads (its last token's position + 1). Items past the real ones cover the padding tokens
     [query_start_loc[N], T) block_q at a time with 0 keys, so the kernel writes their zeros.
-    I = num_work_items(T, N, block_q).
+    num_items: num_work_items(T, N, block_q).
     """
     qsl = metadata.query_start_loc.astype(jnp.int32)
     n = qsl.shape[0] - 1
     q_lens = qsl[1:] - qsl[:-1]
     blocks = (q_lens + block_q - 1) // block_q
     ends = jnp.cumsum(blocks)
-    num_items = num_work_items(num_tokens, n, block_q)
     item = jnp.arange(num_items, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, item, side="right", method="compare_all")
                       .astype(jnp.int32), n - 1)          # one fusion, no loop
@@ -108,7 +111,7 @@ def _work_items(metadata: AttentionMetadata, num_tokens: int,
                        jnp.where(valid, end, pad_end),
                        jnp.where(valid, pos0, zero),
                        jnp.where(valid, pos0 + (end - first), zero)])
-    return items, num_items
+    return items
 
 
 def _head_cols(head_dim: int):
@@ -253,115 +256,56 @@ def _row_layout(head, *, num_q_heads: int, group: int, group_pad: int, block_row
     return tok_off, head * group + g, g < group
 
 
-def _decode_kernel(qsl_ref, lens_ref, tables_ref, slopes_ref, q_ref, kv_ref, *out_refs,
-                   sm_scale: float, num_q_heads: int, group: int, group_pad: int, page_size: int,
-                   block_rows: int, block_kv: int, num_splits: int, persistent: bool,
-                   window: int | None, alibi: bool):
-    # qsl_ref [N+1]; lens_ref [N]; tables_ref [N, W]; q_ref [T*Hq, D]; kv_ref [2, Hkv, P*ps, D].
-    # out_refs: (out [T*Hq, D],) or (acc [S, T*Hq, D], m [S, T*Hq], l [S, T*Hq]).
-    # A unit of work is (sequence, kv head, split). Grid (N, Hkv, S): one unit per program.
-    # persistent: grid (programs,), program p does units p, p + programs, ... (split fastest).
-    common = dict(qsl_ref=qsl_ref, lens_ref=lens_ref, tables_ref=tables_ref,
-                  slopes_ref=slopes_ref if alibi else None, q_ref=q_ref, kv_ref=kv_ref,
-                  out_refs=out_refs, sm_scale=sm_scale, num_q_heads=num_q_heads, group=group,
-                  group_pad=group_pad, page_size=page_size, block_rows=block_rows,
-                  block_kv=block_kv, num_splits=num_splits, window=window)
-    if not persistent:
-        split = pl.program_id(2) if num_splits > 1 else 0
-        _decode_unit(pl.program_id(0), pl.program_id(1), split, **common)
-        return
-    num_kv_heads = kv_ref.shape[1]
-    num_units = lens_ref.shape[0] * num_kv_heads * num_splits
-    pid = pl.program_id(0)
-    programs = pl.num_programs(0)
+def _item_unit(item, head, split, *, items_ref, tables_ref, slopes_ref, q_ref, kv_ref, out_refs,
+               sm_scale: float, num_q_heads: int, group: int, group_pad: int, page_size: int,
+               block_rows: int, block_kv: int, num_splits: int, window: int | None):
+    """Work item `item` (one block of query tokens of one sequence, or of padding tokens),
+    kv head `head`, KV split `split`."""
+    seq, first, end, pos0, n_keys = (items_ref[row, item] for row in range(5))
 
-    def unit(i, carry):
-        u = pid + i * programs
-        rest = u // num_splits
-        _decode_unit(rest // num_kv_heads, rest % num_kv_heads, u % num_splits, **common)
-        return carry
-
-    lax.fori_loop(0, (num_units - pid + programs - 1) // programs, unit, 0)
-
-
-def _decode_unit(seq, head, split, *, qsl_ref, lens_ref, tables_ref, slopes_ref, q_ref, kv_ref,
-                 out_refs, sm_scale: float, num_q_heads: int, group: int, group_pad: int,
-                 page_size: int, block_rows: int, block_kv: int, num_splits: int,
-                 window: int | None):
-    """Sequence `seq`, kv head `head`, KV split `split`: all its query tokens, then the zeros of
-    the padding tokens assigned to it."""
-    num_seqs = lens_ref.shape[0]
-    num_tokens = q_ref.shape[0] // num_q_heads
-    block_q = block_rows // group_pad
-    first = qsl_ref[seq]
-    end = qsl_ref[seq + 1]
-    kv_len = lens_ref[seq]
-    q_len = end - first
-    tok_off, q_head, head_ok = _row_layout(head, num_q_heads=num_q_heads, group=group,
-                                           group_pad=group_pad, block_rows=block_rows)
-    attend = functools.partial(_attend, kv_ref=kv_ref, tables_ref=tables_ref, seq=seq, head=head,
-                               sm_scale=sm_scale, page_size=page_size, block_kv=block_kv,
-                               window=window, row_slopes=_row_slopes(slopes_ref, q_head))
-
-    def q_block(b, carry):
-        tok = first + b * block_q + tok_off                                 # [BR]
+    # Items past the last token touch no memory: a bucket of N sequences lists about N of them
+    # whatever the step holds.
+    @pl.when(end > first)
+    def _():
+        tok_off, q_head, head_ok = _row_layout(head, num_q_heads=num_q_heads, group=group,
+                                               group_pad=group_pad, block_rows=block_rows)
+        tok = first + tok_off
         row_ok = (tok < end) & head_ok
         rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
         q = _load_rows(q_ref, (), rows)                                     # [BR, D_pad]
-        q_pos = kv_len - q_len + b * block_q + tok_off
-        first_pos = kv_len - q_len + b * block_q
-        last_pos = jnp.minimum(first_pos + block_q, kv_len) - 1
-        lo, hi = _key_blocks(first_pos, last_pos, split, block_kv=block_kv,
-                             num_splits=num_splits, window=window)
-        n_full = (first_pos + 1) // block_kv   # keys <= the first token's
-        m, l, acc = attend(q, q_pos, lo=lo, hi=hi, n_full=n_full, last_pos=last_pos)
+        lo, hi = _key_blocks(pos0, n_keys - 1, split, block_kv=block_kv, num_splits=num_splits,
+                             window=window)
+        m, l, acc = _attend(q, pos0 + tok_off, kv_ref, tables_ref, seq, head, lo, hi,
+                            (pos0 + 1) // block_kv, sm_scale=sm_scale, page_size=page_size,
+                            block_kv=block_kv, window=window, last_pos=n_keys - 1,
+                            row_slopes=_row_slopes(slopes_ref, q_head))
         _store(out_refs, rows, row_ok, m, l, acc, split)
-        return carry
-
-    lax.fori_loop(0, (q_len + block_q - 1) // block_q, q_block, 0)
-
-    # Padding tokens t >= query_start_loc[N]: sequence `seq` zeroes tokens seq, seq + N, ...
-    total = qsl_ref[num_seqs]
-    head_dim_pad = _next_pow2(q_ref.shape[1])
-
-    def zero_token(i, carry):
-        t = seq + i * num_seqs
-        row_ok = (tok_off == 0) & head_ok & (t >= total) & (t < num_tokens)
-        rows = jnp.where(row_ok, t * num_q_heads + q_head, 0)
-        _store(out_refs, rows, row_ok, jnp.full((block_rows,), MASK_VALUE, jnp.float32),
-               jnp.zeros((block_rows,), jnp.float32),
-               jnp.zeros((block_rows, head_dim_pad), jnp.float32), split)
-        return carry
-
-    lax.fori_loop(0, (num_tokens - seq + num_seqs - 1) // num_seqs, zero_token, 0)
 
 
-def _ragged_kernel(items_ref, tables_ref, slopes_ref, q_ref, kv_ref, *out_refs, sm_scale: float,
-                   num_q_heads: int, group: int, group_pad: int, page_size: int,
-                   block_rows: int, block_kv: int, num_splits: int, window: int | None,
-                   alibi: bool):
+def _kernel(items_ref, tables_ref, slopes_ref, q_ref, kv_ref, *out_refs, num_splits: int,
+            persistent: bool, alibi: bool, **statics):
     # items_ref [5, I]; tables_ref [N, W]; q_ref [T*Hq, D]; kv_ref [2, Hkv, P*ps, D].
-    item = pl.program_id(0)
-    head = pl.program_id(1)
-    seq = items_ref[0, item]
-    first = items_ref[1, item]
-    end = items_ref[2, item]
-    pos0 = items_ref[3, item]
-    n_keys = items_ref[4, item]
-    tok_off, q_head, head_ok = _row_layout(head, num_q_heads=num_q_heads, group=group,
-                                           group_pad=group_pad, block_rows=block_rows)
-    tok = first + tok_off
-    row_ok = (tok < end) & head_ok
-    rows = jnp.where(row_ok, tok * num_q_heads + q_head, 0)
-    q = _load_rows(q_ref, (), rows)                                         # [BR, D_pad]
-    split = pl.program_id(2) if num_splits > 1 else 0
-    lo, hi = _key_blocks(pos0, n_keys - 1, split, block_kv=block_kv, num_splits=num_splits,
-                         window=window)
-    m, l, acc = _attend(q, pos0 + tok_off, kv_ref, tables_ref, seq, head, lo, hi,
-                        (pos0 + 1) // block_kv, sm_scale=sm_scale, page_size=page_size,
-                        block_kv=block_kv, window=window, last_pos=n_keys - 1,
-                        row_slopes=_row_slopes(slopes_ref if alibi else None, q_head))
-    _store(out_refs, rows, row_ok, m, l, acc, split)
+    # out_refs: (out [T*Hq, D],) or (acc [S, T*Hq, D], m [S, T*Hq], l [S, T*Hq]).
+    # A unit of work is (item, kv head, split). Grid (I, Hkv, S): one unit per program.
+    # persistent: grid (programs,), program p does units p, p + programs, ... (split fastest).
+    unit = functools.partial(_item_unit, items_ref=items_ref, tables_ref=tables_ref,
+                             slopes_ref=slopes_ref if alibi else None, q_ref=q_ref, kv_ref=kv_ref,
+                             out_refs=out_refs, num_splits=num_splits, **statics)
+    if not persistent:
+        unit(pl.program_id(0), pl.program_id(1), pl.program_id(2) if num_splits > 1 else 0)
+        return
+    num_kv_heads = kv_ref.shape[1]
+    num_units = items_ref.shape[1] * num_kv_heads * num_splits
+    pid = pl.program_id(0)
+    programs = pl.num_programs(0)
+
+    def strided_unit(i, carry):
+        u = pid + i * programs
+        rest = u // num_splits
+        unit(rest // num_kv_heads, rest % num_kv_heads, u % num_splits)
+        return carry
+
+    lax.fori_loop(0, (num_units - pid + programs - 1) // programs, strided_unit, 0)
 
 
 def _num_sms() -> int:
@@ -442,23 +386,17 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
                   window=sliding_window, alibi=alibi_slopes is not None)
     slopes = (jnp.zeros((num_q_heads,), jnp.float32) if alibi_slopes is None
               else alibi_slopes.astype(jnp.float32))
-    if mode == "decode":
-        units = num_seqs * num_kv_heads * splits
-        persistent = config.programs_per_sm > 0 and units > config.programs_per_sm * _num_sms()
-        kernel = functools.partial(_decode_kernel, num_splits=splits, persistent=persistent,
-                                   **common)
-        grid = ((config.programs_per_sm * _num_sms(),) if persistent
-                else (num_seqs, num_kv_heads) + ((splits,) if splits > 1 else ()))
-        args = (metadata.query_start_loc.astype(jnp.int32), metadata.seq_lens.astype(jnp.int32),
-                tables, slopes)
-        name = "paged_decode_attention"
-    else:
-        block_q = block_rows // group_pad
-        items, num_items = _work_items(metadata, num_tokens, block_q)
-        kernel = functools.partial(_ragged_kernel, num_splits=splits, **common)
-        grid = (num_items, num_kv_heads) + ((splits,) if splits > 1 else ())
-        args = (items, tables, slopes)
-        name = "ragged_paged_attention"
+    block_q = block_rows // group_pad
+    num_items = num_work_items(num_tokens, num_seqs, block_q)
+    items = _work_items(metadata, num_tokens, block_q, num_items)
+    units = num_items * num_kv_heads * splits
+    persistent = (mode == "decode" and config.programs_per_sm > 0
+                  and units > config.programs_per_sm * _num_sms())
+    kernel = functools.partial(_kernel, num_splits=splits, persistent=persistent, **common)
+    grid = ((config.programs_per_sm * _num_sms(),) if persistent
+            else (num_items, num_kv_heads) + ((splits,) if splits > 1 else ()))
+    name = "paged_decode_attention" if mode == "decode" else "ragged_paged_attention"
+    args = (items, tables, slopes)
     return _launch(kernel, args, q, kv_pages, grid=grid, config=config, name=name,
                    interpret=interpret, partials=partials)
 

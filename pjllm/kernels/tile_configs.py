@@ -21,7 +21,7 @@ class BlockConfig:
     block_kv:   keys per inner-loop step, a power of 2 >= 16.
     kv_splits:  programs sharing one sequence's (or work item's) keys (flash-decoding), combined
                 afterwards in XLA; None = chosen from the grid size (see num_kv_splits).
-    programs_per_sm: decode kernel only. 0 = one program per (sequence, kv head, split); k > 0 =
+    programs_per_sm: decode tiles only. 0 = one program per (work item, kv head, split); k > 0 =
                 a persistent grid of k * (multiprocessor count) programs that stride over those
                 units, so that no partial last wave leaves multiprocessors idle.
     """

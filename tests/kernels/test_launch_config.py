@@ -17,12 +17,30 @@ HEADS = dict(num_q_heads=4, num_kv_heads=2)
 HEAD_DIM, PAGE_SIZE, CONTEXT = 32, 16, 128
 
 
-def test_num_work_items_is_the_work_lists_length():
-    rng = np.random.default_rng(0)
-    md = random_ragged_layout(rng, [9, 1, 20], [30, 5, 20], page_size=PAGE_SIZE, num_tokens=48, num_seqs=4,
-                              num_pages=16, width=4)
-    items, count = pa._work_items(jax.tree.map(jnp.asarray, md), 48, 8)
-    assert count == items.shape[1] == pa.num_work_items(48, 4, 8) == (48 + 4 * 7) // 8 + 1
+@pytest.mark.parametrize("q_lens, ctx_lens, num_tokens, num_seqs, block_q", [
+    ([9, 1, 20], [30, 5, 20], 48, 4, 8),      # a prefill bucket
+    ([40], [40], 48, 48, 4),                  # one prompt in a decode bucket (N = T): T items
+    ([1] * 30 + [3], [7] * 30 + [5], 48, 48, 4),
+    ([1] * 16, [9] * 16, 16, 16, 4),          # all decodes: the bound T is reached exactly
+])
+def test_work_list_covers_each_token_once(q_lens, ctx_lens, num_tokens, num_seqs, block_q):
+    """`num_work_items` items, as `_work_items` fills them, hold every token of [0, T) once, each
+    real one with its own sequence and position, and at most block_q tokens per item."""
+    md = random_ragged_layout(np.random.default_rng(0), q_lens, ctx_lens, page_size=PAGE_SIZE,
+                              num_tokens=num_tokens, num_seqs=num_seqs, num_pages=64, width=4)
+    count = pa.num_work_items(num_tokens, num_seqs, block_q)
+    assert count == min((num_tokens + num_seqs * (block_q - 1)) // block_q + 1, num_tokens)
+    seq, first, end, pos0, n_keys = np.asarray(
+        pa._work_items(jax.tree.map(jnp.asarray, md), num_tokens, block_q, count))
+    assert ((end - first) <= block_q).all()
+    covered = np.concatenate([np.arange(a, b) for a, b in zip(first, end)])
+    np.testing.assert_array_equal(np.sort(covered), np.arange(num_tokens))
+    qsl, lens = md.query_start_loc, md.seq_lens
+    for i in np.flatnonzero(first < qsl[len(q_lens)]):
+        s = seq[i]
+        assert qsl[s] <= first[i] < end[i] <= qsl[s + 1]
+        assert pos0[i] == lens[s] - (qsl[s + 1] - first[i])
+        assert n_keys[i] == pos0[i] + end[i] - first[i]
 
 
 def test_launch_config_keeps_a_given_split_count_and_resolves_a_free_one():
