@@ -9,13 +9,16 @@ Work items follow the token axis in aligned tiles of BLOCK_Q tokens, cut at sequ
 (as jax's ragged dot cuts its groups): item (sequence, tile) computes the tile's rows of that
 sequence. So a tile's queries are one TMA box q[t0:t0 + BLOCK_Q, head, :] at any batch layout,
 rows of neighbouring sequences ride along unstored, and the stores are a ladder of TMA boxes of
-64, 32, ..., 1 rows that touch only the item's rows. One program per (item, query head), one
-warpgroup each; GQA reuse of K/V tiles comes from L2. A one-token item (a decode in a mixed
-step) is computed by its kv head's first query head's program with the group's heads as rows, so
-its K/V are read once per group (the group's other programs exit).
+64, 32, ..., 1 rows that touch only the item's rows. One warpgroup per program; program (slot,
+query head) computes items slot, slot + slots, ... for its head, up to the count of items with
+rows (on the device), so the row-less rest of the list (about N of them) costs no launches; GQA
+reuse of K/V tiles comes from L2. A one-token item (a decode in a mixed step) is computed by
+its kv head's first query head's program with the group's heads as rows, so its K/V are read
+once per group (the group's other programs skip it).
 
-On an H200 (docs/perf.md, device time) it takes about 0.62x the Triton ragged kernel's time on
-prefill chunks and 0.83x on a mixed step of 255 decodes and a 288-token chunk.
+On an H200 (docs/perf.md, device time) it runs prefill chunks of 512-2,048 tokens at offset 0
+at 0.84x-1.0x cuDNN's speed (dense, contiguous KV) whatever the bucket's N, in 0.3x-0.65x the
+Triton kernel's time, and a mixed step of 255 decodes and a 288-token chunk in 0.83x.
 
 Scope (`supports` says it): 16-bit q and pages, head_dim a multiple of 64, page_size dividing
 BLOCK_KV and a multiple of 8, T a multiple of BLOCK_Q, no sliding window, no ALiBi, one KV split.
@@ -41,6 +44,12 @@ from pjllm.kernels.reference import LOG2E, MASK_VALUE
 BLOCK_Q = 64    # query rows per program: one wgmma M tile of one warpgroup
 BLOCK_KV = 64   # keys per inner step
 NUM_STAGES = 2  # K/V blocks in flight
+# Programs per query head stride over the work list's items with rows, whose count only the
+# device knows: as many as a bucket's whole tiles (one prefill item each), and at least enough
+# for the packed decodes of a mixed step (one active head per kv head) to fill an H200 twice
+# over, 64 x 8 kv heads. Not one per listed item: a bucket of N sequences lists about N
+# row-less items, and a program that only reads its item and exits still takes a launch slot.
+MIN_ITEM_SLOTS = 64
 
 
 def on_hopper() -> bool:
@@ -61,8 +70,9 @@ def supports(q: jax.Array, kv_pages: jax.Array, *, sliding_window: int | None,
             and sliding_window is None and not alibi)
 
 
-def work_items(metadata: AttentionMetadata, num_tokens: int) -> jax.Array:
-    """The kernel's work list: [6, I] int32 with I = T / BLOCK_Q + N + 1.
+def work_items(metadata: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """The kernel's work list: ([6, I] int32 with I = T / BLOCK_Q + N + 1, and i32[1], how many
+    of its items have rows).
 
     Rows: sequence id, tile (its first token over BLOCK_Q), first and end row of
     the item within the tile, the position of the first row's token, and the number of keys
@@ -97,9 +107,10 @@ def work_items(metadata: AttentionMetadata, num_tokens: int) -> jax.Array:
     pos = metadata.seq_lens.astype(jnp.int32)[seq] - q_len + first - qsl[seq]
     zero = jnp.zeros_like(item)
     keys = jnp.where(valid & is_seq, pos + end - first, zero)
-    return jnp.stack([jnp.where(valid, seq, zero), jnp.where(valid, tile, zero),
-                      jnp.where(valid, first - t0, zero), jnp.where(valid, end - t0, zero),
-                      jnp.where(valid & is_seq, pos, zero), keys])
+    items = jnp.stack([jnp.where(valid, seq, zero), jnp.where(valid, tile, zero),
+                       jnp.where(valid, first - t0, zero), jnp.where(valid, end - t0, zero),
+                       jnp.where(valid & is_seq, pos, zero), keys])
+    return items, ends[-1:]
 
 
 def _packed_heads(num_q_heads: int, group: int) -> int:
@@ -114,13 +125,25 @@ def _packed_heads(num_q_heads: int, group: int) -> int:
     return rows
 
 
-def _kernel(items_ref, tables_ref, q_ref, kv_ref, out_ref, *, sm_scale: float, group: int,
-            page_size: int, num_stages: int, registers_p: bool):
-    # items_ref [6, I]; tables_ref [N, W]; q_ref, out_ref [T, Hq, D]; kv_ref [2, Hkv, P, ps, D]
-    # (all in HBM). One program: item `item`, query head `head`; rows are the item's tokens.
-    # A one-token item is computed by the group's first head's program, rows being its heads.
-    item = lax.axis_index("item")
+def _kernel(count_ref, items_ref, tables_ref, q_ref, kv_ref, out_ref, **statics):
+    # count_ref [1]: the items with rows, which come first in items_ref [6, I]. Program (slot,
+    # head) computes items slot, slot + slots, ... of them for query head `head`.
+    slot = lax.axis_index("slot")
+    slots = lax.axis_size("slot")
     head = lax.axis_index("head")
+
+    def item_step(i, carry):
+        _item(slot + i * slots, head, items_ref, tables_ref, q_ref, kv_ref, out_ref, **statics)
+        return carry
+
+    lax.fori_loop(0, (count_ref[0] - slot + slots - 1) // slots, item_step, None)
+
+
+def _item(item, head, items_ref, tables_ref, q_ref, kv_ref, out_ref, *, sm_scale: float,
+          group: int, page_size: int, num_stages: int, registers_p: bool):
+    # items_ref [6, I]; tables_ref [N, W]; q_ref, out_ref [T, Hq, D]; kv_ref [2, Hkv, P, ps, D]
+    # (all in HBM). Item `item` for query head `head`; rows are the item's tokens. A one-token
+    # item is computed by the group's first head's program, rows being its heads.
     kv_head = head // group
     num_q_heads, head_dim = q_ref.shape[1:]
     dtype = q_ref.dtype
@@ -131,9 +154,7 @@ def _kernel(items_ref, tables_ref, q_ref, kv_ref, out_ref, *, sm_scale: float, g
     pos_lo, num_keys = items_ref[4, item], items_ref[5, item]
     packed_rows = _packed_heads(num_q_heads, group)
     packed = (row_hi - row_lo == 1) if packed_rows else False
-    # Row-less items (the work list's tail) and a packed item's other heads touch no memory:
-    # an engine's prefill step has about N of them per query head.
-    active = (row_hi > row_lo) & jnp.logical_or(jnp.logical_not(packed), head % group == 0)
+    active = jnp.logical_or(jnp.logical_not(packed), head % group == 0)  # packed: first head only
     max_pages = tables_ref.shape[1]
     pages_per_block = BLOCK_KV // page_size
     num_blocks = jnp.where(active, (num_keys + BLOCK_KV - 1) // BLOCK_KV, 0)
@@ -267,10 +288,10 @@ def _store_rows(o_smem, out_ref, head, t0, first_row, num_rows):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "num_stages",
-                                             "registers_p"))
+                                             "registers_p", "item_slots"))
 def prefill_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata, *,
                       sm_scale: float, interpret: bool = False, num_stages: int = NUM_STAGES,
-                      registers_p: bool | None = None) -> jax.Array:
+                      registers_p: bool | None = None, item_slots: int | None = None) -> jax.Array:
     """Ragged paged attention on Hopper; same contract as reference.paged_attention_reference
     for the batches `supports` accepts.
 
@@ -278,18 +299,21 @@ def prefill_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMeta
     Returns [T, Hq, D] in q.dtype, zeros for padding tokens. interpret=True runs Mosaic GPU's
     interpreter (CPU). registers_p: PV's wgmma takes the probabilities from registers (None:
     yes on GPU, where it is faster; the interpreter reads wgmma operands from shared memory only).
+    item_slots: programs per query head, each striding over the items with rows (None: see
+    MIN_ITEM_SLOTS).
     """
     if registers_p is None:
         registers_p = not interpret
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_pages.shape[1], kv_pages.shape[3]
-    items = work_items(metadata, num_tokens)
+    items, count = work_items(metadata, num_tokens)
     kernel = functools.partial(_kernel, sm_scale=sm_scale, group=num_q_heads // num_kv_heads,
                                page_size=page_size, num_stages=num_stages,
                                registers_p=registers_p)
+    slots = item_slots or min(items.shape[1], max(num_tokens // BLOCK_Q + 1, MIN_ITEM_SLOTS))
     run = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(items.shape[1], num_q_heads), grid_names=("item", "head"),
+        grid=(slots, num_q_heads), grid_names=("slot", "head"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    return run(items, metadata.block_tables.astype(jnp.int32), q, kv_pages)
+    return run(count, items, metadata.block_tables.astype(jnp.int32), q, kv_pages)

@@ -50,8 +50,10 @@ def test_work_items_cover_each_token_once(data, num_tokens):
                                          max_context=400))
     md = _metadata(q_lens, ctx_lens, page_size=16, num_tokens=num_tokens, num_seqs=num_seqs,
                    width=25)
-    items = np.asarray(hopper_prefill.work_items(jax.tree.map(jnp.asarray, md), num_tokens))
+    items, count = hopper_prefill.work_items(jax.tree.map(jnp.asarray, md), num_tokens)
+    items = np.asarray(items)
     assert items.shape == (6, num_tokens // BLOCK_Q + num_seqs + 1)
+    assert count.shape == (1,) and count[0] == (items[3] > items[2]).sum()
     qsl = md.query_start_loc
     covered = np.zeros(num_tokens, int)
     for seq, tile, row_lo, row_hi, pos, keys in items.T:
@@ -74,23 +76,25 @@ def test_work_items_cover_each_token_once(data, num_tokens):
     assert (np.diff(first_tokens) < 0).all()
 
 
-# (page_size, Hq, Hkv, head_dim, dtype, num_stages): groups of 4 and 8 (a decode's heads packed
-# into one program), 1 and 3 (one head per program).
+# (page_size, Hq, Hkv, head_dim, dtype, num_stages, item_slots): groups of 4 and 8 (a decode's
+# heads packed into one program), 1 and 3 (one head per program); programs that stride over
+# several items (2 or 3 slots for up to 8 items) or take one each (None).
 SHAPES = [
-    (16, 8, 2, 64, jnp.bfloat16, 2),
-    (32, 2, 2, 128, jnp.float16, 3),
-    (8, 6, 2, 64, jnp.bfloat16, 2),
-    (16, 8, 1, 64, jnp.bfloat16, 2),
+    (16, 8, 2, 64, jnp.bfloat16, 2, None),
+    (32, 2, 2, 128, jnp.float16, 3, 3),
+    (8, 6, 2, 64, jnp.bfloat16, 2, None),
+    (16, 8, 1, 64, jnp.bfloat16, 2, 2),
 ]
 
 
-@pytest.mark.parametrize("page_size,num_q_heads,num_kv_heads,head_dim,dtype,num_stages", SHAPES)
+@pytest.mark.parametrize(
+    "page_size,num_q_heads,num_kv_heads,head_dim,dtype,num_stages,item_slots", SHAPES)
 @settings(max_examples=4, deadline=None)
 @given(data=st.data())
 def test_matches_reference(data, page_size, num_q_heads, num_kv_heads, head_dim, dtype,
-                           num_stages):
+                           num_stages, item_slots):
     """Chunks crossing tiles, several sequences in one tile, contexts of several key blocks
-    (so the stages wrap), decodes, and padding tokens (zeros)."""
+    (so the stages wrap, also from one item to the next), decodes, and padding tokens (zeros)."""
     num_tokens, num_seqs, width = 128, 5, 320 // page_size
     q_lens, ctx_lens = data.draw(layouts(num_tokens=num_tokens, num_seqs=num_seqs,
                                          max_context=width * page_size))
@@ -106,7 +110,8 @@ def test_matches_reference(data, page_size, num_q_heads, num_kv_heads, head_dim,
     # Waited for before anything else runs: the interpreter's callbacks dispatch jax ops from
     # their own threads, and can deadlock with eager ops on this one.
     got = jax.block_until_ready(hopper_prefill.prefill_attention(
-        q, kv, md, sm_scale=scale, interpret=True, num_stages=num_stages))
+        q, kv, md, sm_scale=scale, interpret=True, num_stages=num_stages,
+        item_slots=item_slots))
     want = jax.jit(reference.paged_attention_reference, static_argnames="sm_scale")(
         q, kv, md, sm_scale=scale)
     got, want = (np.asarray(x.astype(jnp.float32)) for x in (got, want))
