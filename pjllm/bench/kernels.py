@@ -136,8 +136,9 @@ def _prefill(chunk: int, offset: int, num_seqs: int = 8, label: str = "", **kw) 
 def _mixed(num_decodes: int, ctx: int, chunk: int, num_tokens: int, num_seqs: int,
            label: str = "") -> Case:
     """A chunked-prefill step: num_decodes decodes at context ctx, then one fresh prompt chunk."""
-    return Case(f"mixed {num_decodes}x1 ctx{ctx} + {chunk}{label}", "mixed", (1,) * num_decodes + (chunk,),
-                (ctx,) * num_decodes + (chunk,), num_tokens, num_seqs)
+    return Case(f"mixed {num_decodes}x1 ctx{ctx} + {chunk}{label}", "mixed",
+                (1,) * num_decodes + (chunk,), (ctx,) * num_decodes + (chunk,), num_tokens,
+                num_seqs)
 
 
 FULL_CASES = [

@@ -2,9 +2,9 @@
 
 One entry point, `paged_attention`, serves a flattened batch that mixes prefill chunks (many
 query tokens per sequence, possibly starting at a cached offset) and decodes (one query token per
-sequence). Its kernel runs one program per (work item, kv head, kv split), where a work
-item is a block of consecutive query tokens of one sequence (or of padding tokens); the work list
-is built in XLA from the metadata (a few tiny ops, shared by all layers of a step). The shape of
+sequence). Its kernel runs one program per (work item, kv head, kv split), where a work item is
+a block of consecutive query tokens of one sequence (or of padding tokens); the work list is
+built in XLA from the metadata (a few tiny ops, shared by all layers of a step). The shape of
 the batch picks one of two modes (tiles and grid):
 
 - **decode** (token bucket <= sequence bucket, or <= DECODE_MAX_TOKENS tokens): small blocks
@@ -14,13 +14,14 @@ the batch picks one of two modes (tiles and grid):
   blocks (a lone prompt padded to N = T runs on T / block_q programs per kv head, not one).
 - **ragged** (everything else): blocks of `block_q` tokens sized for prefill chunks.
 
-Each program loads the query rows of one kv head's GQA group -- rows are (token, head-in-group) pairs --
-straight from q [T, Hq, D] (a row gather, no transposes in XLA), walk the sequence's keys
-`block_kv` at a time with an online softmax, so each K/V tile is loaded once for the whole GQA
-group, and scatters its rows straight into the [T, Hq, D] output. Query tokens past
-query_start_loc[N] (padding) are written as zeros by the kernel itself, so no XLA op runs
-before or after the pallas_call when kv_splits == 1. With kv_splits > 1 (flash-decoding) each
-split writes an unnormalised partial (acc, max, sum) and one small XLA fusion combines them.
+Each program loads the query rows of one kv head's GQA group -- rows are (token,
+head-in-group) pairs -- straight from q [T, Hq, D] (a row gather, no transposes in XLA), walks
+the sequence's keys `block_kv` at a time with an online softmax, so each K/V tile is loaded once
+for the whole GQA group, and scatters its rows straight into the [T, Hq, D] output. Query
+tokens past query_start_loc[N] (padding) are written as zeros by the kernel itself, so no XLA
+op runs before or after the pallas_call when kv_splits == 1. With kv_splits > 1
+(flash-decoding) each split writes an unnormalised partial (acc, max, sum) and one small XLA
+fusion combines them.
 
 Layout (see reference.py): kv_pages [2, Hkv, P, page_size, D]. The kernels view it as
 [2, Hkv, P * page_size, D] (a free reshape) and gather key rows `page * page_size + offset`
