@@ -5,7 +5,7 @@ merges the winners into the kernel's tuning table (pjllm/kernels/paged_attention
     python -m benchmarks.tune_kernels --small --table none                 # CPU: tiny shapes, print only
 
 For each case: stage 0 times a few tile candidates (rows, keys per step, warps, stages); stage 1
-tries KV split counts (and a persistent grid) around the best tile, for the decode kernel only.
+tries KV split counts (and a persistent grid) around the best tile, for the decode tiles only.
 A candidate counts only if its output matches the pure-jnp reference (the bench's tolerance).
 Timing is the bench's (`pjllm.bench.kernels.time_calls`) with shorter measurements. Afterwards
 `pjllm bench kernels` measures the cases with the new table.

@@ -25,8 +25,8 @@ Timing: one jitted executable runs a chain of calls (each output is the next cal
 neither merge nor reorder them) in a fori_loop, rotating through enough copies of the KV pages that
 they do not sit in L2, with about --target-ms of device work per rep; each rep is synchronized
 (block_until_ready) and time_ms is the median over reps of rep time / calls. Metadata preparation
-that does not depend on q (the ragged kernel's work list) is hoisted out of the loop by XLA, as it
-is shared by the layers of one engine step.
+that does not depend on q (the kernels' work lists) is hoisted out of the loop by XLA, as it is
+shared by the layers of one engine step.
 Metrics: time (ms), KV GB/s = K and V bytes of every sequence's context / time (each read once;
 with a sliding window, only the keys inside some token's window count), TFLOP/s = 4 * head_dim *
 Hq * (query, key) pairs inside the causal mask (and window) / time, and the error of
@@ -277,7 +277,7 @@ def pallas_fn(case: Case, inputs: Inputs, interpret: bool, config: BlockConfig |
 def hopper_fn(case: Case, inputs: Inputs, interpret: bool) -> Callable:
     """The Mosaic GPU prefill kernel on the case's metadata, as fn(q, kv); NotImplementedError
     for the shapes `hopper_prefill.supports` rejects. (It runs decode cases of whole 64-token
-    tiles too, for comparison; the engine sends decode buckets to the Triton decode kernel.)"""
+    tiles too, for comparison; the engine sends decode buckets to the Triton kernel.)"""
     from pjllm.kernels import hopper_prefill
 
     q, kv = inputs.qs[0], inputs.kvs[0]

@@ -61,7 +61,7 @@ def on_hopper() -> bool:
 
 def supports(q: jax.Array, kv_pages: jax.Array, *, sliding_window: int | None,
              alibi: bool) -> bool:
-    """Whether this kernel runs the batch (else the Triton ragged kernel does)."""
+    """Whether this kernel runs the batch (else the Triton kernel does)."""
     num_tokens, _, head_dim = q.shape
     page_size = kv_pages.shape[3]
     return (q.dtype in (jnp.bfloat16, jnp.float16) and kv_pages.dtype == q.dtype

@@ -115,7 +115,7 @@ def resolve_backend(backend: str) -> str:
 def _runs_on_hopper_kernel(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetadata,
                            sliding_window: int | None, alibi_slopes: jax.Array | None) -> bool:
     """Whether a batch goes to the Mosaic GPU prefill kernel (hopper_prefill.py): on a Hopper
-    GPU, for the batches the Triton kernels would give their ragged (prefill) kernel, when it
+    GPU, for the batches the Triton kernel would run with its prefill tiles, when it
     supports their shapes and features. Decode buckets stay on the Triton kernel."""
     num_seqs = metadata.block_tables.shape[0]
     return (_hopper.on_hopper() and _pallas.kernel_mode(q.shape[0], num_seqs) == "prefill"

@@ -75,8 +75,9 @@ def num_work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
     That leaves items for the padding tokens too: the real items number sum_i ceil(q_i / block_q)
     <= (Q + N * (block_q - 1)) / block_q for Q = query_start_loc[N], so the rest number more than
     (T - Q) / block_q, hence at least ceil((T - Q) / block_q). And each real item holds at least
-    one token, each padding item but the last block_q of them, so T items always suffice: the
-    tighter bound for small blocks in a bucket of many sequences (a decode bucket)."""
+    one token, and each padding item but the last holds block_q of them, so T items always
+    suffice: the tighter bound for small blocks in a bucket of many sequences (a decode
+    bucket)."""
     return min((num_tokens + num_seqs * (block_q - 1)) // block_q + 1, num_tokens)
 
 
@@ -344,6 +345,8 @@ def launch_config(num_tokens: int, num_seqs: int, *, num_q_heads: int, num_kv_he
     if config.kv_splits is not None:
         return config
     if kernel_mode(num_tokens, num_seqs) == "decode":
+        # As the tuning table was made: one program per sequence. (The items number at most
+        # max(N, T); beyond N only when T <= DECODE_MAX_TOKENS, and those extra items hold padding.)
         programs = num_seqs
     else:  # one work item per block_rows rows of (token, head-in-group)
         programs = num_work_items(num_tokens, num_seqs, config.block_rows // group_pad)

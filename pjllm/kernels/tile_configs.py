@@ -41,7 +41,7 @@ class BlockConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-# Decode kernel for batches of at most this many tokens even when T > N (e.g. the engine pads 8
+# Decode tiles for batches of at most this many tokens even when T > N (e.g. the engine pads 8
 # decodes to a 16-token bucket).
 DECODE_MAX_TOKENS = 16
 # Split-KV aims for at least this many programs (about 2 waves on a 132-SM H100).
@@ -86,7 +86,8 @@ def load_tuning_table(path: str = TUNING_FILE) -> dict[str, BlockConfig]:
 
 
 def kernel_mode(num_tokens: int, num_seqs: int) -> str:
-    """"decode" (one program per sequence) or "prefill" (one program per block of query tokens)."""
+    """"decode" (small blocks: one decode each, KV splits) or "prefill" (blocks sized for
+    prefill chunks); see paged_attention.py."""
     return "decode" if num_tokens <= max(num_seqs, DECODE_MAX_TOKENS) else "prefill"
 
 

@@ -58,8 +58,8 @@ def test_launch_config_keeps_a_given_split_count_and_resolves_a_free_one():
 
 
 @pytest.mark.parametrize("q_lens, num_tokens, tiles", [
-    ([1, 1], 2, (32, 16)),            # decode kernel
-    ([20, 5], 32, (16, 16)),          # ragged kernel: work items of 8 tokens
+    ([1, 1], 2, (32, 16)),            # decode tiles
+    ([20, 5], 32, (16, 16)),          # prefill tiles: work items of 8 tokens
 ])
 def test_kernel_runs_with_the_split_count_launch_config_reports(q_lens, num_tokens, tiles):
     """Left free, the split count the kernel picks is the one launch_config reports: both runs

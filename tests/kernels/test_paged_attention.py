@@ -185,13 +185,36 @@ BlockConfig = pallas_attention.BlockConfig
 ])
 @settings(max_examples=3, deadline=None)
 @given(data=st.data())
-def test_decode_kernel_mixed_bucket(data, config):
-    """A small token bucket (T <= DECODE_MAX_TOKENS, T > N) runs the one-program-per-sequence
-    kernel even with multi-token chunks in it: several query blocks per sequence, KV splits, a
-    persistent grid (4 'multiprocessors' in interpret mode) and padding tokens past N."""
+def test_decode_tiles_mixed_small_bucket(data, config):
+    """A small token bucket (T <= DECODE_MAX_TOKENS, T > N) takes the decode tiles even with
+    multi-token chunks in it: several items per sequence, KV splits, a persistent grid (4
+    'multiprocessors' in interpret mode) and padding tokens past N."""
     batch = data.draw(ragged_batches(page_size=16, num_q_heads=8, num_kv_heads=2, head_dim=64,
                                      num_tokens=16, num_seqs=4))
     assert pallas_attention.kernel_mode(16, 4) == "decode"
+    np.testing.assert_allclose(run_pallas(batch, jnp.float32, 0.125, config),
+                               naive_attention(batch, 0.125), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("config", [
+    None,
+    BlockConfig(block_rows=16, block_kv=16, num_warps=4, num_stages=2, kv_splits=2),
+    BlockConfig(block_rows=16, block_kv=16, num_warps=4, num_stages=2, kv_splits=1,
+                programs_per_sm=2),
+])
+def test_decode_tiles_prompt_in_a_decode_bucket(config):
+    """A prompt as the engine pads it (N = T, so the decode tiles) beside decodes and a cached
+    chunk: its blocks are separate items, each reading the keys up to its own tokens."""
+    q_lens, ctx_lens = [29, 1, 1, 6], [29, 57, 3, 40]
+    num_tokens = num_seqs = 40
+    rng = np.random.default_rng(7)
+    num_pages = num_seqs * MAX_PAGES + 3
+    md = random_ragged_layout(rng, q_lens, ctx_lens, page_size=8, num_tokens=num_tokens,
+                              num_seqs=num_seqs, num_pages=num_pages, width=MAX_PAGES)
+    q = rng.standard_normal((num_tokens, 8, 64)).astype(np.float32)
+    kv = rng.standard_normal((2, 2, num_pages, 8, 64)).astype(np.float32)
+    batch = Batch(q, kv, md, q_lens, ctx_lens)
+    assert pallas_attention.kernel_mode(num_tokens, num_seqs) == "decode"
     np.testing.assert_allclose(run_pallas(batch, jnp.float32, 0.125, config),
                                naive_attention(batch, 0.125), atol=2e-5, rtol=2e-5)
 
@@ -301,7 +324,7 @@ def test_triton_lowering_for_hopper(num_tokens, num_seqs, num_q_heads, num_kv_he
 
 
 @pytest.mark.parametrize("head_dim", [64, 80])
-@pytest.mark.parametrize("num_tokens,num_seqs", [(8, 8), (64, 4)])        # decode, ragged kernel
+@pytest.mark.parametrize("num_tokens,num_seqs", [(8, 8), (64, 4)])        # decode, prefill tiles
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_float32_dots_are_ieee_not_tf32(dtype, num_tokens, num_seqs, head_dim):
     """Triton runs a float32 dot as TF32 (10-bit mantissa) unless the dot asks for HIGHEST: the
@@ -434,9 +457,9 @@ def shared_prefix_batches(draw, *, page_size: int, num_q_heads: int, num_kv_head
 
 
 @pytest.mark.parametrize("page_size,num_q_heads,num_kv_heads,head_dim,num_tokens,num_seqs", [
-    (8, 4, 4, 64, NUM_TOKENS, NUM_SEQS),      # ragged kernel for the rest of each context
-    (16, 8, 2, 128, 8, 8),                    # decode kernel
-    (8, 7, 1, 64, 16, 4),                     # decode kernel, multi-token chunks; group 7
+    (8, 4, 4, 64, NUM_TOKENS, NUM_SEQS),      # prefill tiles for the rest of each context
+    (16, 8, 2, 128, 8, 8),                    # decode tiles
+    (8, 7, 1, 64, 16, 4),                     # decode tiles, multi-token chunks; group 7
 ])
 @settings(max_examples=4, deadline=None)
 @given(data=st.data())
@@ -474,9 +497,9 @@ def test_prefix_kernel_lowers_for_hopper():
 
 
 @pytest.mark.parametrize("num_tokens,num_seqs,decode_only,config", [
-    (NUM_TOKENS, NUM_SEQS, False, None),                                    # ragged kernel
+    (NUM_TOKENS, NUM_SEQS, False, None),                                    # prefill tiles
     (NUM_TOKENS, NUM_SEQS, False, BlockConfig(32, 16, 4, 2, kv_splits=3)),
-    (8, 8, True, None),                                                      # decode kernel
+    (8, 8, True, None),                                                      # decode tiles
     (8, 8, True, BlockConfig(16, 16, 4, 2, kv_splits=2, programs_per_sm=1)),
     (16, 4, False, BlockConfig(16, 16, 4, 2, kv_splits=2)),                  # decode, chunks
 ])
@@ -530,9 +553,9 @@ def test_sliding_window_and_alibi_kernels_lower_for_hopper():
 
 
 @pytest.mark.parametrize("num_tokens,num_seqs,decode_only,config", [
-    (NUM_TOKENS, NUM_SEQS, False, None),                                    # ragged kernel
+    (NUM_TOKENS, NUM_SEQS, False, None),                                    # prefill tiles
     (NUM_TOKENS, NUM_SEQS, False, BlockConfig(32, 16, 4, 2, kv_splits=3)),
-    (8, 8, True, BlockConfig(16, 16, 4, 2, kv_splits=2, programs_per_sm=1)),  # decode kernel
+    (8, 8, True, BlockConfig(16, 16, 4, 2, kv_splits=2, programs_per_sm=1)),  # decode tiles
     (16, 4, False, None),                                                    # decode, chunks
 ])
 @settings(max_examples=4, deadline=None)
