@@ -81,21 +81,20 @@ def num_work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
     return min((num_tokens + num_seqs * (block_q - 1)) // block_q + 1, num_tokens)
 
 
-def _work_items(metadata: AttentionMetadata, num_tokens: int, block_q: int,
-                num_items: int) -> jax.Array:
+def _work_items(metadata: AttentionMetadata, num_tokens: int, block_q: int) -> jax.Array:
     """Splits each sequence's query tokens into blocks of block_q tokens, for the kernel.
 
-    Returns items [5, I] int32 (I = num_items) whose rows are: sequence id, first token, end
+    Returns items [5, I] int32 (I = num_work_items(T, N, block_q)) whose rows are: sequence id, first token, end
     token (exclusive), absolute position of the first token, and the number of keys the block
     reads (its last token's position + 1). Items past the real ones cover the padding tokens
     [query_start_loc[N], T) block_q at a time with 0 keys, so the kernel writes their zeros.
-    num_items: num_work_items(T, N, block_q).
     """
     qsl = metadata.query_start_loc.astype(jnp.int32)
     n = qsl.shape[0] - 1
     q_lens = qsl[1:] - qsl[:-1]
     blocks = (q_lens + block_q - 1) // block_q
     ends = jnp.cumsum(blocks)
+    num_items = num_work_items(num_tokens, n, block_q)
     item = jnp.arange(num_items, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, item, side="right", method="compare_all")
                       .astype(jnp.int32), n - 1)          # one fusion, no loop
@@ -391,8 +390,8 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, metadata: AttentionMetada
     slopes = (jnp.zeros((num_q_heads,), jnp.float32) if alibi_slopes is None
               else alibi_slopes.astype(jnp.float32))
     block_q = block_rows // group_pad
-    num_items = num_work_items(num_tokens, num_seqs, block_q)
-    items = _work_items(metadata, num_tokens, block_q, num_items)
+    items = _work_items(metadata, num_tokens, block_q)
+    num_items = items.shape[1]
     units = num_items * num_kv_heads * splits
     persistent = (mode == "decode" and config.programs_per_sm > 0
                   and units > config.programs_per_sm * _num_sms())

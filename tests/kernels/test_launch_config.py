@@ -30,8 +30,9 @@ def test_work_list_covers_each_token_once(q_lens, ctx_lens, num_tokens, num_seqs
                               num_tokens=num_tokens, num_seqs=num_seqs, num_pages=64, width=4)
     count = pa.num_work_items(num_tokens, num_seqs, block_q)
     assert count == min((num_tokens + num_seqs * (block_q - 1)) // block_q + 1, num_tokens)
-    seq, first, end, pos0, n_keys = np.asarray(
-        pa._work_items(jax.tree.map(jnp.asarray, md), num_tokens, block_q, count))
+    items = np.asarray(pa._work_items(jax.tree.map(jnp.asarray, md), num_tokens, block_q))
+    assert items.shape == (5, count)
+    seq, first, end, pos0, n_keys = items
     assert ((end - first) <= block_q).all()
     covered = np.concatenate([np.arange(a, b) for a, b in zip(first, end)])
     np.testing.assert_array_equal(np.sort(covered), np.arange(num_tokens))
